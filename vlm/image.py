@@ -1,0 +1,84 @@
+"""Opening images from anything a user hands us, with one clear error for anything unusable."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vlm.errors import VlmError
+
+# Larger than any camera photo, small enough that decoding cannot exhaust a small device.
+MAX_IMAGE_PIXELS = 100_000_000
+
+ImageInput = str | os.PathLike | bytes | Image.Image | np.ndarray
+
+
+def load_image(src: ImageInput) -> Image.Image:
+    """Open and fully decode an image from a path, encoded bytes, a PIL image or an HxW(xC) array.
+
+    Raises VlmError (one line) for a missing, non-image, truncated, empty or oversized input.
+    The image keeps its mode; `to_rgb` converts it the way a family's processor wants.
+    """
+    if isinstance(src, Image.Image):
+        img = src
+    elif isinstance(src, np.ndarray):
+        img = _from_array(src)
+    else:
+        name = "image bytes" if isinstance(src, bytes) else str(src)
+        if not isinstance(src, bytes) and not Path(src).is_file():
+            raise VlmError(f"image not found: {name}")
+        try:
+            previous = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+            try:
+                img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+                img.load()
+            finally:
+                Image.MAX_IMAGE_PIXELS = previous
+        except Image.DecompressionBombError:
+            raise VlmError(f"image too large: {name} (limit {MAX_IMAGE_PIXELS:,} pixels)") from None
+        except UnidentifiedImageError:
+            raise VlmError(f"not an image file: {name}") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise VlmError(f"cannot read image {name}: {e}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise VlmError(f"empty image ({w}x{h})")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise VlmError(f"image too large: {w}x{h} (limit {MAX_IMAGE_PIXELS:,} pixels)")
+    return img
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise VlmError(f"an image array must be HxW, HxWx3 or HxWx4, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and a.min() >= 0.0 and a.max() <= 1.0:
+            a = a * 255.0
+        a = np.clip(np.rint(a), 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] | None = None) -> Image.Image:
+    """RGB copy of any mode (palette, CMYK, 16-bit, alpha...).
+
+    With `background`, transparent pixels are composited onto it (Idefics3's rule); without,
+    alpha is simply dropped (PIL's `convert("RGB")`, Qwen2-VL's rule).
+    """
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit greyscale: scale to 8 bits rather than let PIL clip everything to white.
+        a = np.asarray(img, dtype=np.float64)
+        peak = a.max() if a.size else 0.0
+        scale = 255.0 / (65535.0 if peak > 255 else 255.0)
+        img = Image.fromarray(np.clip(a * scale, 0, 255).astype(np.uint8), mode="L")
+    if background is not None and (img.mode in ("RGBA", "LA", "PA") or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")

@@ -1,0 +1,297 @@
+"""Layers every family shares, written once: linear, norms, activations, rotary, attention, MLPs.
+
+All activations are float32 numpy arrays laid out [tokens, features]. Weights may be float32
+arrays, 16-bit `HalfWeight`s or `QuantizedWeight`s; `Linear` hides which.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from vlm import kernels
+from vlm.quant import HalfWeight, QuantizedWeight
+
+Weight = np.ndarray | HalfWeight | QuantizedWeight
+
+# Rows of a stored matrix widened to float32 at once on the numpy path: bounds the scratch memory.
+_WIDEN_ROWS = 4096
+
+
+def dequantize(w: Weight) -> np.ndarray:
+    """Float32 copy of any weight."""
+    return np.asarray(w, dtype=np.float32) if isinstance(w, np.ndarray) else w.dequantize()
+
+
+class Linear:
+    """y = x @ W.T + b, with W in any stored form; the C kernel is used when it supports W."""
+
+    def __init__(self, weight: Weight, bias: np.ndarray | None = None):
+        self.weight = weight
+        self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
+        self.packed = kernels.prepare(weight)  # the kernel's repacked layout, or None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.packed is not None:
+            y = kernels.linear(x, self.packed)
+        elif isinstance(self.weight, np.ndarray):
+            y = x @ self.weight.T
+        else:
+            rows = self.weight.shape[0]
+            y = np.empty((x.shape[0], rows), dtype=np.float32)
+            for r in range(0, rows, _WIDEN_ROWS):
+                y[:, r : r + _WIDEN_ROWS] = x @ self.weight.dequantize(slice(r, r + _WIDEN_ROWS)).T
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class Embedding:
+    """Token embedding table; rows are widened to float32 only for the ids looked up."""
+
+    def __init__(self, weight: Weight):
+        self.weight = weight
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        if isinstance(self.weight, np.ndarray):
+            return np.asarray(self.weight[ids], dtype=np.float32)
+        return self.weight.dequantize(ids)
+
+
+class RMSNorm:
+    def __init__(self, weight: np.ndarray, eps: float):
+        self.weight = np.asarray(weight, dtype=np.float32)
+        self.eps = eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        var = np.mean(x * x, axis=-1, keepdims=True)
+        return x * (1.0 / np.sqrt(var + self.eps)) * self.weight
+
+
+class LayerNorm:
+    def __init__(self, weight: np.ndarray, bias: np.ndarray, eps: float):
+        self.weight = np.asarray(weight, dtype=np.float32)
+        self.bias = np.asarray(bias, dtype=np.float32)
+        self.eps = eps
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        mean = x.mean(axis=-1, keepdims=True)
+        xc = x - mean
+        var = np.mean(xc * xc, axis=-1, keepdims=True)
+        return xc * (1.0 / np.sqrt(var + self.eps)) * self.weight + self.bias
+
+
+# --- activations -------------------------------------------------------------------------
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Error function to ~1e-7 absolute (Abramowitz & Stegun 7.1.26): numpy has none built in."""
+    s = np.sign(x)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (s * (1.0 - poly * np.exp(-a * a))).astype(np.float32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + erf(x * (1.0 / math.sqrt(2.0))))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def quick_gelu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-1.702 * x))
+
+
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "silu": silu,
+    "swish": silu,
+    "gelu": gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_tanh": gelu_tanh,
+    "quick_gelu": quick_gelu,
+}
+
+
+def activation(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}") from None
+
+
+class GatedMLP:
+    """SwiGLU-style feed-forward: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, gate_proj: Linear, up_proj: Linear, down_proj: Linear, act: str = "silu"):
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        self.act = activation(act)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP:
+    """Plain two-layer feed-forward: fc2(act(fc1(x)))."""
+
+    def __init__(self, fc1: Linear, fc2: Linear, act: str):
+        self.fc1, self.fc2 = fc1, fc2
+        self.act = activation(act)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# --- rotary embedding --------------------------------------------------------------------
+
+
+def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Inverse frequencies of a rotary embedding over `dim` features (float64 for accuracy)."""
+    inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if rope_type == "llama3":
+        # Llama 3.x: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
+        mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
+        inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    elif rope_type not in ("default", None):
+        raise ValueError(f"unsupported rope scaling {rope_type!r}")
+    return inv
+
+
+def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin tables [n, 2 * len(inv_freq)] for 1-D positions, in HF's half-rotation layout."""
+    freqs = positions.astype(np.float64)[:, None] * inv_freq[None, :]
+    emb = np.concatenate([freqs, freqs], axis=-1)
+    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+
+def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate halves: x [heads, n, d] with cos/sin [n, d] (HF `rotate_half` convention)."""
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# --- attention ---------------------------------------------------------------------------
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    np.exp(x, out=x)
+    x /= x.sum(axis=-1, keepdims=True)
+    return x
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int | None) -> np.ndarray:
+    """Scaled dot-product attention with grouped KV heads.
+
+    q [h, n, d], k/v [h_kv, t, d] -> [h, n, d]. With `causal_offset` o, query i sits at
+    position o + i of the keys and sees keys 0..o+i; with None every query sees every key.
+    """
+    h, n, d = q.shape
+    h_kv, t, _ = k.shape
+    g = h // h_kv
+    qg = q.reshape(h_kv, g * n, d)
+    scores = (qg @ k.transpose(0, 2, 1)) * (1.0 / math.sqrt(d))  # [h_kv, g*n, t]
+    if causal_offset is not None and n > 1:
+        scores = scores.reshape(h_kv, g, n, t)
+        allowed = np.arange(t)[None, :] <= (causal_offset + np.arange(n))[:, None]
+        scores = np.where(allowed, scores, -np.inf).reshape(h_kv, g * n, t)
+    out = softmax(scores) @ v  # [h_kv, g*n, d]
+    return out.reshape(h, n, d)
+
+
+class Attention:
+    """Multi-head attention with grouped KV heads, rotary positions and an optional KV cache.
+
+    Used by the causal decoders (with a cache) and by the vision towers (bidirectional,
+    one call per image so each image attends only to itself).
+    """
+
+    def __init__(self, q_proj: Linear, k_proj: Linear, v_proj: Linear, o_proj: Linear, n_heads: int,
+                 n_kv_heads: int, head_dim: int):
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+
+    def qkv(self, x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None):
+        """Projected (and rotated) q [h, n, d], k and v [h_kv, n, d]."""
+        n = x.shape[0]
+        q = self.q_proj(x).reshape(n, self.n_heads, self.head_dim).transpose(1, 0, 2)
+        k = self.k_proj(x).reshape(n, self.n_kv_heads, self.head_dim).transpose(1, 0, 2)
+        v = self.v_proj(x).reshape(n, self.n_kv_heads, self.head_dim).transpose(1, 0, 2)
+        if cos is not None:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def output(self, o: np.ndarray) -> np.ndarray:
+        h, n, d = o.shape
+        return self.o_proj(np.ascontiguousarray(o.transpose(1, 0, 2)).reshape(n, h * d))
+
+    def __call__(self, x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None,
+                 cache: LayerKV | None = None, start: int = 0) -> np.ndarray:
+        q, k, v = self.qkv(x, cos, sin)
+        if cache is None:
+            return self.output(attend(q, k, v, causal_offset=None))
+        end = start + x.shape[0]
+        cache.k[:, start:end] = k
+        cache.v[:, start:end] = v
+        return self.output(attend(q, cache.k[:, :end], cache.v[:, :end], causal_offset=start))
+
+
+class LayerKV:
+    """One layer's view of the KV cache: k and v [n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, k: np.ndarray, v: np.ndarray):
+        self.k, self.v = k, v
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, plus what the cached positions hold.
+
+    `keys` names the content of each cached position (a token id, or an image digest and
+    index), so a new prompt that starts the same way reuses the cached prefix.
+    """
+
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int):
+        # np.zeros maps untouched pages lazily: memory grows with use, not with max_len.
+        self.k = np.zeros((n_layers, n_kv_heads, max_len, head_dim), dtype=np.float32)
+        self.v = np.zeros((n_layers, n_kv_heads, max_len, head_dim), dtype=np.float32)
+        self.max_len = max_len
+        self.keys: list = []
+
+    def layer(self, i: int) -> LayerKV:
+        return LayerKV(self.k[i], self.v[i])
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def reusable_prefix(self, keys: list) -> int:
+        """How many leading positions of `keys` are already cached (at least one is left to run)."""
+        n = 0
+        limit = min(len(self.keys), len(keys) - 1)
+        while n < limit and self.keys[n] == keys[n]:
+            n += 1
+        return n
+
+    def truncate(self, n: int) -> None:
+        del self.keys[n:]

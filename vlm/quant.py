@@ -1,0 +1,153 @@
+"""Group-wise weight quantization: the format every loader produces and every kernel reads.
+
+A quantized matrix W [rows, cols] is cut along `cols` into groups of `group_size` values,
+each with its own fp16 scale (and, for asymmetric 4-bit, an fp16 min):
+
+- 4-bit asymmetric (GGUF Q4_1):  w = d * q + m,   q in 0..15
+- 4-bit symmetric  (GGUF Q4_0):  w = d * (q - 8), q in 0..15
+- 8-bit symmetric  (GGUF Q8_0):  w = d * q,       q in -127..127
+
+4-bit values are packed two to a byte in GGUF's order, so GGUF Q4_0/Q4_1 blocks map on
+without re-quantizing: inside every run of 32 values, byte j holds value j in its low
+nibble and value j + 16 in its high nibble. A group of 64 or 128 is simply 2 or 4 such
+runs sharing one scale.
+
+The numpy code here is the reference: C kernels are tested against `dequantize`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+BLOCK = 32  # nibble-packing run; every group size is a multiple of it
+GROUP_SIZES = (32, 64, 128)
+
+
+@dataclass
+class QuantizedWeight:
+    """A [rows, cols] matrix in group-wise 4- or 8-bit form."""
+
+    bits: int  # 4 or 8
+    group_size: int
+    symmetric: bool
+    qweight: np.ndarray  # 4-bit: uint8 [rows, cols // 2]; 8-bit: int8 [rows, cols]
+    scales: np.ndarray  # float16 [rows, cols // group_size]
+    mins: np.ndarray | None = None  # float16 [rows, cols // group_size]; asymmetric 4-bit only
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, packed_cols = self.qweight.shape
+        return rows, packed_cols * 2 if self.bits == 4 else packed_cols
+
+    @property
+    def nbytes(self) -> int:
+        return self.qweight.nbytes + self.scales.nbytes + (0 if self.mins is None else self.mins.nbytes)
+
+    @property
+    def kind(self) -> str:
+        """Short name used in reports and in the converted model's config: q4_asym, q4_sym, q8."""
+        return "q8" if self.bits == 8 else ("q4_sym" if self.symmetric else "q4_asym")
+
+    def dequantize(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        """Float32 values of the matrix, or of the rows selected by a slice or index array."""
+        sel = slice(None) if rows is None else rows
+        scales = self.scales[sel].astype(np.float32)
+        n_rows, n_groups = scales.shape
+        if self.bits == 8:
+            q = self.qweight[sel].astype(np.float32).reshape(n_rows, n_groups, self.group_size)
+            return (q * scales[..., None]).reshape(n_rows, -1)
+        q = unpack_nibbles(self.qweight[sel]).astype(np.float32).reshape(n_rows, n_groups, self.group_size)
+        if self.symmetric:
+            w = (q - 8.0) * scales[..., None]
+        else:
+            w = q * scales[..., None] + self.mins[sel].astype(np.float32)[..., None]
+        return w.reshape(n_rows, -1)
+
+
+@dataclass
+class HalfWeight:
+    """A float matrix kept in its 16-bit storage (fp16, or bf16 as raw uint16 bits), widened on use."""
+
+    data: np.ndarray  # float16, or uint16 holding bfloat16 bits
+    bf16: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.data.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    @property
+    def kind(self) -> str:
+        return "bf16" if self.bf16 else "f16"
+
+    def dequantize(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
+        d = self.data if rows is None else self.data[rows]
+        if self.bf16:
+            return (d.astype(np.uint32) << 16).view(np.float32)
+        return d.astype(np.float32)
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [rows, cols // 2] in GGUF nibble order -> uint8 [rows, cols] of values 0..15."""
+    rows = packed.shape[0]
+    runs = packed.reshape(rows, -1, BLOCK // 2)
+    return np.concatenate([runs & 0x0F, runs >> 4], axis=-1).reshape(rows, -1)
+
+
+def pack_nibbles(q: np.ndarray) -> np.ndarray:
+    """uint8 [rows, cols] of values 0..15 -> uint8 [rows, cols // 2] in GGUF nibble order."""
+    rows = q.shape[0]
+    runs = q.reshape(rows, -1, BLOCK).astype(np.uint8)
+    return (runs[..., : BLOCK // 2] | (runs[..., BLOCK // 2 :] << 4)).reshape(rows, -1)
+
+
+def can_quantize(shape: tuple[int, ...], group_size: int) -> bool:
+    return len(shape) == 2 and shape[1] % group_size == 0
+
+
+def quantize(w: np.ndarray, bits: int = 4, group_size: int = 32, symmetric: bool = False) -> QuantizedWeight:
+    """Quantize a float matrix [rows, cols]; cols must be a multiple of group_size."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
+    w = np.asarray(w, dtype=np.float32)
+    rows, cols = w.shape
+    if cols % group_size:
+        raise ValueError(f"cannot quantize a matrix with {cols} columns in groups of {group_size}")
+    g = w.reshape(rows, cols // group_size, group_size)
+    if bits == 8:
+        d = np.abs(g).max(axis=-1) / 127.0
+        inv = np.divide(1.0, d, out=np.zeros_like(d), where=d > 0)
+        q = np.clip(np.rint(g * inv[..., None]), -127, 127).astype(np.int8)
+        return QuantizedWeight(8, group_size, True, q.reshape(rows, cols), d.astype(np.float16))
+    if symmetric:
+        # Q4_0's rule: the value of largest magnitude maps to -8, so its sign keeps full range.
+        idx = np.abs(g).argmax(axis=-1)
+        extreme = np.take_along_axis(g, idx[..., None], axis=-1)[..., 0]
+        d = (extreme / -8.0).astype(np.float16)
+        d32 = d.astype(np.float32)
+        inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 != 0)
+        q = np.clip(np.rint(g * inv[..., None] + 8.0), 0, 15).astype(np.uint8)
+        return QuantizedWeight(4, group_size, True, pack_nibbles(q.reshape(rows, cols)), d)
+    lo = g.min(axis=-1)
+    hi = g.max(axis=-1)
+    d = ((hi - lo) / 15.0).astype(np.float16)
+    m = lo.astype(np.float16)
+    d32 = d.astype(np.float32)
+    inv = np.divide(1.0, d32, out=np.zeros_like(d32), where=d32 > 0)
+    q = np.clip(np.rint((g - m.astype(np.float32)[..., None]) * inv[..., None]), 0, 15).astype(np.uint8)
+    return QuantizedWeight(4, group_size, False, pack_nibbles(q.reshape(rows, cols)), d, m)
+
+
+def relative_rms_error(w: np.ndarray, qw: QuantizedWeight) -> float:
+    """||W - deq(Q(W))|| / ||W||: the per-layer quantization error that `vlm convert` reports."""
+    w = np.asarray(w, dtype=np.float32)
+    err = w - qw.dequantize()
+    denom = float(np.sqrt(np.mean(w * w))) or 1.0
+    return float(np.sqrt(np.mean(err * err))) / denom
