@@ -1,0 +1,97 @@
+"""Multi-turn conversation from Python: keeps the history, the images and (through the model)
+the KV cache, so each turn prefills only what is new."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+
+from vlm.errors import VlmError
+from vlm.generation import GenerationResult, TextStream
+from vlm.image import ImageInput
+from vlm.model import Model
+
+
+class Chat:
+    """A conversation with one model.
+
+        chat = vlm.Chat(model, system="Be brief.")
+        print(chat.send("Describe this.", images=["cat.jpg"]).text)
+        print(chat.send("What colour is it?").text)   # the image is not encoded again
+    """
+
+    def __init__(self, model: Model, system: str | None = None, **generate_options):
+        self.model = model
+        self.system = system
+        self.options = generate_options
+        self.turns: list[tuple[dict, dict | None]] = []  # (user message, assistant reply)
+        self.images: list[list[ImageInput]] = []  # images of each turn
+        self.dropped_turns = 0  # oldest turns dropped to fit the context, in total
+
+    def messages(self, pending: dict | None = None) -> list[dict]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for user, reply in self.turns:
+            out.append(user)
+            if reply is not None:
+                out.append(reply)
+        return out + ([pending] if pending else [])
+
+    def _all_images(self, extra: Sequence[ImageInput] = ()) -> list[ImageInput]:
+        return [im for turn in self.images for im in turn] + list(extra)
+
+    def _user_message(self, text: str, n_images: int) -> dict:
+        if not n_images:
+            return {"role": "user", "content": text}
+        return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+    def _fit(self, pending: dict, images: Sequence[ImageInput], max_new_tokens: int) -> None:
+        """Drop the oldest turns until the prompt and a reply of max_new_tokens fit the context."""
+        budget = self.model.context - min(max_new_tokens, self.model.context // 2)
+        while True:
+            ids, _ = self.model.tokens(self.messages(pending), self._all_images(images))
+            if ids.size <= budget:
+                return
+            if not self.turns:
+                raise VlmError(f"this message alone is {ids.size} tokens; the context holds {self.model.context}")
+            self.turns.pop(0)
+            self.images.pop(0)
+            self.dropped_turns += 1
+
+    def send(self, text: str, images: Sequence[ImageInput] | None = None, stream: bool = False,
+             **options) -> GenerationResult | TextStream:
+        """Add a user turn and generate the reply (streamed with stream=True)."""
+        images = list(images or [])
+        opts = {"max_new_tokens": 512, **self.options, **options}
+        pending = self._user_message(text, len(images))
+        self._fit(pending, images, opts["max_new_tokens"])
+        out = self.model.generate(self.messages(pending), images=self._all_images(images), stream=stream, **opts)
+        self.turns.append((pending, None))
+        self.images.append(images)
+        if not stream:
+            self._record(out)
+            return out
+        return TextStream(self._recording(out), out.result)
+
+    def _recording(self, stream: TextStream) -> Iterator[str]:
+        try:
+            yield from stream
+        finally:  # an interrupted answer is kept as far as it got
+            self._record(stream.result)
+
+    def _record(self, result: GenerationResult) -> None:
+        user, _ = self.turns[-1]
+        self.turns[-1] = (user, {"role": "assistant", "content": result.text})
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        self.turns.clear()
+        self.images.clear()
+        self.model.reset()
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the transcript as JSON (messages plus the image paths of each turn)."""
+        images = [[im if isinstance(im, str) else f"<{type(im).__name__}>" for im in turn] for turn in self.images]
+        data = {"system": self.system, "messages": self.messages(), "images": images}
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f, ensure_ascii=False, indent=1)

@@ -1,0 +1,252 @@
+"""The `vlm` command: generate, chat, convert, info, pull."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from vlm.errors import VlmError
+from vlm.pull import DEFAULT_MODEL, KNOWN_MODELS
+
+HELP_CHAT = """commands:
+  /image PATH   attach an image to your next message
+  /reset        forget the conversation
+  /stats        statistics of the last answer
+  /save FILE    write the transcript as JSON
+  /help         this text
+  /quit         leave (or Ctrl-D); Ctrl-C stops an answer"""
+
+
+def _dim(text: str) -> str:
+    return f"\033[2m{text}\033[0m" if sys.stdout.isatty() else text
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"GGUF file, HF directory, converted directory or known name (default {DEFAULT_MODEL})")
+    p.add_argument("--quantize", choices=["q4", "q4_sym", "q8", "f32"], default=None,
+                   help="decoder precision on load (default: as the file holds it)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: model's, max 4096)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_options(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
+
+
+def load_model(args: argparse.Namespace):
+    from vlm.loader import load
+
+    return load(args.model, quantize=args.quantize, threads=args.threads, context=args.ctx)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model = load_model(args)
+    stream = model.generate(args.prompt, images=args.image, stream=True, raw=args.raw, **sampling_options(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.json_stats:
+        print(json.dumps(stream.stats.as_dict()))
+    elif not args.quiet:
+        print(_dim(stream.stats.summary()), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from vlm.chat import Chat
+
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    model = load_model(args)
+    chat = Chat(model, system=args.system, **sampling_options(args))
+    pending_images = list(args.image)
+    last = None
+    print(_dim(f"vlm chat: {model.info.get('path')} ({model.info.get('architecture')}). /help for commands."))
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            arg = arg.strip()
+            if cmd in ("/quit", "/exit"):
+                return 0
+            if cmd == "/help":
+                print(HELP_CHAT)
+            elif cmd == "/reset":
+                chat.reset()
+                pending_images.clear()
+                print(_dim("conversation cleared"))
+            elif cmd == "/stats":
+                print(_dim(last.summary() if last else "no answer yet"))
+            elif cmd == "/image":
+                if not arg:
+                    print("usage: /image PATH")
+                elif not Path(arg).expanduser().is_file():
+                    print(f"error: image not found: {arg}")
+                else:
+                    pending_images.append(str(Path(arg).expanduser()))
+                    print(_dim(f"image attached to your next message: {arg}"))
+            elif cmd == "/save":
+                if not arg:
+                    print("usage: /save FILE")
+                else:
+                    try:
+                        chat.save(arg)
+                        print(_dim(f"saved {arg}"))
+                    except OSError as e:
+                        print(f"error: cannot write {arg}: {e}")
+            else:
+                print(f"unknown command {cmd}; /help lists them")
+            continue
+        dropped = chat.dropped_turns
+        try:
+            stream = chat.send(line, images=pending_images, stream=True)
+        except VlmError as e:
+            print(f"error: {e}")
+            continue
+        pending_images = []
+        if chat.dropped_turns > dropped:
+            print(_dim(f"[context full: dropped the {chat.dropped_turns - dropped} oldest turn(s)]"))
+        try:
+            for piece in stream:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            sys.stdout.write(" [stopped]")
+        print()
+        last = stream.stats
+        print(_dim(last.summary()))
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from vlm.convert import convert
+
+    report = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
+                     vision_bits=args.vision_bits)
+    print(report.summary())
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from vlm.formats.checkpoint import read_checkpoint
+    from vlm.pull import resolve
+
+    ckpt = read_checkpoint(resolve(args.model))
+    kinds: dict[str, int] = {}
+    total = 0
+    for w in ckpt.tensors.values():
+        kind = getattr(w, "kind", "f32")
+        kinds[kind] = kinds.get(kind, 0) + 1
+        total += int(w.nbytes)
+    c = ckpt.config
+    text = c.get("text_config") or c
+    tok = ckpt.tokenizer
+    info = {
+        "path": str(ckpt.path), "format": ckpt.format, "architecture": c.get("model_type"),
+        "layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
+        "heads": f"{text.get('num_attention_heads')} (kv {text.get('num_key_value_heads')})",
+        "vocab": tok.vocab_size, "vision": "vision_config" in c,
+        "tensors": f"{len(ckpt.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})",
+        "weights": f"{total / 2**20:.1f} MiB", "quantization": ckpt.quantization or None,
+        "bos/eos": f"{tok.bos_token} / {tok.eos_token}", "chat template": bool(tok.chat_template),
+    }
+    for k, v in info.items():
+        print(f"{k:>14}: {v}")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from vlm.pull import pull
+
+    print(pull(args.name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vlm", description="On-device vision-language model runtime.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate a reply to one prompt")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-i", "--image", action="append", default=[], help="image path (repeatable)")
+    p.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    p.add_argument("-q", "--quiet", action="store_true", help="no statistics line")
+    p.add_argument("--json-stats", action="store_true", help="print the statistics as JSON")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(max_tokens=512)
+    p.add_argument("-i", "--image", action="append", default=[], help="image for the first message (repeatable)")
+    p.add_argument("-s", "--system", default=None, help="system prompt")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("convert", help="convert and quantize a model into vlm's format")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
+    p.add_argument("--symmetric", action="store_true", help="symmetric 4-bit (like Q4_0) instead of scale+min")
+    p.add_argument("--vision-bits", type=int, default=None, choices=[8, 16, 32])
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("info", help="describe a model")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("pull", help="fetch a known model into the weights folder")
+    p.add_argument("name", choices=sorted(KNOWN_MODELS))
+    p.set_defaults(func=cmd_pull)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except VlmError as e:
+        print(f"vlm: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Sampling, generation statistics and the streaming result object."""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from vlm.errors import VlmError
+
+
+@dataclass
+class SamplingParams:
+    """How the next token is chosen. temperature 0 means greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a whole number >= 0"),
+            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
+            (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
+            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise VlmError(f"invalid sampling setting: {message}")
+
+
+class Sampler:
+    """Applies repetition penalty, temperature, top-k, top-p and min-p, then draws a token."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray, history: list[int]) -> int:
+        p = self.params
+        logits = np.array(logits, dtype=np.float32)
+        if p.repetition_penalty != 1.0 and history:
+            # The CTRL / transformers rule: shrink positive logits, grow negative ones.
+            seen = np.unique(np.asarray(history))
+            seen = seen[seen < logits.size]
+            vals = logits[seen]
+            logits[seen] = np.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if p.temperature == 0.0:
+            return int(np.argmax(logits))
+        logits = logits.astype(np.float64) / p.temperature
+        if 0 < p.top_k < logits.size:
+            kth = np.partition(logits, -p.top_k)[-p.top_k]
+            logits[logits < kth] = -np.inf
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        if p.min_p > 0.0:
+            probs[probs < p.min_p * probs.max()] = 0.0
+        if p.top_p < 1.0:
+            order = np.argsort(-probs, kind="stable")
+            cum = np.cumsum(probs[order])
+            cut = int(np.searchsorted(cum, p.top_p * cum[-1])) + 1  # smallest set reaching top_p
+            probs[order[cut:]] = 0.0
+        probs /= probs.sum()
+        return int(self.rng.choice(probs.size, p=probs))
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
+
+
+@dataclass
+class GenerationStats:
+    """What one generation cost. Rates are tokens per second of wall time."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt positions reused from the KV cache
+    generated_tokens: int = 0
+    decode_steps: int = 0  # forward passes after prefill (the first token comes from prefill)
+    ttft_s: float = 0.0  # request start to first token, including image encoding
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    images: int = 0
+    image_tokens: int = 0
+    vision_encode_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    finish_reason: str = ""  # "stop", "length" or "interrupted"
+
+    @property
+    def prefill_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(prefill_tps=self.prefill_tps, decode_tps=self.decode_tps)
+        return d
+
+    def summary(self) -> str:
+        """The one-line report shown after an answer."""
+        parts = [f"prompt {self.prompt_tokens} tok" + (f" ({self.cached_tokens} cached)" if self.cached_tokens else ""),
+                 f"prefill {self.prefill_tps:.1f} tok/s", f"decode {self.decode_tps:.1f} tok/s",
+                 f"first token {self.ttft_s:.2f} s"]
+        if self.images:
+            parts.append(f"vision {self.vision_encode_s:.2f} s ({self.images} img, {self.image_tokens} tok)")
+        parts.append(f"peak {self.peak_memory_mb:.0f} MiB")
+        return " | ".join(parts)
+
+
+@dataclass
+class GenerationResult:
+    """A finished generation."""
+
+    text: str
+    tokens: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class TextStream:
+    """Iterator of text pieces; `.result` (text, tokens, stats) is complete once it is exhausted."""
+
+    def __init__(self, pieces: Iterator[str], result: GenerationResult):
+        self._pieces = pieces
+        self.result = result
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.result.stats
+
+    def close(self) -> None:
+        """Stop generating early (the cache stays consistent)."""
+        self._pieces.close()

@@ -1,0 +1,153 @@
+"""`vlm.load`: from a path or a known name to a ready `Model`, quantizing on the way if asked."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+
+import numpy as np
+
+from vlm import kernels
+from vlm.errors import VlmError
+from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
+from vlm.model import Model
+from vlm.models.layers import Weight, dequantize
+from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
+from vlm.models.llama import LlamaModel, TextConfig
+from vlm.pull import resolve
+from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight, can_quantize, quantize, relative_rms_error
+
+QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
+VISION_MODES = (None, "f32", "f16", "q8")
+
+# Vision-language families: config model_type -> (module, class). Adding a family adds a line.
+FAMILIES = {
+    "qwen2_vl": ("vlm.models.qwen2_vl", "Qwen2VLFamily"),
+    "idefics3": ("vlm.models.idefics3", "Idefics3Family"),
+    "smolvlm": ("vlm.models.idefics3", "Idefics3Family"),
+}
+
+_DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+
+
+def quantize_decoder(tensors: dict[str, Weight], mode: str | None, group_size: int = 32,
+                     errors: dict[str, float] | None = None) -> dict[str, Weight]:
+    """Apply a precision mode to decoder tensors named as in HF causal LMs.
+
+    q4 / q4_sym: every linear layer 4-bit, embeddings 8-bit; q8: both 8-bit; f32: all float32;
+    None: as stored. Norms and biases are always float32. A matrix whose width is not a
+    multiple of the group size stays as it is. With `errors`, the relative RMS error of each
+    tensor quantized here is recorded in it.
+    """
+    out = {}
+    for name, w in tensors.items():
+        if w.ndim < 2 if isinstance(w, np.ndarray) else len(w.shape) < 2:
+            out[name] = dequantize(w)
+            continue
+        linear = bool(_DECODER_LINEAR.match(name)) or name == "lm_head.weight"
+        embedding = name == "model.embed_tokens.weight"
+        bits = {"q4": 4, "q4_sym": 4, "q8": 8}.get(mode)
+        if mode == "f32":
+            out[name] = dequantize(w)
+        elif bits and (linear or embedding) and can_quantize(w.shape, group_size):
+            bits = 8 if embedding else bits
+            if _already(w, bits, group_size):
+                out[name] = w
+                continue
+            dense = dequantize(w)
+            out[name] = quantize(dense, bits, group_size, symmetric=(mode == "q4_sym"))
+            if errors is not None:
+                errors[name] = relative_rms_error(dense, out[name])
+        else:
+            out[name] = w
+    return out
+
+
+def _already(w: Weight, bits: int, group_size: int) -> bool:
+    """A tensor already at this precision is kept (a Q4_1 GGUF is not re-quantized)."""
+    return isinstance(w, QuantizedWeight) and w.bits == bits and w.group_size <= group_size
+
+
+def convert_vision(tensors: dict[str, Weight], mode: str | None) -> dict[str, Weight]:
+    """Precision of the vision tower: f32, f16 storage, or 8-bit linear weights (mixed precision)."""
+    out = {}
+    for name, w in tensors.items():
+        matrix = (w.ndim if isinstance(w, np.ndarray) else len(w.shape)) == 2
+        if mode is None and (not isinstance(w, np.ndarray) or w.dtype == np.float32):
+            out[name] = w if matrix else dequantize(w)
+        elif mode == "f16" and matrix:
+            out[name] = w if isinstance(w, HalfWeight) and not w.bf16 else HalfWeight(dequantize(w).astype(np.float16))
+        elif mode == "q8" and matrix and can_quantize(w.shape, 32):
+            out[name] = w if isinstance(w, QuantizedWeight) else quantize(dequantize(w), 8, 32)
+        else:
+            out[name] = dequantize(w)
+    return out
+
+
+def family_class(config: dict, path) -> type | None:
+    """The vision family of a config, None for a text-only decoder; unsupported -> VlmError."""
+    model_type = config.get("model_type")
+    if model_type in FAMILIES:
+        module, name = FAMILIES[model_type]
+        return getattr(importlib.import_module(module), name)
+    if model_type not in TEXT_ARCHITECTURES:
+        known = ", ".join(sorted([*TEXT_ARCHITECTURES, *FAMILIES]))
+        raise VlmError(f"unsupported architecture {model_type!r} in {path}; supported: {known}")
+    return None
+
+
+def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict]:
+    """(vision tensors with the family's prefixes stripped, decoder tensors in causal-LM names).
+
+    A converted directory already stores them apart: vision tensors under `vision.`.
+    """
+    if ckpt.format == "vlm":
+        vision = {k[len(VISION_PREFIX):]: w for k, w in ckpt.tensors.items() if k.startswith(VISION_PREFIX)}
+        return vision, {k: w for k, w in ckpt.tensors.items() if not k.startswith(VISION_PREFIX)}
+    if family_cls is None:
+        return {}, ckpt.tensors
+    return family_cls.split_tensors(ckpt.tensors)
+
+
+def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str | None, group_size: int,
+                    errors: dict[str, float] | None = None) -> tuple[type | None, dict, dict]:
+    """Validate the precision settings; returns (family class, decoder tensors, vision tensors) at them."""
+    if quantize not in QUANTIZE_MODES:
+        raise VlmError(f"quantize must be one of {', '.join(map(str, QUANTIZE_MODES))}; got {quantize!r}")
+    if vision_quantize not in VISION_MODES:
+        raise VlmError(f"vision precision must be one of {', '.join(map(str, VISION_MODES))}; got {vision_quantize!r}")
+    if group_size not in GROUP_SIZES:
+        raise VlmError(f"group size must be one of {GROUP_SIZES}; got {group_size}")
+    family_cls = family_class(ckpt.config, ckpt.path)
+    vision, text = split_tensors(ckpt, family_cls)
+    vision_mode = "f32" if quantize == "f32" else vision_quantize
+    return family_cls, quantize_decoder(text, quantize, group_size, errors), convert_vision(vision, vision_mode)
+
+
+def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: str | None = None,
+                group_size: int = 32, context: int | None = None, prefill_chunk: int = 256) -> Model:
+    """Assemble a Model from a checkpoint, applying the requested precisions."""
+    family_cls, text, vision = prepare_tensors(ckpt, quantize, vision_quantize, group_size)
+    config = TextConfig.from_dict(family_cls.text_config(ckpt.config) if family_cls else ckpt.config)
+    decoder = LlamaModel(config, text)
+    family = family_cls(ckpt.config, vision, ckpt.preprocessor_config) if family_cls else None
+    model_type = ckpt.config.get("model_type")
+    ctx = context or min(4096, config.max_position_embeddings)
+    info = {"path": str(ckpt.path), "format": ckpt.format, "architecture": model_type, "quantize": quantize}
+    return Model(decoder, ckpt.tokenizer, family, context=ctx, prefill_chunk=prefill_chunk, info=info)
+
+
+def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None, threads: int | None = None,
+         context: int | None = None, prefill_chunk: int = 256, group_size: int = 32,
+         vision_quantize: str | None = None) -> Model:
+    """Load a model from a GGUF file, a Hugging Face directory, a `vlm convert` directory or a known name.
+
+    quantize: None keeps what the file holds; "q4" (asymmetric, like Q4_1), "q4_sym" (like Q4_0)
+    or "q8" quantize the decoder on load; "f32" widens everything to float32 (exact math).
+    vision_quantize picks the vision tower's precision (None: as stored; "f32", "f16", "q8").
+    context is the KV cache size in tokens (default: the model's, at most 4096).
+    """
+    kernels.set_threads(threads)
+    ckpt = read_checkpoint(resolve(model))
+    return build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk)

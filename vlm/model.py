@@ -1,0 +1,308 @@
+"""A loaded model: tokenizer + decoder (+ a vision family), with the generation loop.
+
+The model glue is ready: families plug in through the interface below (see `VisionFamily`).
+The whole request path reads top to bottom:
+prepare (template, images, token ids, positions) -> prefill in chunks, reusing the cached
+prefix -> decode one token at a time -> stream text, stop on EOS / stop strings / length.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from vlm import kernels
+from vlm.errors import VlmError
+from vlm.generation import (
+    GenerationResult,
+    GenerationStats,
+    Sampler,
+    SamplingParams,
+    TextStream,
+    peak_memory_mb,
+)
+from vlm.image import ImageInput, load_image
+from vlm.models.llama import LlamaModel
+from vlm.tokenizer import StreamDecoder, Tokenizer
+
+Prompt = str | Sequence[dict] | Sequence[int]
+
+# Decoded image embeddings kept for reuse (a chat shows the same image every turn).
+IMAGE_CACHE_ENTRIES = 16
+
+
+class VisionFamily(Protocol):
+    """What a vision-language family (models/<family>/family.py) provides to the shared glue."""
+
+    image_token: str  # placeholder the chat template writes once per image
+    image_token_id: int
+
+    def preprocess(self, image, **options) -> Any: ...  # -> object with .n_tokens and .digest
+    def encode(self, images: list) -> list[np.ndarray]: ...  # one batched pass; [n_tokens_i, hidden] each
+    def expand_prompt(self, text: str, images: list) -> str: ...
+    def positions(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, int]: ...
+
+
+@dataclass
+class PromptInputs:
+    """A prompt made ready for the decoder."""
+
+    ids: np.ndarray  # int64 [n]
+    positions: np.ndarray  # [n], or [3, n] for M-RoPE
+    rope_delta: int  # decode position = cache index + rope_delta
+    keys: list  # what each position holds, for prefix reuse: token id or (image digest, index)
+    image_embeds: np.ndarray | None = None  # [n_image_tokens, hidden] in prompt order
+    image_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    images: int = 0
+    vision_encode_s: float = 0.0
+
+
+class Model:
+    """A ready-to-run model. Create it with `vlm.load`."""
+
+    def __init__(self, decoder: LlamaModel, tokenizer: Tokenizer, family: VisionFamily | None = None,
+                 context: int = 4096, prefill_chunk: int = 256, info: dict | None = None):
+        if context < 16:
+            raise VlmError(f"context must be at least 16 tokens, got {context}")
+        if prefill_chunk < 1:
+            raise VlmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.decoder = decoder
+        self.tokenizer = tokenizer
+        self.family = family
+        self.context = context
+        self.prefill_chunk = prefill_chunk
+        self.info = info or {}
+        self.cache = decoder.new_cache(context)
+        self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    # --- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of raw text (special tokens in the text are recognised)."""
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def render(self, prompt: str | Sequence[dict], n_images: int = 0) -> str:
+        """The chat-templated text of a prompt (a string becomes one user turn, images first)."""
+        if isinstance(prompt, str):
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
+            messages = [{"role": "user", "content": content if n_images else prompt}]
+        else:
+            messages = [dict(m) for m in prompt]
+        n_parts = 0
+        for m in messages:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise VlmError("each message must be a dict with 'role' and 'content'")
+            if isinstance(m["content"], list):
+                parts = m["content"]
+                n_parts += sum(1 for p in parts if p.get("type") == "image")
+                if self.family is None:  # text-only templates expect a string
+                    if any(p.get("type") == "image" for p in parts):
+                        raise VlmError("this model has no vision encoder; it cannot take images")
+                    m["content"] = "".join(p.get("text", "") for p in parts)
+        if n_parts != n_images:
+            raise VlmError(f"the messages have {n_parts} image part(s) but {n_images} image(s) were given")
+        return self.tokenizer.apply_chat_template(messages)
+
+    # --- preparing a request -----------------------------------------------------------------
+
+    def tokens(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
+               **image_options) -> tuple[np.ndarray, list]:
+        """Token ids of a prompt with image placeholders expanded, and the preprocessed images.
+
+        `prompt` is a string (one user turn, or tokenized as-is with raw=True), a list of chat
+        messages, or a list of token ids (used exactly as given).
+        """
+        images = list(images or [])
+        if images and self.family is None:
+            raise VlmError("this model has no vision encoder; it cannot take images")
+        processed = [self.family.preprocess(load_image(im), **image_options) for im in images]
+        if isinstance(prompt, str) and (raw or not self.tokenizer.chat_template):
+            text, add_bos = prompt, None
+            if processed:
+                text = self.family.image_token * len(processed) + text
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
+            if processed:
+                raise VlmError("images cannot be combined with a prompt given as token ids")
+            text, add_bos = None, False
+        elif isinstance(prompt, (str, Sequence)):
+            text, add_bos = self.render(prompt, len(processed)), False
+        else:
+            raise VlmError("prompt must be a string, a list of chat messages or a list of token ids")
+        if text is not None:
+            if processed:
+                text = self.family.expand_prompt(text, processed)
+            ids = np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64)
+        else:
+            ids = np.asarray(prompt, dtype=np.int64)
+        if ids.size == 0:
+            raise VlmError("the prompt is empty")
+        if ids.min() < 0 or ids.max() >= self.decoder.config.vocab_size:
+            raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
+        return ids, processed
+
+    def prepare(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
+                **image_options) -> PromptInputs:
+        """Everything the decoder needs for a prompt: ids, positions, image embeddings, cache keys."""
+        ids, processed = self.tokens(prompt, images, raw, **image_options)
+        if ids.size >= self.context:
+            raise VlmError(f"the prompt is {ids.size} tokens but the context holds {self.context}; "
+                           "shorten it or load the model with a larger context")
+        keys: list = ids.tolist()
+        if not processed:
+            return PromptInputs(ids, np.arange(ids.size, dtype=np.int64), 0, keys)
+
+        rows = np.flatnonzero(ids == self.family.image_token_id)
+        expected = sum(p.n_tokens for p in processed)
+        if rows.size != expected:
+            raise VlmError(f"prompt has {rows.size} image tokens but the images need {expected}")
+        t0 = time.perf_counter()
+        embeds = self._encode_images(processed)
+        vision_s = time.perf_counter() - t0
+        k = 0
+        for p in processed:
+            for j in range(p.n_tokens):
+                keys[rows[k]] = (p.digest, j)
+                k += 1
+        positions, rope_delta = self.family.positions(ids, processed)
+        return PromptInputs(ids, positions, rope_delta, keys, np.concatenate(embeds), rows, len(processed), vision_s)
+
+    def _encode_images(self, processed: list) -> list[np.ndarray]:
+        """Embeddings of each image; new images go through the encoder together in one batch."""
+        todo = [p for p in processed if p.digest not in self._image_cache]
+        unique = list({p.digest: p for p in todo}.values())
+        if unique:
+            for p, e in zip(unique, self.family.encode(unique), strict=True):
+                self._image_cache[p.digest] = e
+        out = []
+        for p in processed:
+            self._image_cache.move_to_end(p.digest)
+            out.append(self._image_cache[p.digest])
+        while len(self._image_cache) > IMAGE_CACHE_ENTRIES:
+            self._image_cache.popitem(last=False)
+        return out
+
+    # --- running the decoder -----------------------------------------------------------------
+
+    def _prefill(self, inputs: PromptInputs, all_logits: bool = False) -> tuple[np.ndarray, int]:
+        """Run the prompt through the decoder in chunks, reusing the cached prefix.
+
+        Returns the logits (every position if `all_logits`, else only the last) and how many
+        positions were reused from the cache.
+        """
+        cache = self.cache
+        start = 0 if all_logits else cache.reusable_prefix(inputs.keys)
+        cache.truncate(start)
+        n = inputs.ids.size
+        out = np.empty((n, self.decoder.config.vocab_size), dtype=np.float32) if all_logits else None
+        last = None
+        for a in range(start, n, self.prefill_chunk):
+            b = min(n, a + self.prefill_chunk)
+            x = self.decoder.embed_tokens(inputs.ids[a:b])
+            if inputs.image_embeds is not None:
+                sel = (inputs.image_rows >= a) & (inputs.image_rows < b)
+                x[inputs.image_rows[sel] - a] = inputs.image_embeds[sel]
+            h = self.decoder.forward(x, inputs.positions[..., a:b], cache, a)
+            cache.keys.extend(inputs.keys[a:b])
+            if all_logits:
+                out[a:b] = self.decoder.lm_head(h)
+            elif b == n:
+                last = self.decoder.lm_head(h[-1:])[0]
+        return (out if all_logits else last), start
+
+    def _decode_step(self, token: int, rope_delta: int) -> np.ndarray:
+        """Feed one token at the next cache slot; returns the next-token logits."""
+        pos = len(self.cache.keys)
+        h = self.decoder.forward(self.decoder.embed_tokens(np.array([token])),
+                                 np.array([pos + rope_delta], dtype=np.int64), self.cache, pos)
+        self.cache.keys.append(token)
+        return self.decoder.lm_head(h)[0]
+
+    def logits(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
+               **image_options) -> np.ndarray:
+        """Float32 logits [n_tokens, vocab] for every prompt position, through the generate path."""
+        inputs = self.prepare(prompt, images, raw=raw, **image_options)
+        return self._prefill(inputs, all_logits=True)[0]
+
+    def reset(self) -> None:
+        """Forget the cached conversation (the next prompt is prefilled from scratch)."""
+        self.cache.truncate(0)
+
+    # --- generation --------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
+                 stream: bool = False, raw: bool = False, **image_options) -> GenerationResult | TextStream:
+        """Generate a continuation of `prompt` (a string, chat messages or token ids).
+
+        Returns a `GenerationResult` (.text, .tokens, .stats), or with stream=True a `TextStream`
+        that yields text pieces and holds the result once exhausted. temperature 0 is greedy.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        if isinstance(stop, str):
+            stop = [stop]
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
+        t0 = time.perf_counter()
+        inputs = self.prepare(prompt, images, raw=raw, **image_options)
+        result = GenerationResult("", [], GenerationStats(
+            prompt_tokens=int(inputs.ids.size), images=inputs.images, image_tokens=int(inputs.image_rows.size),
+            vision_encode_s=inputs.vision_encode_s))
+        pieces = self._run(inputs, sampler, max_new_tokens, list(stop), result, t0)
+        if stream:
+            return TextStream(pieces, result)
+        for _ in pieces:
+            pass
+        return result
+
+    def _run(self, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int, stop: list[str],
+             result: GenerationResult, t0: float) -> Iterator[str]:
+        stats = result.stats
+        stats.finish_reason = "interrupted"  # until the loop ends on its own
+        detok = StreamDecoder(self.tokenizer, stop)
+        eos = self.tokenizer.eos_ids
+        history = inputs.ids.tolist()
+        t_prefill = t_decode = time.perf_counter()
+        try:
+            logits, stats.cached_tokens = self._prefill(inputs)
+            t_decode = time.perf_counter()
+            stats.prefill_s = t_decode - t_prefill
+            stats.ttft_s = t_decode - t0
+            while True:
+                token = sampler(logits, history)
+                if token in eos:
+                    stats.finish_reason = "stop"
+                    break
+                result.tokens.append(token)
+                history.append(token)
+                piece = detok.push(token)
+                if piece:
+                    yield piece
+                if detok.stopped:
+                    stats.finish_reason = "stop"
+                    break
+                if len(result.tokens) >= max_new_tokens or len(self.cache.keys) >= self.context:
+                    stats.finish_reason = "length"
+                    break
+                logits = self._decode_step(token, inputs.rope_delta)
+                stats.decode_steps += 1
+            if not detok.stopped:
+                tail = detok.flush()
+                if tail:
+                    yield tail
+        finally:
+            stats.decode_s = time.perf_counter() - t_decode if stats.decode_steps else 0.0
+            stats.generated_tokens = len(result.tokens)
+            stats.peak_memory_mb = peak_memory_mb()
+            result.text = detok.text
+
+    def set_threads(self, threads: int | None) -> None:
+        kernels.set_threads(threads)

@@ -1,0 +1,137 @@
+"""The text decoder of the Llama / Qwen2 architectures (and the language half of every VLM family).
+
+Qwen2 is Llama with q/k/v biases; Qwen2-VL adds M-RoPE (three position axes). One token step
+reads top to bottom in `LlamaModel.forward`: embed -> N x (attention, MLP) -> norm -> head.
+Tensor names are the Hugging Face checkpoint's: `model.layers.N.self_attn.q_proj.weight`...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from vlm.errors import VlmError
+from vlm.models.layers import (
+    Attention,
+    Embedding,
+    GatedMLP,
+    KVCache,
+    Linear,
+    RMSNorm,
+    Weight,
+    rope_inv_freq,
+)
+
+SUPPORTED = ("llama", "qwen2", "mistral")
+
+
+@dataclass
+class TextConfig:
+    """Decoder hyper-parameters, named as in Hugging Face config.json."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    hidden_act: str = "silu"
+    rope_scaling: dict | None = None
+    mrope_section: list[int] | None = None  # Qwen2-VL: half-dim split over (t, h, w)
+    model_type: str = "llama"
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TextConfig:
+        d = dict(d)
+        if d.get("model_type", "llama") not in SUPPORTED:
+            raise VlmError(f"unsupported text architecture {d.get('model_type')!r}; supported: {', '.join(SUPPORTED)}")
+        d.setdefault("num_key_value_heads", d["num_attention_heads"])
+        if d.get("head_dim") is None:
+            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+        if d.get("model_type") == "qwen2":
+            d.setdefault("attention_bias", True)
+        rope = d.get("rope_scaling") or d.get("rope_parameters")
+        if rope:
+            d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+            if rope.get("mrope_section"):
+                d["mrope_section"] = list(rope["mrope_section"])
+            kind = rope.get("rope_type", rope.get("type", "default"))
+            d["rope_scaling"] = rope if kind not in ("default", "mrope") else None
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class DecoderLayer:
+    def __init__(self, self_attn: Attention, mlp: GatedMLP, input_layernorm: RMSNorm,
+                 post_attention_layernorm: RMSNorm):
+        self.self_attn, self.mlp = self_attn, mlp
+        self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
+
+    def __call__(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> np.ndarray:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel:
+    """Decoder-only transformer with a KV cache; `forward` runs one chunk of positions."""
+
+    def __init__(self, config: TextConfig, tensors: Mapping[str, Weight]):
+        self.config = c = config
+
+        def w(name: str) -> Weight:
+            try:
+                return tensors[name]
+            except KeyError:
+                raise VlmError(f"checkpoint is missing tensor {name}") from None
+
+        def linear(name: str) -> Linear:
+            return Linear(w(name + ".weight"), tensors.get(name + ".bias"))
+
+        self.embed_tokens = Embedding(w("model.embed_tokens.weight"))
+        self.layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}."
+            attn = Attention(linear(p + "self_attn.q_proj"), linear(p + "self_attn.k_proj"),
+                             linear(p + "self_attn.v_proj"), linear(p + "self_attn.o_proj"),
+                             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+            mlp = GatedMLP(linear(p + "mlp.gate_proj"), linear(p + "mlp.up_proj"), linear(p + "mlp.down_proj"),
+                           c.hidden_act)
+            self.layers.append(DecoderLayer(attn, mlp, RMSNorm(w(p + "input_layernorm.weight"), c.rms_norm_eps),
+                                            RMSNorm(w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)))
+        self.norm = RMSNorm(w("model.norm.weight"), c.rms_norm_eps)
+        head = tensors.get("lm_head.weight")
+        if head is None or c.tie_word_embeddings:
+            head = self.embed_tokens.weight
+        self.lm_head = Linear(head)
+        self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        # M-RoPE: which position axis (t, h, w) drives each rotary frequency.
+        section = c.mrope_section or [c.head_dim // 2]
+        self.rope_axis = np.repeat(np.arange(len(section)), section)
+
+    def new_cache(self, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_len)
+
+    def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos/sin [n, head_dim] for positions [n] or, with M-RoPE, [3, n]."""
+        if positions.ndim == 1:
+            freqs = positions.astype(np.float64)[:, None] * self.inv_freq
+        else:
+            freqs = positions[self.rope_axis].T.astype(np.float64) * self.inv_freq
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+
+    def forward(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
+        """Run embeddings x [n, hidden] at cache slots start..start+n; returns final-normed hidden [n, hidden]."""
+        cos, sin = self.rope(positions)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.layer(i), start)
+        return self.norm(x)
