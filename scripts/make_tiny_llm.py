@@ -3,8 +3,8 @@
     python scripts/make_tiny_llm.py OUT_DIR [--arch llama|qwen2] [--seed 0]
 
 The tokenizer is a byte-level BPE trained here on a fixed corpus, with ChatML special tokens
-and a ChatML chat template; weights are N(0, 0.08) so the logits are far from flat.
-Needs torch and transformers (dev tools only).
+and a ChatML chat template; weights are N(0, 0.08) so the logits are far from flat. Only
+numpy, safetensors and tokenizers are needed, so tests can build it without torch.
 """
 
 from __future__ import annotations
@@ -28,13 +28,21 @@ CORPUS = [
     "<|im_start|>user\nHello there!<|im_end|>\n<|im_start|>assistant\nHi! How can I help?<|im_end|>",
 ]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2's split rule (its tokenizer.json carries it; transformers re-imposes it for model_type qwen2).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def make_tokenizer(out: Path, vocab_size: int = 384) -> int:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def make_tokenizer(out: Path, vocab_size: int = 384, arch: str = "llama") -> int:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if arch == "qwen2":
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -47,31 +55,50 @@ def make_tokenizer(out: Path, vocab_size: int = 384) -> int:
     return tok.get_vocab_size()
 
 
-def make_tiny_llm(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def make_tiny_llm(out_dir: str | Path, arch: str = "llama", seed: int = 0, std: float = 0.08) -> Path:
+    """Write config.json, model.safetensors and the tokenizer files of a tiny random model."""
+    import numpy as np
+    from safetensors.numpy import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    vocab = make_tokenizer(out)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  eos_token_id=2, bos_token_id=None, pad_token_id=0)
+    vocab = make_tokenizer(out, arch=arch)
+    hidden, inter, layers, heads, kv_heads = 64, 128, 2, 4, 2
+    head_dim = hidden // heads
+    config = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+              "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 512,
+              "hidden_act": "silu", "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32"}
     if arch == "llama":
-        config = LlamaConfig(**common, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+        config.update(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
+                      rope_theta=10000.0, tie_word_embeddings=False)
     elif arch == "qwen2":
-        config = Qwen2Config(**common, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=True)
+        config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6,
+                      rope_theta=1e6, tie_word_embeddings=True)
     else:
         raise SystemExit(f"unknown arch {arch}")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.08)
-    model.save_pretrained(out, safe_serialization=True)
+    rng = np.random.default_rng(seed)
+
+    def normal(*shape: int) -> np.ndarray:
+        return rng.normal(0.0, std, shape).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": normal(vocab, hidden),
+         "model.norm.weight": (1.0 + normal(hidden)).astype(np.float32)}
+    if not config["tie_word_embeddings"]:
+        t["lm_head.weight"] = normal(vocab, hidden)
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        for name, rows in (("q", heads * head_dim), ("k", kv_heads * head_dim), ("v", kv_heads * head_dim)):
+            t[p + f"self_attn.{name}_proj.weight"] = normal(rows, hidden)
+            if arch == "qwen2":
+                t[p + f"self_attn.{name}_proj.bias"] = normal(rows)
+        t[p + "self_attn.o_proj.weight"] = normal(hidden, heads * head_dim)
+        t[p + "mlp.gate_proj.weight"] = normal(inter, hidden)
+        t[p + "mlp.up_proj.weight"] = normal(inter, hidden)
+        t[p + "mlp.down_proj.weight"] = normal(hidden, inter)
+        t[p + "input_layernorm.weight"] = (1.0 + normal(hidden)).astype(np.float32)
+        t[p + "post_attention_layernorm.weight"] = (1.0 + normal(hidden)).astype(np.float32)
+    save_file(t, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     return out
 
 

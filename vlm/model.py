@@ -95,7 +95,9 @@ class Model:
             content = [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]
             messages = [{"role": "user", "content": content if n_images else prompt}]
         else:
-            messages = [dict(m) for m in prompt]
+            if not prompt:
+                raise VlmError("the prompt is empty")
+            messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
         n_parts = 0
         for m in messages:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:

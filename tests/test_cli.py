@@ -1,0 +1,100 @@
+"""The `vlm` command as a user runs it: every bad input gives one clear error line, exit 1."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, input=None):
+    p = subprocess.run([sys.executable, "-m", "vlm.cli", *map(str, args)], capture_output=True, text=True,
+                       input=input, timeout=300)
+    return p.returncode, p.stdout, p.stderr
+
+
+def assert_one_line_error(code, err, needle):
+    assert code == 1, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("vlm: error:"), err
+    assert needle in lines[0], err
+
+
+def test_generate_and_info_on_a_tiny_model(tiny_llm):
+    code, out, err = run("generate", "-m", tiny_llm("llama"), "-p", "Hello", "-n", "5", "--json-stats")
+    assert code == 0, err
+    stats = json.loads(out.strip().splitlines()[-1])
+    assert stats["prompt_tokens"] > 0 and stats["generated_tokens"] <= 5
+    code, out, err = run("info", tiny_llm("qwen2"))
+    assert code == 0 and "qwen2" in out and "chat template: True" in out
+
+
+def test_missing_model():
+    assert_one_line_error(*run("generate", "-m", "/no/such/model", "-p", "hi")[::2], "model not found")
+
+
+def test_not_a_gguf(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"this is not a gguf file at all" * 10)
+    assert_one_line_error(*run("generate", "-m", bad, "-p", "hi")[::2], "GGUF")
+
+
+def test_truncated_gguf(tmp_path, smollm2_gguf):
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(smollm2_gguf.read_bytes()[: 3 << 20])
+    code, _, err = run("generate", "-m", cut, "-p", "hi")
+    assert_one_line_error(code, err, "trunc")
+
+
+def test_corrupt_safetensors(tmp_path, tiny_llm):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llm("llama"), d)
+    data = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_one_line_error(*run("generate", "-m", d, "-p", "hi")[::2], "safetensors")
+
+
+def test_unsupported_architecture(tmp_path, tiny_llm):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llm("llama"), d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(*run("generate", "-m", d, "-p", "hi")[::2], "unsupported architecture 'gpt_neox'")
+
+
+def test_image_for_a_text_model(tmp_path, tiny_llm):
+    img = tmp_path / "notes.txt"
+    img.write_text("not an image")
+    assert_one_line_error(*run("generate", "-m", tiny_llm("llama"), "-p", "hi", "-i", img)[::2], "vision")
+
+
+def test_prompt_longer_than_context(tiny_llm):
+    code, _, err = run("generate", "-m", tiny_llm("llama"), "--ctx", "32", "-p", "word " * 200)
+    assert_one_line_error(code, err, "context holds 32")
+
+
+@pytest.mark.parametrize("flag", [["--top-p", "2"], ["--temperature", "-1"], ["--min-p", "1"], ["-n", "0"]])
+def test_invalid_sampling(flag, tiny_llm):
+    code, _, err = run("generate", "-m", tiny_llm("llama"), "-p", "hi", *flag)
+    assert_one_line_error(code, err, "")
+
+
+def test_convert_refuses_to_overwrite_other_files(tmp_path, tiny_llm):
+    dst = tmp_path / "precious"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("keep me")
+    assert_one_line_error(*run("convert", tiny_llm("llama"), dst)[::2], "refusing")
+    assert (dst / "notes.txt").read_text() == "keep me"
+
+
+def test_convert_then_run(tmp_path, tiny_llm):
+    code, out, err = run("convert", tiny_llm("qwen2"), tmp_path / "q4", "--group-size", "64")
+    assert code == 0, err
+    assert "smaller" in out and "relative RMS" in out
+    code, out, err = run("generate", "-m", tmp_path / "q4", "-p", "Hello", "-n", "3", "-q")
+    assert code == 0, err
