@@ -1,0 +1,103 @@
+"""Teacher-forced top-1 agreement between vlm, llama.cpp and transformers on SmolLM2-135M.
+
+    python scripts/agreement.py [--gguf weights/SmolLM2-135M-Instruct.Q4_1.gguf] [--tokens 64]
+
+Sequences are chat prompts plus llama.cpp's greedy continuation; each runtime scores the
+whole sequence and we count positions where the arg-max next token is the same. llama.cpp
+quantizes activations to 8 bits inside its 4-bit matmuls, so near-ties flip: agreement is
+below 100% even for identical weights. Needs llama-cpp-python (and torch + transformers for
+the transformers rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain in two sentences why the sky is blue.",
+    "List three fruits that are red.",
+    "Translate 'good morning' into French and German.",
+    "What is 17 times 23? Show your work.",
+]
+
+
+def llama_cpp_model(gguf: Path, threads: int = 2):
+    import llama_cpp
+
+    return llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=threads, n_threads_batch=threads, logits_all=True,
+                           verbose=False)
+
+
+def sequences(llm, model, n_tokens: int) -> list[list[int]]:
+    """Each prompt (chat-templated by vlm) followed by llama.cpp's greedy continuation."""
+    out = []
+    for p in PROMPTS:
+        ids = model.tokens([{"role": "user", "content": p}])[0].tolist()
+        cont = []
+        for t in llm.generate(ids, temp=0.0, reset=True):
+            if t == llm.token_eos() or len(cont) >= n_tokens:
+                break
+            cont.append(t)
+        out.append(ids + cont)
+    return out
+
+
+def llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def transformers_logits(hf, ids: list[int]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Share of positions whose arg-max matches, over all sequences."""
+    same = sum(int((x.argmax(-1) == y.argmax(-1)).sum()) for x, y in zip(a, b, strict=True))
+    return same / sum(x.shape[0] for x in a)
+
+
+def main() -> None:
+    import vlm
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: fetched into weights/)")
+    ap.add_argument("--tokens", type=int, default=64, help="continuation length per prompt")
+    ap.add_argument("--no-transformers", action="store_true")
+    args = ap.parse_args()
+    gguf = Path(args.gguf) if args.gguf else vlm.pull("smollm2-135m")
+    llm = llama_cpp_model(gguf)
+    q4 = vlm.load(gguf)
+    f32 = vlm.load(gguf, quantize="f32")
+    seqs = sequences(llm, q4, args.tokens)
+    rows = {"llama.cpp": [llama_cpp_logits(llm, s) for s in seqs],
+            "vlm 4-bit (default)": [q4.logits(s) for s in seqs],
+            "vlm f32": [f32.logits(s) for s in seqs]}
+    if not args.no_transformers:
+        from transformers import AutoModelForCausalLM
+
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).float().eval()
+        rows["transformers f32"] = [transformers_logits(hf, s) for s in seqs]
+    n = sum(len(s) for s in seqs)
+    print(f"{len(seqs)} sequences, {n} positions; top-1 agreement (teacher forced):")
+    names = list(rows)
+    print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for a in names:
+        print(f"| {a} | " + " | ".join(f"{agreement(rows[a], rows[b]):.3f}" for b in names) + " |")
+    ref = rows["vlm f32"]
+    err = max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(rows["vlm 4-bit (default)"], ref,
+                                                                         strict=True))
+    print(f"vlm 4-bit vs vlm f32: max logit error {err:.4f} of the largest logit")
+
+
+if __name__ == "__main__":
+    main()
