@@ -82,7 +82,7 @@ def test_q4_stays_close_to_float(arch_dir):
     _, path = arch_dir
     ids = vlm.load(path).tokenize(PROMPTS[0])
     f = vlm.load(path, quantize="f32").logits(ids)
-    for mode, bound in (("q8", 0.02), ("q4", 0.35)):
+    for mode, bound in (("q8", 0.05), ("q4", 0.35)):  # includes the kernels' 8-bit activations
         q = vlm.load(path, quantize=mode).logits(ids)
         assert np.abs(q - f).max() / np.abs(f).max() < bound, mode
 

@@ -80,15 +80,23 @@ def test_default_4bit_path_stays_close_to_f32(smollm2_gguf, f32, sequence):
     q = vlm.load(smollm2_gguf).logits(sequence)
     a = f32.logits(sequence)
     assert top1(q, a) >= 0.95
-    assert np.abs(q - a).max() <= 0.08 * np.abs(a).max()
+    assert np.abs(q - a).max() <= 0.12 * np.abs(a).max()  # measured 0.077 (8-bit activations)
 
 
 def test_quantizing_the_float_model(smollm2_gguf, sequence):
+    original = read_checkpoint(smollm2_gguf)
     ckpt = read_checkpoint(smollm2_gguf)
     ckpt.tensors = {k: dequantize(w) for k, w in ckpt.tensors.items()}  # the float model transformers sees
     a = build_model(ckpt, "f32").logits(sequence)
     # Asymmetric 4-bit, group 32, lands exactly on Q4_1's grid: the original weights come back.
-    assert np.allclose(build_model(ckpt, "q4").logits(sequence), a, rtol=0, atol=1e-4 * np.abs(a).max())
+    requantized = build_model(ckpt, "q4")
+    for i in (0, 29):
+        for name in ("self_attn.q_proj", "mlp.down_proj"):
+            w = original.tensors[f"model.layers.{i}.{name}.weight"]
+            layer = requantized.decoder.layers[i]
+            got = getattr(layer.self_attn if name.startswith("self") else layer.mlp, name.split(".")[1]).weight
+            assert np.array_equal(got.dequantize(), w.dequantize())
+    assert np.array_equal(requantized.logits(sequence), build_model(original).logits(sequence))
     q8 = build_model(ckpt, "q8").logits(sequence)
     assert top1(q8, a) >= 0.93  # measured 0.96
     assert np.sqrt(np.mean((q8 - a) ** 2)) <= 0.05 * np.sqrt(np.mean(a * a))  # measured 0.03

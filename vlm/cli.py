@@ -1,4 +1,4 @@
-"""The `vlm` command: generate, chat, convert, info, pull."""
+"""The `vlm` command: generate, chat, convert, bench, info, pull."""
 
 from __future__ import annotations
 
@@ -191,6 +191,31 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    try:
+        return [tuple(int(v) for v in s.lower().split("x")) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 448x448,768x1536, got {text!r}") from None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from vlm import bench
+    from vlm.kernels import info
+
+    model = load_model(args)
+    threads = args.threads or info().get("threads", os.cpu_count() or 1)
+    result = bench.run(model, args.prompt_tokens, args.gen_tokens, args.depth, args.image_size, args.reps, threads)
+    print(bench.to_json(result) if args.json else bench.to_markdown(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="vlm", description="On-device vision-language model runtime.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -221,6 +246,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--symmetric", action="store_true", help="symmetric 4-bit (like Q4_0) instead of scale+min")
     p.add_argument("--vision-bits", type=int, default=None, choices=[8, 16, 32])
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("bench", help="measure prefill, decode and vision encode speed")
+    add_model_args(p)
+    p.add_argument("-p", "--prompt-tokens", type=_ints, default=[512], help="prefill sizes (default 512)")
+    p.add_argument("-n", "--gen-tokens", type=_ints, default=[128], help="decode lengths (default 128)")
+    p.add_argument("-d", "--depth", type=_ints, default=[0], help="context depths for decode (default 0)")
+    p.add_argument("--image-size", type=_sizes, default=[(448, 448)], help="vision sizes (default 448x448)")
+    p.add_argument("-r", "--reps", type=int, default=3)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -1,0 +1,144 @@
+"""`vlm bench`: llama-bench-style measurements of the real request path.
+
+pp N   prefill of an N-token prompt (tok/s)
+tg N   N greedy decode steps after a 1-token prompt, or after `depth` tokens of context
+vision encode time per image size, for vision-language models
+Each test runs `reps` times; we report the median and the spread (min..max), peak memory,
+the bytes a decode step reads and the memory-bandwidth limit they imply.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from vlm.generation import peak_memory_mb
+from vlm.model import Model, PromptInputs
+
+
+@dataclass
+class BenchRow:
+    test: str  # "pp512", "tg128", "tg128@d1024", "vision 448x448"
+    unit: str  # "tok/s" or "s"
+    median: float
+    low: float
+    high: float
+    reps: int
+
+
+def _inputs(model: Model, n: int, seed: int = 0) -> PromptInputs:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(100, min(model.decoder.config.vocab_size, 30000), size=n)
+    return PromptInputs(ids, np.arange(n, dtype=np.int64), 0, ids.tolist())
+
+
+def _measure(fn, reps: int) -> list[float]:
+    return [fn() for _ in range(reps)]
+
+
+def bench_prefill(model: Model, n: int, reps: int) -> BenchRow:
+    inputs = _inputs(model, n)
+
+    def once() -> float:
+        model.reset()
+        t = time.perf_counter()
+        model._prefill(inputs)
+        return n / (time.perf_counter() - t)
+
+    return _row(f"pp{n}", "tok/s", _measure(once, reps))
+
+
+def bench_decode(model: Model, n: int, depth: int, reps: int) -> BenchRow:
+    inputs = _inputs(model, max(depth, 1), seed=1)
+
+    def once() -> float:
+        model.reset()
+        logits, _ = model._prefill(inputs)
+        t = time.perf_counter()
+        for _ in range(n):
+            logits = model._decode_step(int(np.argmax(logits)), 0)
+        return n / (time.perf_counter() - t)
+
+    return _row(f"tg{n}" + (f"@d{depth}" if depth else ""), "tok/s", _measure(once, reps))
+
+
+def bench_vision(model: Model, width: int, height: int, reps: int) -> BenchRow:
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    from vlm.image import load_image
+
+    processed = model.family.preprocess(load_image(image))
+
+    def once() -> float:
+        t = time.perf_counter()
+        model.family.encode([processed])
+        return time.perf_counter() - t
+
+    return _row(f"vision {width}x{height} ({processed.n_tokens} tok)", "s", _measure(once, reps))
+
+
+def _row(test: str, unit: str, values: list[float]) -> BenchRow:
+    return BenchRow(test, unit, statistics.median(values), min(values), max(values), len(values))
+
+
+def decode_bytes_per_token(model: Model, depth: int = 0) -> int:
+    """Bytes one decode step must read: every decoder weight, one embedding row, the KV cache so far."""
+    d = model.decoder
+    total = 0
+    for layer in d.layers:
+        a, m = layer.self_attn, layer.mlp
+        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
+            total += int(lin.weight.nbytes)
+    total += int(d.lm_head.weight.nbytes) + int(d.embed_tokens.weight.nbytes) // d.config.vocab_size
+    c = d.config
+    total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * depth
+    return total
+
+
+def memory_bandwidth_gbs(threads: int = 2, mib: int = 512) -> float:
+    """Read bandwidth of this machine: `threads` threads summing disjoint halves of a large array."""
+    a = np.ones(mib << 18, dtype=np.float32)
+    parts = np.array_split(a, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(np.sum, parts))  # touch once
+        best = 0.0
+        for _ in range(3):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = max(best, a.nbytes / (time.perf_counter() - t) / 1e9)
+    return best
+
+
+def run(model: Model, pp: list[int], tg: list[int], depths: list[int], images: list[tuple[int, int]],
+        reps: int, threads: int) -> dict:
+    rows = [bench_prefill(model, n, reps) for n in pp]
+    rows += [bench_decode(model, n, d, reps) for n in tg for d in depths]
+    if model.family is not None:
+        rows += [bench_vision(model, w, h, reps) for w, h in images]
+    peak = peak_memory_mb()  # before the bandwidth probe allocates its own array
+    per_token = decode_bytes_per_token(model)
+    bandwidth = memory_bandwidth_gbs(threads)
+    return {"model": model.info, "threads": threads, "rows": [asdict(r) for r in rows],
+            "decode_bytes_per_token": per_token, "bandwidth_gbs": bandwidth,
+            "decode_limit_tps": bandwidth * 1e9 / per_token, "peak_memory_mb": peak}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"model: {result['model'].get('path')}  threads: {result['threads']}", "",
+             "| test | median | min | max | unit | reps |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [r["test"], f"{r['median']:.2f}", f"{r['low']:.2f}", f"{r['high']:.2f}", r["unit"], str(r["reps"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"decode reads {result['decode_bytes_per_token'] / 1e6:.1f} MB per token; measured bandwidth "
+              f"{result['bandwidth_gbs']:.1f} GB/s -> limit {result['decode_limit_tps']:.0f} tok/s; "
+              f"peak memory {result['peak_memory_mb']:.0f} MiB"]
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=1)
