@@ -1,4 +1,4 @@
-"""The `vlm` command: generate, chat, convert, bench, info, pull."""
+"""The `vlm` command: generate, chat, caption, convert, bench, info, pull."""
 
 from __future__ import annotations
 
@@ -146,6 +146,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         print(_dim(last.summary()))
 
 
+def cmd_caption(args: argparse.Namespace) -> int:
+    from vlm.caption import caption
+
+    model = load_model(args)
+    opts = sampling_options(args)
+    summary = caption(model, args.source, args.output, prompt=args.prompt, batch=args.batch,
+                      progress=not args.quiet, **opts)
+    print(summary.text(), file=sys.stderr)
+    for path, err in summary.failed:
+        print(f"  failed: {path}: {err}", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     from vlm.convert import convert
 
@@ -237,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--image", action="append", default=[], help="image for the first message (repeatable)")
     p.add_argument("-s", "--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("caption", help="caption a folder, glob or list of images into JSONL or CSV")
+    add_model_args(p)
+    add_sampling_args(p)
+    p.set_defaults(max_tokens=64)
+    p.add_argument("source", help="folder (recursive), glob pattern, or text file with one image path a line")
+    p.add_argument("-o", "--output", required=True, help="results file: .jsonl or .csv (appended; re-runs resume)")
+    p.add_argument("--prompt", default="Describe this image in one sentence.")
+    p.add_argument("-b", "--batch", type=int, default=4, help="images per vision-encoder pass (default 4)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_caption)
 
     p = sub.add_parser("convert", help="convert and quantize a model into vlm's format")
     p.add_argument("src")

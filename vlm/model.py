@@ -125,7 +125,7 @@ class Model:
         images = list(images or [])
         if images and self.family is None:
             raise VlmError("this model has no vision encoder; it cannot take images")
-        processed = [self.family.preprocess(load_image(im), **image_options) for im in images]
+        processed = [self.preprocess(im, **image_options) for im in images]
         if isinstance(prompt, str) and (raw or not self.tokenizer.chat_template):
             text, add_bos = prompt, None
             if processed:
@@ -149,6 +149,16 @@ class Model:
         if ids.min() < 0 or ids.max() >= self.decoder.config.vocab_size:
             raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
         return ids, processed
+
+    def preprocess(self, image, **image_options):
+        """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
+        if hasattr(image, "digest") and hasattr(image, "n_tokens"):
+            return image
+        return self.family.preprocess(load_image(image), **image_options)
+
+    def encode_images(self, images: Sequence) -> None:
+        """Encode images ahead of use, all new ones in one batched pass (they land in the image cache)."""
+        self._encode_images([self.preprocess(im) for im in images])
 
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
                 **image_options) -> PromptInputs:
