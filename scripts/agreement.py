@@ -83,9 +83,10 @@ def main() -> None:
             "vlm 4-bit (default)": [q4.logits(s) for s in seqs],
             "vlm f32": [f32.logits(s) for s in seqs]}
     if not args.no_transformers:
+        import torch
         from transformers import AutoModelForCausalLM
 
-        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name).float().eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
         rows["transformers f32"] = [transformers_logits(hf, s) for s in seqs]
     n = sum(len(s) for s in seqs)
     print(f"{len(seqs)} sequences, {n} positions; top-1 agreement (teacher forced):")

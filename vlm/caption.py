@@ -75,7 +75,7 @@ class ResultWriter:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-        self.f = open(output, "a", encoding="utf-8", newline="")
+        self.f = open(output, "a", encoding="utf-8", newline="")  # noqa: SIM115 (held across many writes)
         self.writer = csv.DictWriter(self.f, fieldnames=CSV_FIELDS) if self.csv else None
         if self.csv and new:
             self.writer.writeheader()

@@ -1,24 +1,122 @@
-"""Native kernels (C, built by the package build) behind a small Python surface.
+"""Native kernels (the C extension `vlm.kernels._native`, built by setup.py) behind a small surface.
 
-Until the C extension is built this module offers nothing (`prepare` returns None), and
-every layer uses the numpy reference path.
+`prepare(weight)` repacks a weight once, at load, into the kernels' layout and returns an opaque
+handle (None when the kernels don't handle that weight, so the caller keeps numpy);
+`linear(x, handle)` then computes x @ W.T for float32 x [..., cols] -> [..., rows].
+
+Handled: `QuantizedWeight` (4-bit asymmetric and symmetric, 8-bit symmetric; groups of 32, 64,
+128) and `HalfWeight` (fp16, bf16). Plain float32 matrices stay with numpy's BLAS.
+
+Knobs, each also settable from the environment at import:
+
+- path: the instruction-set variant, best the CPU supports by default ("avx512" needs
+  AVX-512 F/BW/VL/DQ/VNNI; "avx2" needs AVX2/FMA/F16C; "portable" is plain C).
+  `set_path(name)`; VLM_KERNEL=portable|avx2|avx512.
+- mode: activations of quantized matmuls. "int8" (default) quantizes x per run of 32 values
+  to int8 on the fly, as llama.cpp does, and uses integer dot products; "float" keeps x in
+  float32, which matches `QuantizedWeight.dequantize()`-based numpy to float rounding.
+  `set_mode(name)`; VLM_KERNEL_MODE=int8|float.
+- threads: a persistent pool, all usable cores by default. `set_threads(n)`.
+
+VLM_NO_KERNELS=1 disables the extension. If it is missing or fails to load, one warning is
+issued, AVAILABLE is False and every layer uses the numpy reference path.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import warnings
+
 import numpy as np
 
-AVAILABLE = False
+from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight
+
+MODES = ("int8", "float")
+
+_native = None
+if os.environ.get("VLM_NO_KERNELS", "0") in ("", "0"):
+    try:
+        _native = importlib.import_module("vlm.kernels._native")
+    except ImportError as e:  # not built, or built for another platform
+        warnings.warn(f"vlm: native kernels unavailable ({e}); using numpy", RuntimeWarning, stacklevel=2)
+AVAILABLE = _native is not None
+
+
+def default_threads() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def prepare(weight) -> object | None:
     """Repack `weight` into the kernel's layout; None when no kernel handles it."""
+    if not AVAILABLE:
+        return None
+    if isinstance(weight, QuantizedWeight):
+        if weight.group_size not in GROUP_SIZES or (weight.bits == 8 and not weight.symmetric):
+            return None
+        return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.bits, weight.group_size,
+                                  weight.symmetric)
+    if isinstance(weight, HalfWeight) and weight.data.ndim == 2:
+        return _native.pack_float(weight.data, weight.kind)
     return None
 
 
-def linear(x: np.ndarray, packed: object) -> np.ndarray:
+def _unavailable(x: np.ndarray, packed: object) -> np.ndarray:
     raise RuntimeError("no native kernels")
 
 
+# The C function itself: it runs ~200 times per decoded token, so no Python wrapper.
+linear = _native.linear if AVAILABLE else _unavailable
+
+
 def set_threads(n: int | None) -> None:
-    """Threads used by the kernels (None: all cores)."""
+    """Threads used by the kernels, the calling thread included (None: all usable cores)."""
+    if AVAILABLE:
+        _native.set_threads(default_threads() if n is None else int(n))
+
+
+def paths() -> list[str]:
+    """Kernel paths this CPU can run, best first."""
+    return _native.supported_paths() if AVAILABLE else []
+
+
+def set_path(name: str | None) -> None:
+    """Force a kernel path ("portable", "avx2", "avx512"); None picks the best supported."""
+    if AVAILABLE:
+        _native.set_path(paths()[0] if name is None else name)
+
+
+def set_mode(mode: str) -> None:
+    """Activation precision for quantized weights: "int8" (fast) or "float" (exact)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if AVAILABLE:
+        _native.set_int8(mode == "int8")
+
+
+def info() -> dict:
+    """What the kernels run with: available, path, mode, threads, paths the CPU supports."""
+    if not AVAILABLE:
+        return {"available": False, "path": None, "mode": None, "threads": 1, "paths": []}
+    return {
+        "available": True,
+        "path": _native.get_path(),
+        "mode": "int8" if _native.get_int8() else "float",
+        "threads": _native.get_threads(),
+        "paths": paths(),
+    }
+
+
+if AVAILABLE:
+    set_threads(None)
+    try:
+        if os.environ.get("VLM_KERNEL"):
+            set_path(os.environ["VLM_KERNEL"])
+        if os.environ.get("VLM_KERNEL_MODE"):
+            set_mode(os.environ["VLM_KERNEL_MODE"])
+    except ValueError as e:
+        warnings.warn(f"vlm: ignoring kernel setting from the environment: {e}", RuntimeWarning, stacklevel=2)
