@@ -126,19 +126,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(f"unknown command {cmd}; /help lists them")
             continue
         dropped = chat.dropped_turns
+        stream = None
         try:
             stream = chat.send(line, images=pending_images, stream=True)
-        except VlmError as e:
-            print(f"error: {e}")
-            continue
-        pending_images = []
-        if chat.dropped_turns > dropped:
-            print(_dim(f"[context full: dropped the {chat.dropped_turns - dropped} oldest turn(s)]"))
-        try:
+            pending_images = []
+            if chat.dropped_turns > dropped:
+                print(_dim(f"[context full: dropped the {chat.dropped_turns - dropped} oldest turn(s)]"))
             for piece in stream:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+        except VlmError as e:
+            print(f"error: {e}")
+            continue
         except KeyboardInterrupt:
+            if stream is None:
+                print(" [cancelled]")
+                continue
             stream.close()
             sys.stdout.write(" [stopped]")
         print()

@@ -1,0 +1,93 @@
+"""`vlm chat` driven in a pseudo-terminal as a user would, and the Python Chat object."""
+
+import json
+import sys
+
+import pytest
+
+import vlm
+
+pexpect = pytest.importorskip("pexpect")
+
+
+def spawn(*args, timeout=120):
+    child = pexpect.spawn(sys.executable, ["-m", "vlm.cli", "chat", *map(str, args)], encoding="utf-8",
+                          timeout=timeout, dimensions=(40, 200))
+    child.expect("/help for commands")
+    return child
+
+
+def test_chat_session_commands(tiny_llm, tmp_path):
+    child = spawn("-m", tiny_llm("llama"), "-n", "8")
+    child.expect("> ")
+    child.sendline("/help")
+    child.expect("/image PATH")
+    child.sendline("/stats")
+    child.expect("no answer yet")
+    child.sendline("Hello there!")
+    child.expect(r"prompt \d+ tok \| prefill [\d.]+ tok/s \| decode [\d.]+ tok/s \| first token")
+    child.sendline("And again?")
+    child.expect(r"prompt \d+ tok \((\d+) cached\)")  # the first turn was reused from the KV cache
+    assert int(child.match.group(1)) > 10
+    child.sendline(f"/save {tmp_path / 't.json'}")
+    child.expect("saved")
+    child.sendline("/image /no/such.png")
+    child.expect("image not found")
+    child.sendline("/reset")
+    child.expect("conversation cleared")
+    child.sendline("Hi")
+    child.expect(r"prompt (\d+) tok \|")  # nothing cached after /reset
+    child.sendline("/bogus")
+    child.expect("unknown command")
+    child.sendeof()
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert [m["role"] for m in saved["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert saved["messages"][0]["content"] == "Hello there!"
+
+
+def test_ctrl_c_stops_the_answer_not_the_session(smollm2_gguf):
+    child = spawn("-m", smollm2_gguf, "-n", "4000", "--ctx", "4096")
+    child.expect("> ")
+    child.sendline("Write a very long story about a dragon who learns to paint, with many chapters.")
+    child.expect("chapters\\.\r\n")  # our line echoed; what follows is the answer
+    child.expect(r"\w+ \w+ \w+")  # the answer is streaming
+    child.sendintr()
+    child.expect(r"\[stopped\]")
+    child.expect(r"decode [\d.]+ tok/s")
+    child.expect("> ")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+
+
+def test_context_overflow_drops_oldest_turns(tiny_llm):
+    child = spawn("-m", tiny_llm("llama"), "-n", "8", "--ctx", "96")
+    for i in range(6):
+        child.expect("> ")
+        child.sendline(f"Message number {i} with several words in it.")
+    child.expect(r"context full: dropped the \d+ oldest turn")
+    child.expect(r"decode [\d.]+ tok/s")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+
+
+def test_chat_object_keeps_history_and_cache(tiny_llm, tmp_path):
+    model = vlm.load(tiny_llm("qwen2"))
+    chat = vlm.Chat(model, system="Be brief.", max_new_tokens=6)
+    first = chat.send("Hello")
+    second = chat.send("More?")
+    assert second.stats.cached_tokens > first.stats.prompt_tokens - 2
+    roles = [m["role"] for m in chat.messages()]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    stream = chat.send("Streamed?", stream=True)
+    text = "".join(stream)
+    assert chat.messages()[-1] == {"role": "assistant", "content": text}
+    chat.save(tmp_path / "c.json")
+    assert json.loads((tmp_path / "c.json").read_text())["system"] == "Be brief."
+    chat.reset()
+    assert chat.messages() == [{"role": "system", "content": "Be brief."}]
+    assert chat.send("Hi").stats.cached_tokens == 0
