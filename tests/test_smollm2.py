@@ -100,3 +100,15 @@ def test_quantizing_the_float_model(smollm2_gguf, sequence):
     q8 = build_model(ckpt, "q8").logits(sequence)
     assert top1(q8, a) >= 0.93  # measured 0.96
     assert np.sqrt(np.mean((q8 - a) ** 2)) <= 0.05 * np.sqrt(np.mean(a * a))  # measured 0.03
+
+
+def test_chat_template_renders_as_llama_cpp(smollm2_gguf, f32):
+    pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = f32.tokenizer.chat_template
+    fmt = Jinja2ChatFormatter(template, eos_token="<|im_end|>", bos_token="<|im_start|>")
+    conversation = MESSAGES + [{"role": "assistant", "content": "Rayleigh scattering."},
+                               {"role": "user", "content": "Und auf Deutsch? ½ ∑ 🙂"}]
+    for messages in (MESSAGES, conversation, [{"role": "system", "content": "Be terse."}, *MESSAGES]):
+        assert f32.render(messages) == fmt(messages=messages).prompt

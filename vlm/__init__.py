@@ -17,7 +17,7 @@ from vlm.generation import GenerationResult, GenerationStats, TextStream
 from vlm.image import ImageInput
 from vlm.loader import load
 from vlm.model import Model, Prompt
-from vlm.pull import pull
+from vlm.registry import pull
 
 __version__ = "0.1.0"
 __all__ = ["Chat", "GenerationResult", "GenerationStats", "Model", "TextStream", "VlmError", "generate", "load", "pull"]

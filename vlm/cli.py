@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vlm.errors import VlmError
-from vlm.pull import DEFAULT_MODEL, KNOWN_MODELS
+from vlm.registry import DEFAULT_MODEL, KNOWN_MODELS
 
 HELP_CHAT = """commands:
   /image PATH   attach an image to your next message
@@ -174,7 +174,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from vlm.formats.checkpoint import read_checkpoint
-    from vlm.pull import resolve
+    from vlm.registry import resolve
 
     ckpt = read_checkpoint(resolve(args.model))
     kinds: dict[str, int] = {}
@@ -201,7 +201,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from vlm.pull import pull
+    from vlm.registry import pull
 
     print(pull(args.name))
     return 0

@@ -12,7 +12,7 @@ from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX, read_checkpoint
 from vlm.formats.native import write_native
 from vlm.loader import prepare_tensors
-from vlm.pull import resolve
+from vlm.registry import resolve
 
 
 @dataclass

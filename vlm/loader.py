@@ -15,8 +15,8 @@ from vlm.model import Model
 from vlm.models.layers import Weight, dequantize
 from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
 from vlm.models.llama import LlamaModel, TextConfig
-from vlm.pull import resolve
 from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight, can_quantize, quantize, relative_rms_error
+from vlm.registry import resolve
 
 QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
 VISION_MODES = (None, "f32", "f16", "q8")
