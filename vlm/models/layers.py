@@ -194,13 +194,6 @@ def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 # --- attention ---------------------------------------------------------------------------
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    x = x - x.max(axis=-1, keepdims=True)
-    np.exp(x, out=x)
-    x /= x.sum(axis=-1, keepdims=True)
-    return x
-
-
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int | None) -> np.ndarray:
     """Scaled dot-product attention with grouped KV heads.
 
@@ -210,13 +203,16 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int | Non
     h, n, d = q.shape
     h_kv, t, _ = k.shape
     g = h // h_kv
-    qg = q.reshape(h_kv, g * n, d)
-    scores = (qg @ k.transpose(0, 2, 1)) * (1.0 / math.sqrt(d))  # [h_kv, g*n, t]
+    # Scale q (n*d values) rather than the scores (n*t), and normalise after p @ v (n*d again).
+    qg = (q * np.float32(1.0 / math.sqrt(d))).reshape(h_kv, g * n, d)
+    scores = qg @ k.transpose(0, 2, 1)  # [h_kv, g*n, t]
     if causal_offset is not None and n > 1:
-        scores = scores.reshape(h_kv, g, n, t)
-        allowed = np.arange(t)[None, :] <= (causal_offset + np.arange(n))[:, None]
-        scores = np.where(allowed, scores, -np.inf).reshape(h_kv, g * n, t)
-    out = softmax(scores) @ v  # [h_kv, g*n, d]
+        s4 = scores.reshape(h_kv, g, n, t)
+        s4[..., np.arange(t)[None, :] > (causal_offset + np.arange(n))[:, None]] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    out = scores @ v  # [h_kv, g*n, d]
+    out /= scores.sum(axis=-1, keepdims=True)
     return out.reshape(h, n, d)
 
 
