@@ -36,3 +36,16 @@ def smollm2_gguf() -> Path:
         return pull("smollm2-135m", quiet=True)
     except VlmError as e:
         pytest.skip(f"SmolLM2 weights unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random SmolVLM (Idefics3) checkpoint; its tokenizer comes from SmolLM2's GGUF."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")  # transformers reads SmolLM2's tokenizer from the GGUF with it
+    import torch
+    from make_tiny_smolvlm import make_tiny_smolvlm
+
+    torch.set_num_threads(1)
+    return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm"))

@@ -91,3 +91,28 @@ def test_chat_object_keeps_history_and_cache(tiny_llm, tmp_path):
     chat.reset()
     assert chat.messages() == [{"role": "system", "content": "Be brief."}]
     assert chat.send("Hi").stats.cached_tokens == 0
+
+
+def test_image_turns_encode_each_image_once(tiny_smolvlm, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("one.png", "two.png"):
+        Image.fromarray(rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(tmp_path / name)
+    child = spawn("-m", tiny_smolvlm, "-n", "4", "--image", tmp_path / "one.png")
+    child.expect("> ")
+    child.sendline("What is in this picture?")
+    child.expect(r"vision [\d.]+ s \(1 img encoded\) \| 1 img = \d+ tok")
+    child.expect("> ")
+    child.sendline(f"/image {tmp_path / 'two.png'}")
+    child.expect("attached")
+    child.sendline("And in this one?")
+    child.expect(r"vision [\d.]+ s \(1 img encoded\) \| 2 img = \d+ tok")  # only the new image is encoded
+    child.expect("> ")
+    child.sendline("Compare them.")
+    child.expect(r"first token [\d.]+ s \| 2 img = \d+ tok")  # nothing encoded this turn
+    child.sendline(f"/image {tmp_path / 'missing.png'}")
+    child.expect("image not found")
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)

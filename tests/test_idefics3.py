@@ -48,18 +48,8 @@ IMAGES = {
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")  # transformers reads SmolLM2's tokenizer from the GGUF with it
-    import torch
-    from make_tiny_smolvlm import GGUF, make_tiny_smolvlm
-
-    if not GGUF.is_file():
-        pytest.skip(f"{GGUF} not present (see weights/README.md)")
-
-    torch.set_num_threads(1)
-    return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm"))
+def tiny(tiny_smolvlm):
+    return tiny_smolvlm
 
 
 def _family(path: Path, convert=None, **kwargs) -> Idefics3Family:

@@ -90,6 +90,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     images: int = 0
+    images_encoded: int = 0  # the rest came from the image-embedding cache
     image_tokens: int = 0
     vision_encode_s: float = 0.0
     peak_memory_mb: float = 0.0
@@ -114,8 +115,10 @@ class GenerationStats:
         parts = [f"prompt {self.prompt_tokens} tok" + (f" ({self.cached_tokens} cached)" if self.cached_tokens else ""),
                  f"prefill {self.prefill_tps:.1f} tok/s", f"decode {self.decode_tps:.1f} tok/s",
                  f"first token {self.ttft_s:.2f} s"]
+        if self.images_encoded:
+            parts.append(f"vision {self.vision_encode_s:.2f} s ({self.images_encoded} img encoded)")
         if self.images:
-            parts.append(f"vision {self.vision_encode_s:.2f} s ({self.images} img, {self.image_tokens} tok)")
+            parts.append(f"{self.images} img = {self.image_tokens} tok")
         parts.append(f"peak {self.peak_memory_mb:.0f} MiB")
         return " | ".join(parts)
 

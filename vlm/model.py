@@ -59,6 +59,7 @@ class PromptInputs:
     image_embeds: np.ndarray | None = None  # [n_image_tokens, hidden] in prompt order
     image_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     images: int = 0
+    images_encoded: int = 0  # images that went through the encoder (others came from the image cache)
     vision_encode_s: float = 0.0
 
 
@@ -176,7 +177,7 @@ class Model:
         if rows.size != expected:
             raise VlmError(f"prompt has {rows.size} image tokens but the images need {expected}")
         t0 = time.perf_counter()
-        embeds = self._encode_images(processed)
+        embeds, encoded = self._encode_images(processed)
         vision_s = time.perf_counter() - t0
         k = 0
         for p in processed:
@@ -184,10 +185,12 @@ class Model:
                 keys[rows[k]] = (p.digest, j)
                 k += 1
         positions, rope_delta = self.family.positions(ids, processed)
-        return PromptInputs(ids, positions, rope_delta, keys, np.concatenate(embeds), rows, len(processed), vision_s)
+        return PromptInputs(ids, positions, rope_delta, keys, np.concatenate(embeds), rows, len(processed), encoded,
+                            vision_s)
 
-    def _encode_images(self, processed: list) -> list[np.ndarray]:
-        """Embeddings of each image; new images go through the encoder together in one batch."""
+    def _encode_images(self, processed: list) -> tuple[list[np.ndarray], int]:
+        """Embeddings of each image (new ones through the encoder together, in one batch) and
+        how many were encoded."""
         todo = [p for p in processed if p.digest not in self._image_cache]
         unique = list({p.digest: p for p in todo}.values())
         if unique:
@@ -199,7 +202,7 @@ class Model:
             out.append(self._image_cache[p.digest])
         while len(self._image_cache) > IMAGE_CACHE_ENTRIES:
             self._image_cache.popitem(last=False)
-        return out
+        return out, len(unique)
 
     # --- running the decoder -----------------------------------------------------------------
 
@@ -266,8 +269,8 @@ class Model:
         t0 = time.perf_counter()
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
         result = GenerationResult("", [], GenerationStats(
-            prompt_tokens=int(inputs.ids.size), images=inputs.images, image_tokens=int(inputs.image_rows.size),
-            vision_encode_s=inputs.vision_encode_s))
+            prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
+            image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s))
         pieces = self._run(inputs, sampler, max_new_tokens, list(stop), result, t0)
         if stream:
             return TextStream(pieces, result)
