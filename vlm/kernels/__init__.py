@@ -12,10 +12,16 @@ Knobs, each also settable from the environment at import:
 - path: the instruction-set variant, best the CPU supports by default ("avx512" needs
   AVX-512 F/BW/VL/DQ/VNNI; "avx2" needs AVX2/FMA/F16C; "portable" is plain C).
   `set_path(name)`; VLM_KERNEL=portable|avx2|avx512.
-- mode: activations of quantized matmuls. "int8" (default) quantizes x per run of 32 values
-  to int8 on the fly, as llama.cpp does, and uses integer dot products; "float" keeps x in
-  float32, which matches `QuantizedWeight.dequantize()`-based numpy to float rounding.
-  `set_mode(name)`; VLM_KERNEL_MODE=int8|float.
+- mode: the activations of quantized matmuls. int8 activations are x rounded per run of 32
+  values to d * q (d = max|x| / 127, q int8) on the fly, as llama.cpp does, and multiplied
+  with integer dot products; float activations match `QuantizedWeight.dequantize()`-based
+  numpy to float rounding.
+  "w4a8" (default): int8 activations for 4-bit weights, float for 8-bit ones. 8-bit weights
+    are the output head (whose logits are what parity is judged on) and whatever was quantized
+    for accuracy; their decode GEMV is bound by memory, so float costs no decode speed.
+  "int8": int8 activations for every quantized weight (an 8-bit GEMM is ~3x faster so).
+  "float": float activations everywhere.
+  `set_mode(name)`; VLM_KERNEL_MODE=w4a8|int8|float.
 - threads: a persistent pool, all usable cores by default. `set_threads(n)`.
 
 VLM_NO_KERNELS=1 disables the extension. If it is missing or fails to load, one warning is
@@ -32,7 +38,7 @@ import numpy as np
 
 from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight
 
-MODES = ("int8", "float")
+MODES = ("w4a8", "int8", "float")  # the order of module.c's enum
 
 _native = None
 if os.environ.get("VLM_NO_KERNELS", "0") in ("", "0"):
@@ -61,7 +67,7 @@ def prepare(weight) -> object | None:
         return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.bits, weight.group_size,
                                   weight.symmetric)
     if isinstance(weight, HalfWeight) and weight.data.ndim == 2:
-        return _native.pack_float(weight.data, weight.kind)
+        return _native.pack_half(weight.data, weight.kind)
     return None
 
 
@@ -91,11 +97,11 @@ def set_path(name: str | None) -> None:
 
 
 def set_mode(mode: str) -> None:
-    """Activation precision for quantized weights: "int8" (fast) or "float" (exact)."""
+    """Activations of quantized matmuls: "w4a8", "int8" or "float" (see the module docstring)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if AVAILABLE:
-        _native.set_int8(mode == "int8")
+        _native.set_mode(MODES.index(mode))
 
 
 def info() -> dict:
@@ -105,7 +111,7 @@ def info() -> dict:
     return {
         "available": True,
         "path": _native.get_path(),
-        "mode": "int8" if _native.get_int8() else "float",
+        "mode": MODES[_native.get_mode()],
         "threads": _native.get_threads(),
         "paths": paths(),
     }

@@ -1,0 +1,272 @@
+"""Native kernels against the numpy reference (`QuantizedWeight.dequantize()` / `HalfWeight`).
+
+Tolerances (per output element, W the dequantized matrix):
+- float mode: |y - x @ W.T| <= 1e-5 * (|x| @ M.T), where M bounds the magnitude of what the
+  kernel sums: |W|, or |d| q + |m| for asymmetric 4-bit (it adds d * sum(q x) and m * sum(x)).
+- int8 activations ("int8" mode; "w4a8" for 4-bit weights): x is rounded per run of 32 to
+  d * q with d = max|x| / 127, so
+  |y - x @ W.T| <= sum over runs of d / 2 * sum(|W|) (plus the float bound above); and against
+  a numpy emulation of the same rounding the result must agree to the float bound.
+Float sums are not required to be bit-exact across paths or thread counts, but one panel is
+always computed by one thread, so threads 1 and 2 give identical bits.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+
+from vlm import kernels
+from vlm.models.layers import Linear
+from vlm.quant import HalfWeight, QuantizedWeight, quantize, unpack_nibbles
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="native kernels not built")
+
+QUANT_KINDS = [(4, False), (4, True), (8, True)]  # q4_asym, q4_sym, q8
+GROUPS = [32, 64, 128]
+NS = [1, 3, 17, 64, 300]
+FLOAT_TOL = 1e-5
+
+
+@pytest.fixture(params=kernels.paths() or ["none"])
+def path(request):
+    """Each dispatch path this CPU supports, forced in turn; settings restored afterwards."""
+    before = kernels.info()
+    kernels.set_path(request.param)
+    yield request.param
+    kernels.set_path(before["path"])
+    kernels.set_mode(before["mode"])
+    kernels.set_threads(before["threads"])
+
+
+def rng_for(*key) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(repr(key).encode()))
+
+
+def make_quant(rows: int, cols: int, bits: int, sym: bool, group: int) -> QuantizedWeight:
+    w = rng_for(rows, cols, bits, sym, group).standard_normal((rows, cols)).astype(np.float32) * 0.05
+    return quantize(w, bits, group, sym)
+
+
+def magnitude(qw: QuantizedWeight) -> np.ndarray:
+    """Elementwise bound on the terms the kernels add up (see the module docstring)."""
+    if qw.bits == 4 and not qw.symmetric:
+        rows, cols = qw.shape
+        q = unpack_nibbles(qw.qweight).astype(np.float64).reshape(rows, -1, qw.group_size)
+        d = np.abs(qw.scales.astype(np.float64))[..., None]
+        m = np.abs(qw.mins.astype(np.float64))[..., None]
+        return (d * q + m).reshape(rows, cols)
+    return np.abs(qw.dequantize().astype(np.float64))
+
+
+def quantize_activations(x: np.ndarray) -> np.ndarray:
+    """numpy emulation of the kernels' int8 rounding, returned dequantized (float64)."""
+    runs = x.reshape(x.shape[0], -1, 32)
+    amax = np.abs(runs).max(axis=-1, keepdims=True)
+    d = amax / np.float32(127)
+    inv = np.divide(np.float32(127), amax, out=np.zeros_like(amax), where=amax > 0)
+    q = np.rint(runs * inv)
+    return (q.astype(np.float64) * d.astype(np.float64)).reshape(x.shape)
+
+
+def run_step_bound(x: np.ndarray, w_abs: np.ndarray) -> np.ndarray:
+    """sum over runs of (d / 2) * sum |W| over the run: the int8 rounding error bound."""
+    runs = np.abs(x.astype(np.float64)).reshape(x.shape[0], -1, 32)
+    half_step = runs.max(axis=-1) / 127 / 2  # [n, runs]
+    w_runs = w_abs.reshape(w_abs.shape[0], -1, 32).sum(axis=-1)  # [rows, runs]
+    return half_step @ w_runs.T
+
+
+def activations(n: int, cols: int) -> np.ndarray:
+    x = rng_for(n, cols).standard_normal((n, cols)).astype(np.float32)
+    x[:, 5] *= 20.0  # an outlier feature, as real activations have
+    return x
+
+
+def assert_within(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, what: str) -> None:
+    err = np.abs(y.astype(np.float64) - ref)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound), f"{what}: error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}"
+
+
+SHAPES = [(37, 256), (16, 128), (64, 384), (1, 128)]
+
+
+@pytest.mark.parametrize("bits,sym", QUANT_KINDS, ids=["q4_asym", "q4_sym", "q8"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_quantized_float_mode(path, bits, sym, group):
+    kernels.set_mode("float")
+    for rows, cols in SHAPES:
+        qw = make_quant(rows, cols, bits, sym, group)
+        handle = kernels.prepare(qw)
+        w = qw.dequantize().astype(np.float64)
+        mag = magnitude(qw)
+        for n in NS:
+            x = activations(n, cols)
+            y = kernels.linear(x, handle)
+            assert y.shape == (n, rows) and y.dtype == np.float32
+            bound = FLOAT_TOL * (np.abs(x.astype(np.float64)) @ mag.T) + 1e-30
+            assert_within(y, x.astype(np.float64) @ w.T, bound, f"{qw.kind} g{group} {rows}x{cols} n={n}")
+
+
+@pytest.mark.parametrize("bits,sym", QUANT_KINDS, ids=["q4_asym", "q4_sym", "q8"])
+@pytest.mark.parametrize("group", GROUPS)
+def test_quantized_int8_mode(path, bits, sym, group):
+    kernels.set_mode("int8")
+    for rows, cols in SHAPES:
+        qw = make_quant(rows, cols, bits, sym, group)
+        handle = kernels.prepare(qw)
+        w = qw.dequantize().astype(np.float64)
+        mag = magnitude(qw)
+        for n in NS:
+            x = activations(n, cols)
+            y = kernels.linear(x, handle)
+            what = f"{qw.kind} g{group} {rows}x{cols} n={n}"
+            xq = quantize_activations(x)
+            float_bound = FLOAT_TOL * (np.abs(xq) @ mag.T) + 1e-30
+            assert_within(y, xq @ w.T, float_bound, what + " vs emulated int8")
+            bound = run_step_bound(x, np.abs(w)) * (1 + 1e-4) + FLOAT_TOL * (np.abs(x.astype(np.float64)) @ mag.T)
+            assert_within(y, x.astype(np.float64) @ w.T, bound, what + " vs exact")
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_half_weights(path, kind):
+    for rows, cols in [(37, 100), (16, 128), (5, 3)]:
+        w = rng_for(rows, cols, kind).standard_normal((rows, cols)).astype(np.float32)
+        hw = HalfWeight(w.astype(np.float16)) if kind == "f16" else \
+            HalfWeight((w.view(np.uint32) >> 16).astype(np.uint16), bf16=True)
+        handle = kernels.prepare(hw)
+        ref_w = hw.dequantize().astype(np.float64)
+        for n in NS:
+            x = rng_for(n, cols).standard_normal((n, cols)).astype(np.float32)
+            bound = FLOAT_TOL * (np.abs(x.astype(np.float64)) @ np.abs(ref_w).T) + 1e-30
+            assert_within(kernels.linear(x, handle), x.astype(np.float64) @ ref_w.T, bound, f"{kind} n={n}")
+
+
+def test_w4a8_mode_picks_per_weight():
+    """w4a8: 4-bit weights get int8 activations, 8-bit weights float ones."""
+    x = activations(5, 256)
+    for bits, sym in QUANT_KINDS:
+        handle = kernels.prepare(make_quant(33, 256, bits, sym, 32))
+        out = {}
+        for mode in kernels.MODES:
+            kernels.set_mode(mode)
+            out[mode] = kernels.linear(x, handle)
+        np.testing.assert_array_equal(out["w4a8"], out["int8" if bits == 4 else "float"])
+        assert not np.array_equal(out["int8"], out["float"])
+    kernels.set_mode("w4a8")
+
+
+@pytest.mark.parametrize("mode", kernels.MODES)
+def test_threads_give_identical_results(path, mode):
+    kernels.set_mode(mode)
+    for bits, sym in QUANT_KINDS:
+        qw = make_quant(1000, 256, bits, sym, 64)  # enough panels for several units
+        handle = kernels.prepare(qw)
+        for n in (1, 3, 64):
+            x = activations(n, 256)
+            kernels.set_threads(1)
+            one = kernels.linear(x, handle)
+            kernels.set_threads(2)
+            two = kernels.linear(x, handle)
+            np.testing.assert_array_equal(one, two)
+
+
+def test_paths_agree():
+    """Every path computes the same int8 rounding, so they differ only by float summation order."""
+    qw = make_quant(50, 256, 4, False, 32)
+    handle = kernels.prepare(qw)
+    x = activations(9, 256)
+    before = kernels.info()
+    outs = []
+    for p in kernels.paths():
+        kernels.set_path(p)
+        outs.append(kernels.linear(x, handle))
+    kernels.set_path(before["path"])
+    for other in outs[1:]:
+        np.testing.assert_allclose(other, outs[0], rtol=1e-5, atol=1e-5 * np.abs(outs[0]).max())
+
+
+def test_linear_shapes_and_conversion():
+    qw = make_quant(40, 128, 4, False, 32)
+    handle = kernels.prepare(qw)
+    assert (handle.rows, handle.cols, handle.kind) == (40, 128, "q4_asym") and handle.nbytes > 0
+    x = activations(6, 128)
+    y = kernels.linear(x, handle)
+    np.testing.assert_array_equal(kernels.linear(x[2], handle), y[2])  # 1-D
+    np.testing.assert_array_equal(kernels.linear(x.reshape(2, 3, 128), handle), y.reshape(2, 3, 40))
+    np.testing.assert_array_equal(kernels.linear(x.astype(np.float64), handle), y)  # converted
+    wide = np.zeros((6, 256), np.float32)
+    wide[:, ::2] = x
+    np.testing.assert_array_equal(kernels.linear(wide[:, ::2], handle), y)  # strided
+    assert kernels.linear(np.zeros((0, 128), np.float32), handle).shape == (0, 40)
+    with pytest.raises(ValueError):
+        kernels.linear(np.zeros((2, 64), np.float32), handle)
+    with pytest.raises(TypeError):
+        kernels.linear(x, qw)
+
+
+def test_prepare_declines_what_it_does_not_handle():
+    assert kernels.prepare(np.zeros((4, 32), np.float32)) is None
+    assert kernels.prepare(HalfWeight(np.zeros((2, 4, 32), np.float16))) is None
+    qw = make_quant(4, 64, 8, True, 32)
+    assert kernels.prepare(QuantizedWeight(8, 32, False, qw.qweight, qw.scales, qw.scales)) is None
+
+
+def test_linear_layer_uses_kernels():
+    qw = make_quant(48, 128, 4, True, 32)
+    bias = np.arange(48, dtype=np.float32)
+    layer = Linear(qw, bias)
+    assert layer.packed is not None
+    x = activations(5, 128)
+    ref = x.astype(np.float64) @ qw.dequantize().astype(np.float64).T + bias
+    before = kernels.info()["mode"]
+    kernels.set_mode("float")
+    try:
+        np.testing.assert_allclose(layer(x), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        kernels.set_mode(before)
+
+
+def test_knobs():
+    info = kernels.info()
+    assert info["available"] and info["path"] == info["paths"][0] and info["threads"] >= 1
+    assert info["mode"] in kernels.MODES
+    assert info["paths"][-1] == "portable"
+    with pytest.raises(ValueError):
+        kernels.set_path("sse9")
+    with pytest.raises(ValueError):
+        kernels.set_mode("int4")
+    kernels.set_threads(1)
+    assert kernels.info()["threads"] == 1
+    kernels.set_threads(None)
+    assert kernels.info()["threads"] == kernels.default_threads()
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("VLM_")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**clean, **env})
+
+
+def test_environment_overrides():
+    code = "from vlm import kernels; i = kernels.info(); print(i['path'], i['mode'])"
+    out = run_python(code)
+    assert out.stdout.split() == [kernels.paths()[0], "w4a8"], out.stderr
+    out = run_python(code, VLM_KERNEL="portable", VLM_KERNEL_MODE="float")
+    assert out.stdout.split() == ["portable", "float"], out.stderr
+    out = run_python("from vlm import kernels; print(kernels.AVAILABLE, kernels.prepare(None))", VLM_NO_KERNELS="1")
+    assert out.stdout.split() == ["False", "None"], out.stderr
+
+
+def test_import_failure_falls_back_with_one_warning():
+    code = ("import sys, warnings; warnings.simplefilter('always'); sys.modules['vlm.kernels._native'] = None\n"
+            "from vlm import kernels; print(kernels.AVAILABLE, kernels.info()['available'])")
+    out = run_python(code)
+    assert out.stdout.split() == ["False", "False"], out.stderr
+    assert out.stderr.count("native kernels unavailable") == 1, out.stderr

@@ -1,0 +1,328 @@
+/* AVX2 + FMA + F16C kernels, compiled for that target per function and chosen at run time.
+ *
+ * Same panel layout and tiling as the AVX-512 kernels (kern_avx512.c); a 256-bit vector
+ * holds 8 rows, so each tile handles one half of a panel (h = 0: rows 0-7, h = 1: rows
+ * 8-15, i.e. bytes 32h..32h+31 of every 64-byte chunk). Without vpdpbusd, int8 dot
+ * products use pmaddubsw (u8 x s8 -> pairs summed to int16) then pmaddwd against ones.
+ */
+#include "kernels.h"
+
+#ifdef VLM_X86
+#include <immintrin.h>
+#include <string.h>
+
+#define TARGET __attribute__((target("avx2,fma,f16c")))
+#define INLINE static inline __attribute__((always_inline)) TARGET
+
+/* Token tiles, for 16 registers: an int8 tile keeps 2 vectors per token, a float tile 1-2. */
+#define TQ 4
+#define TF 6
+
+/* Independent accumulator chains per token: with few tokens one chain would serialize on
+ * the add latency, so small tiles spread their sums over up to 4 chains. */
+#define CHAINS(T) ((T) >= 4 ? 1 : 4 / (T))
+
+INLINE __m256i bcast4(const int32_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4); /* the words were written as bytes */
+    return _mm256_set1_epi32(v);
+}
+
+INLINE __m256 load_half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+
+/* Lanes of half h of panel p that are rows of the matrix (the last panel may be partial). */
+INLINE __m256i row_mask(const vlm_matrix *m, int p, int h) {
+    const int nr = m->rows - p * PANEL - 8 * h;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(nr), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+INLINE float *rows_of(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, int t) {
+    return a->y + (size_t)(sp.t0 + t) * m->rows + sp.p * PANEL + 8 * h;
+}
+
+/* y of token t for the span's half panel, or 0 on its first k slice. */
+INLINE __m256 start_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, int t) {
+    if (sp.k0 == 0) return _mm256_setzero_ps();
+    return _mm256_maskload_ps(rows_of(m, a, sp, h, t), row_mask(m, sp.p, h));
+}
+
+INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, int t, __m256 v) {
+    _mm256_maskstore_ps(rows_of(m, a, sp, h, t), row_mask(m, sp.p, h), v);
+}
+
+/* --- int8 activations (see kern_avx512.c for the algebra) ------------------------------
+ * 4-bit: a pmaddubsw lane is at most 2 * 15 * 127 = 3810, so the 8 of one run add up in
+ * int16 (<= 30480) before one pmaddwd. 8-bit: u8 x s8 could saturate, so multiply |w| by
+ * x carrying w's sign (the sign trick); then no min term is needed. */
+INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
+    const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
+    const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
+    const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    /* this tile's activations (interleaved, see vlm_act): word j of token t is xq[j * TQ + t] */
+    const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
+    const float *xd = a->d + (size_t)(sp.t0 / TQ) * NB * TQ, *xs = a->s + (size_t)(sp.t0 / TQ) * NG * TQ;
+    __m256 acc[TQ];
+    for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, h, t);
+    for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
+        vlm_prefetch(sc + g * PANEL, sp.pf);
+        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        const __m256 d = load_half8(sc + g * PANEL);
+        for (int r = 0; r < R; r++) {
+            const int b = g * R + r;
+            __m256i isum[CHAINS(T)][TQ];
+            for (int j = 0; j < C; j++)
+                for (int t = 0; t < T; t++) isum[j][t] = _mm256_setzero_si256();
+            if (fmt == FMT_Q8) {
+                for (int j = 0; j < 8; j++, qs += 64) {
+                    vlm_prefetch(qs, sp.pf);
+                    const __m256i w = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
+                    const __m256i aw = _mm256_abs_epi8(w);
+                    for (int t = 0; t < T; t++) {
+                        const __m256i sx = _mm256_sign_epi8(bcast4(xq + (size_t)(b * 8 + j) * TQ + t), w);
+                        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
+                        isum[j % C][t] = _mm256_add_epi32(isum[j % C][t], dot);
+                    }
+                }
+            } else {
+                /* int16 partial sums: at most 8 products per run, each <= 3810, fit */
+                for (int c = 0; c < 4; c++, qs += 64) {
+                    vlm_prefetch(qs, sp.pf);
+                    const __m256i v = _mm256_load_si256((const __m256i *)qs);
+                    const __m256i lo = _mm256_and_si256(v, nib);
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    for (int t = 0; t < T; t++) {
+                        const __m256i plo = _mm256_maddubs_epi16(lo, bcast4(xq + (size_t)(b * 8 + 2 * c) * TQ + t));
+                        const __m256i phi = _mm256_maddubs_epi16(hi, bcast4(xq + (size_t)(b * 8 + 2 * c + 1) * TQ + t));
+                        isum[c % C][t] = _mm256_add_epi16(isum[c % C][t], _mm256_add_epi16(plo, phi));
+                    }
+                }
+                for (int j = 0; j < C; j++)
+                    for (int t = 0; t < T; t++) isum[j][t] = _mm256_madd_epi16(isum[j][t], ones);
+            }
+            for (int t = 0; t < T; t++) {
+                for (int j = 1; j < C; j++) isum[0][t] = _mm256_add_epi32(isum[0][t], isum[j][t]);
+                const __m256 scale = _mm256_mul_ps(d, _mm256_set1_ps(xd[b * TQ + t]));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][t]), scale, acc[t]);
+            }
+        }
+        if (fmt != FMT_Q8) {
+            const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+            for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TQ + t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) store_rows(m, a, sp, h, t, acc[t]);
+}
+
+/* --- float activations, quantized weights ------------------------------------------------ */
+INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T,
+                             const int fmt) {
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, C = CHAINS(T);
+    const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
+    const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
+    const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
+    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF;
+    __m256 acc[TF];
+    for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, h, t);
+    for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
+        vlm_prefetch(sc + g * PANEL, sp.pf);
+        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        __m256 gs[CHAINS(T)][TF];
+        for (int j = 0; j < C; j++)
+            for (int t = 0; t < T; t++) gs[j][t] = _mm256_setzero_ps();
+        for (int r = 0; r < R; r++) {
+            const int k0 = (g * R + r) * RUN;
+            if (fmt == FMT_Q8) {
+                for (int j = 0; j < 8; j++, qs += 64) {
+                    vlm_prefetch(qs, sp.pf);
+                    const __m256i v = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
+                    for (int i = 0; i < 4; i++) {
+                        const __m256i wi = _mm256_srai_epi32(i == 3 ? v : _mm256_slli_epi32(v, 24 - 8 * i), 24);
+                        const __m256 w = _mm256_cvtepi32_ps(wi);
+                        for (int t = 0; t < T; t++) {
+                            const __m256 xv = _mm256_broadcast_ss(x + (size_t)(k0 + 4 * j + i) * TF + t);
+                            gs[j % C][t] = _mm256_fmadd_ps(w, xv, gs[j % C][t]);
+                        }
+                    }
+                }
+            } else {
+                for (int c = 0; c < 4; c++, qs += 64) {
+                    vlm_prefetch(qs, sp.pf);
+                    const __m256i v = _mm256_load_si256((const __m256i *)qs);
+                    for (int n = 0; n < 8; n++) {
+                        __m256i wi = _mm256_and_si256(n ? _mm256_srli_epi32(v, 4 * n) : v, nib);
+                        if (fmt == FMT_Q4S) wi = _mm256_sub_epi32(wi, eight);
+                        const __m256 w = _mm256_cvtepi32_ps(wi);
+                        const int k = k0 + 8 * c + (n & 1) * 4 + n / 2;
+                        for (int t = 0; t < T; t++) {
+                            const __m256 xv = _mm256_broadcast_ss(x + (size_t)k * TF + t);
+                            gs[c % C][t] = _mm256_fmadd_ps(w, xv, gs[c % C][t]);
+                        }
+                    }
+                }
+            }
+        }
+        const __m256 d = load_half8(sc + g * PANEL);
+        for (int t = 0; t < T; t++) {
+            for (int j = 1; j < C; j++) gs[0][t] = _mm256_add_ps(gs[0][t], gs[j][t]);
+            acc[t] = _mm256_fmadd_ps(d, gs[0][t], acc[t]);
+        }
+        if (fmt == FMT_Q4A) {
+            const __m256 mv = load_half8(mn + g * PANEL);
+            for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TF + t]), acc[t]);
+        }
+    }
+    for (int t = 0; t < T; t++) store_rows(m, a, sp, h, t, acc[t]);
+}
+
+/* --- float activations, 16-bit float weights ------------------------------------------ */
+INLINE __m256 load_column(const uint16_t *panel, int k, int h, const int fmt) {
+    const __m128i v = _mm_load_si128((const __m128i *)(panel + (size_t)k * PANEL + 8 * h));
+    if (fmt == FMT_F16) return _mm256_cvtph_ps(v);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16)); /* bf16: high half of a float */
+}
+
+/* Columns per step (2 cache lines), at least the most chains a tile uses. */
+#define HALF_STEP 4
+
+INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
+    const int C = CHAINS(T);
+    const uint16_t *panel = (const uint16_t *)(m->data + (size_t)sp.p * m->panel_bytes);
+    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF; /* value k of token t: x[k * TF + t] */
+    __m256 acc[CHAINS(T)][TF];
+    for (int t = 0; t < T; t++) {
+        acc[0][t] = start_rows(m, a, sp, h, t);
+        for (int j = 1; j < C; j++) acc[j][t] = _mm256_setzero_ps();
+    }
+    int k = sp.k0;
+    for (; k + HALF_STEP <= sp.k1; k += HALF_STEP) {
+        vlm_prefetch(panel + (size_t)k * PANEL, sp.pf);
+        vlm_prefetch(panel + (size_t)(k + 2) * PANEL, sp.pf);
+        for (int i = 0; i < HALF_STEP; i++) {
+            const __m256 w = load_column(panel, k + i, h, fmt);
+            for (int t = 0; t < T; t++)
+                acc[i % C][t] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + (size_t)(k + i) * TF + t), acc[i % C][t]);
+        }
+    }
+    for (; k < sp.k1; k++) { /* the last columns */
+        const __m256 w = load_column(panel, k, h, fmt);
+        for (int t = 0; t < T; t++)
+            acc[0][t] = _mm256_fmadd_ps(w, _mm256_broadcast_ss(x + (size_t)k * TF + t), acc[0][t]);
+    }
+    for (int t = 0; t < T; t++) {
+        for (int j = 1; j < C; j++) acc[0][t] = _mm256_add_ps(acc[0][t], acc[j][t]);
+        store_rows(m, a, sp, h, t, acc[0][t]);
+    }
+}
+
+/* Instantiate a tile for every (format, T), as in kern_avx512.c. */
+#define CASE_T(tile, fmt, T)       \
+    case T:                        \
+        tile(m, a, sp, h, T, fmt); \
+        break;
+#define SWITCH_TQ(tile, fmt, n) \
+    switch (n) { CASE_T(tile, fmt, 1) CASE_T(tile, fmt, 2) CASE_T(tile, fmt, 3) default : tile(m, a, sp, h, 4, fmt); }
+#define SWITCH_TF(tile, fmt, n)                                                                           \
+    switch (n) {                                                                                          \
+        CASE_T(tile, fmt, 1) CASE_T(tile, fmt, 2) CASE_T(tile, fmt, 3) CASE_T(tile, fmt, 4) CASE_T(tile, fmt, 5) \
+        default : tile(m, a, sp, h, 6, fmt);                                                             \
+    }
+
+/* Columns per k slice, as in kern_avx512.c. */
+#define K_SLICE_INT8 1024
+#define K_SLICE_FLOAT 512
+
+TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
+    const int ahead = vlm_prefetch_start(m, p0, p1);
+    const int slice = a->n <= TQ ? m->cols : K_SLICE_INT8;
+    for (int p = p0; p < p1; p++) {
+        for (int h = 0; h < 2 && p * PANEL + 8 * h < m->rows; h++) {
+            for (int k0 = 0; k0 < m->cols; k0 += slice) {
+                for (int t0 = 0; t0 < a->n; t0 += TQ) {
+                    const int n = vlm_min(TQ, a->n - t0);
+                    /* the h = 0 pass streams the panel in; h = 1 finds it in cache */
+                    const size_t pf = h ? 0 : vlm_prefetch_offset(m, p, p1, ahead, t0);
+                    const vlm_span sp = {p, t0, k0, vlm_min(m->cols, k0 + slice), pf};
+                    switch (m->fmt) {
+                    case FMT_Q4A: SWITCH_TQ(tile_int8, FMT_Q4A, n) break;
+                    case FMT_Q4S: SWITCH_TQ(tile_int8, FMT_Q4S, n) break;
+                    default: SWITCH_TQ(tile_int8, FMT_Q8, n) break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
+    const int ahead = vlm_prefetch_start(m, p0, p1);
+    const int slice = a->n <= TF ? m->cols : K_SLICE_FLOAT;
+    for (int p = p0; p < p1; p++) {
+        for (int h = 0; h < 2 && p * PANEL + 8 * h < m->rows; h++) {
+            for (int k0 = 0; k0 < m->cols; k0 += slice) {
+                for (int t0 = 0; t0 < a->n; t0 += TF) {
+                    const int n = vlm_min(TF, a->n - t0);
+                    const size_t pf = h ? 0 : vlm_prefetch_offset(m, p, p1, ahead, t0);
+                    const vlm_span sp = {p, t0, k0, vlm_min(m->cols, k0 + slice), pf};
+                    switch (m->fmt) {
+                    case FMT_Q4A: SWITCH_TF(tile_float_quant, FMT_Q4A, n) break;
+                    case FMT_Q4S: SWITCH_TF(tile_float_quant, FMT_Q4S, n) break;
+                    case FMT_Q8: SWITCH_TF(tile_float_quant, FMT_Q8, n) break;
+                    case FMT_F16: SWITCH_TF(tile_half, FMT_F16, n) break;
+                    default: SWITCH_TF(tile_half, FMT_BF16, n) break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* Same operations as vlm_quantize_row_portable, 32 values at a time. */
+TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
+    const int runs_per_group = group / RUN;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int b = 0; b < cols / RUN; b++) {
+        __m256 v[4];
+        __m256 mx = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b * RUN + 8 * i);
+            mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const float db = amax / 127.0f;
+        const __m256 id = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i qi[4];
+        for (int i = 0; i < 4; i++) qi[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], id));
+        /* packs interleave 128-bit lanes; the permute restores value order */
+        const __m256i q16 = _mm256_packs_epi32(qi[0], qi[1]), q16b = _mm256_packs_epi32(qi[2], qi[3]);
+        const __m256i q8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q16, q16b),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        int8_t bytes[RUN];
+        _mm256_storeu_si256((__m256i *)bytes, q8);
+        for (int j = 0; j < RUN / 4; j++) memcpy(q + ((size_t)b * RUN / 4 + j) * 4 * w, bytes + 4 * j, 4);
+        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
+        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        d[(size_t)b * w] = db;
+        const float sb = db * (float)_mm_cvtsi128_si32(s4);
+        if (b % runs_per_group == 0)
+            s[(size_t)b / runs_per_group * w] = sb;
+        else
+            s[(size_t)b / runs_per_group * w] += sb;
+    }
+}
+
+const vlm_path vlm_path_avx2 = {"avx2", TQ, TF, gemm_int8, gemm_float, quantize_row};
+
+#endif

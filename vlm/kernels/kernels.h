@@ -1,0 +1,145 @@
+/* Shared definitions of the native kernels: the packed matrix layout, the per-call
+ * activation bundle and the table of kernels each instruction-set path provides.
+ *
+ * Packed layout. Rows are cut into panels of PANEL (16) rows; a missing tail row is zero.
+ * Inside a panel, one lane of a 16 x 32-bit vector belongs to one row, so a kernel
+ * broadcasts an activation value (or 4 int8 activations) and multiply-accumulates 16 rows
+ * at once; no horizontal reduction is ever needed and y for 16 rows is one store.
+ *
+ * Quantized panel (cols K, group G, NG = K / G groups, K / 32 runs of 32 values):
+ *   quants: per run, 4-bit: 4 chunks of 64 bytes. Chunk c holds one 32-bit word per
+ *           row; byte i of the word carries value 8c + i in its low nibble and value
+ *           8c + 4 + i in its high nibble, so `word & 0x0f0f0f0f` and
+ *           `(word >> 4) & 0x0f0f0f0f` are 4 consecutive values each (the unit of
+ *           vpdpbusd / pmaddubsw) and the nibble at bit 4p is value 8c + (p & 1) * 4 + p / 2.
+ *           8-bit: 8 chunks of 64 bytes; chunk j holds values 4j .. 4j + 3 of each row,
+ *           stored as w + 128 (unsigned) so vpdpbusd can take them as its unsigned operand.
+ *   scales: fp16 [NG][16]; mins (4-bit asymmetric only): fp16 [NG][16]. Kept in fp16
+ *           because decode is bound by memory traffic and F16C widens 16 of them in one op.
+ * Each part starts 64-byte aligned.
+ *
+ * Half panel (f16, bf16): values [K][16], i.e. column k of the panel's 16 rows is one
+ * vector.
+ */
+#ifndef VLM_KERNELS_H
+#define VLM_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define PANEL 16
+#define RUN 32 /* values per nibble-packing run and per activation-quantization block */
+
+enum vlm_format {
+    FMT_Q4A,  /* 4-bit asymmetric: w = d * q + m */
+    FMT_Q4S,  /* 4-bit symmetric:  w = d * (q - 8) */
+    FMT_Q8,   /* 8-bit symmetric:  w = d * q */
+    FMT_F16,
+    FMT_BF16,
+    FMT_COUNT
+};
+
+typedef struct {
+    int fmt;
+    int rows, cols;
+    int group;          /* values per scale (quantized formats), else 0 */
+    int panels;         /* ceil(rows / PANEL) */
+    size_t panel_bytes; /* stride between panels */
+    size_t scales_off;  /* offset of the scales inside a panel (quantized formats) */
+    size_t mins_off;    /* offset of the mins inside a panel (FMT_Q4A) */
+    unsigned char *data;
+} vlm_matrix;
+
+static inline int vlm_is_quant(int fmt) { return fmt <= FMT_Q8; }
+
+/* The activations of one call, prepared once and read by every panel.
+ *
+ * Tokens are interleaved in tiles of the path's token tile W (tq for the int8 arrays, tf
+ * for the float ones), so the T values a tile kernel needs at one position are adjacent
+ * and one pointer reaches them all: entry i of token t of an array with `len` entries per
+ * token is at ((t / W) * len + i) * W + t % W. The int8 values move in 32-bit words (the
+ * vpdpbusd operand): value k of token t is byte k % 4 of word ((t / W) * cols / 4 + k / 4)
+ * * W + t % W. With W = 1 both are the plain row-major layout. */
+typedef struct {
+    int n; /* tokens */
+    int cols;
+    const float *x; /* float activations, W = tf */
+    /* int8 mode (quantized weights): x ~ d * q per run of 32; W = tq */
+    const int8_t *q; /* cols per token */
+    const float *d;  /* cols / 32 per token */
+    const float *s;  /* cols / group per token: sum over the group's runs of d * sum(q) */
+    /* float mode, FMT_Q4A: the sum of x over each group, for the min term; W = tf */
+    const float *xs; /* cols / group per token */
+    float *y;        /* [n][rows], not interleaved */
+} vlm_act;
+
+typedef void (*vlm_gemm_fn)(const vlm_matrix *m, const vlm_act *a, int p0, int p1);
+/* One token's activations to int8: q, d, s point at the token's first entries, and
+ * consecutive words / entries of the token are w apart (the interleaving above). */
+typedef void (*vlm_quant_fn)(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
+
+/* One instruction-set path. gemm_* compute y for panels [p0, p1) and all n tokens. */
+typedef struct {
+    const char *name;
+    int tq, tf;             /* token tiles of the int8 and float kernels */
+    vlm_gemm_fn gemm_int8;  /* quantized weights, int8 activations */
+    vlm_gemm_fn gemm_float; /* any weights, float activations */
+    vlm_quant_fn quantize;  /* same rounding on every path */
+} vlm_path;
+
+extern const vlm_path vlm_path_portable;
+#if defined(__x86_64__) || defined(__i386__)
+#define VLM_X86 1
+extern const vlm_path vlm_path_avx2;
+extern const vlm_path vlm_path_avx512;
+#endif
+
+/* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed. */
+int vlm_pack_q4(vlm_matrix *m, const uint8_t *qw, const uint16_t *scales, const uint16_t *mins, int rows,
+                int cols, int group, int symmetric);
+int vlm_pack_q8(vlm_matrix *m, const int8_t *qw, const uint16_t *scales, int rows, int cols, int group);
+int vlm_pack_half(vlm_matrix *m, const uint16_t *data, int fmt, int rows, int cols);
+
+/* Portable helpers every path may use. */
+float vlm_half_to_float(uint16_t h);
+void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
+void vlm_group_sums(const float *x, int cols, int group, float *xs, int w);
+
+static inline int vlm_min(int a, int b) { return a < b ? a : b; }
+
+/* One call of a tile kernel: panel p, tokens [t0, t0 + T), columns [k0, k1) (whole
+ * groups). It adds to y unless k0 == 0. pf is the prefetch offset (0: none). Large
+ * matrices are cut along k so a tile's panel slice and activations stay in L1. */
+typedef struct {
+    int p, t0, k0, k1;
+    size_t pf;
+} vlm_span;
+
+/* Decode streams each matrix from DRAM once per token, in short runs. On an idle machine
+ * the hardware prefetchers keep up; when other processes load the memory system they did
+ * not, and software prefetch doubled the single-core rate (measured on the dev box; it is
+ * neutral when idle). A tile prefetches the same position PREFETCH_BYTES (rounded up to
+ * whole panels) ahead, within its unit's panels so another thread's share is not fetched
+ * twice, and the first panels of a unit are requested at once. */
+#define PREFETCH_BYTES 4096
+
+/* Unconditional: with pf = 0 it touches the line about to be loaded anyway, which is
+ * cheaper than a branch in the unrolled tile loops. */
+static inline void vlm_prefetch(const void *p, size_t pf) { __builtin_prefetch((const char *)p + pf, 0, 3); }
+
+/* Prefetch the start of panels [p0, p1); returns how many panels ahead tiles prefetch. */
+static inline int vlm_prefetch_start(const vlm_matrix *m, int p0, int p1) {
+    const int ahead = (int)((PREFETCH_BYTES + m->panel_bytes - 1) / m->panel_bytes);
+    const unsigned char *start = m->data + (size_t)p0 * m->panel_bytes;
+    const size_t bytes = (size_t)(vlm_min(p1, p0 + ahead) - p0) * m->panel_bytes;
+    for (size_t off = 0; off < bytes; off += 64) __builtin_prefetch(start + off, 0, 3);
+    return ahead;
+}
+
+/* The prefetch offset for panel p of a unit ending at p1 (0: none); only the first token
+ * tile streams the panel, later tiles find it in cache. */
+static inline size_t vlm_prefetch_offset(const vlm_matrix *m, int p, int p1, int ahead, int t0) {
+    return t0 == 0 && p + ahead < p1 ? (size_t)ahead * m->panel_bytes : 0;
+}
+
+#endif
