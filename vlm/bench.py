@@ -93,8 +93,8 @@ def decode_bytes_per_token(model: Model, depth: int = 0) -> int:
     for layer in d.layers:
         a, m = layer.self_attn, layer.mlp
         for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            total += int(lin.weight.nbytes)
-    total += int(d.lm_head.weight.nbytes) + int(d.embed_tokens.weight.nbytes) // d.config.vocab_size
+            total += lin.nbytes
+    total += d.lm_head.nbytes + int(d.embed_tokens.weight.nbytes) // d.config.vocab_size
     c = d.config
     total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * depth
     return total

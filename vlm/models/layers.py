@@ -26,16 +26,23 @@ def dequantize(w: Weight) -> np.ndarray:
 
 
 class Linear:
-    """y = x @ W.T + b, with W in any stored form; the C kernel is used when it supports W."""
+    """y = x @ W.T + b, with W in any stored form; the C kernel is used when it supports W.
+
+    Once the kernel has repacked W, the original is let go (`weight` is None), so the weights
+    are held in memory once, in the kernel's layout.
+    """
 
     def __init__(self, weight: Weight, bias: np.ndarray | None = None):
-        self.weight = weight
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
         self.packed = kernels.prepare(weight)  # the kernel's repacked layout, or None
+        self.weight = weight if self.packed is None else None
+        self.shape = tuple(weight.shape)
+        self.kind = getattr(weight, "kind", "f32")
+        self.nbytes = int(weight.nbytes)  # of the stored form: what a decode step reads
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.shape[0]
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.packed is not None:

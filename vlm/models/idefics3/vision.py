@@ -140,7 +140,7 @@ class Idefics3VisionModel:
             self.layers.append(Idefics3EncoderLayer(attn, mlp, *norms))
         self.post_layernorm = norm("post_layernorm")
         self.modality_projection = Linear(w("modality_projection.proj.weight"))  # bias-free
-        width = self.modality_projection.weight.shape[1]
+        width = self.modality_projection.shape[1]
         if width != c.hidden_size * self.scale_factor**2:
             raise VlmError(f"connector expects {width} features, the encoder gives "
                            f"{c.hidden_size} x {self.scale_factor}^2")
