@@ -150,4 +150,6 @@ def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None,
     """
     kernels.set_threads(threads)
     ckpt = read_checkpoint(resolve(model))
-    return build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk)
+    built = build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk)
+    ckpt.release_pages()
+    return built

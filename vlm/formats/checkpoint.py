@@ -3,7 +3,9 @@ our own converted directories all become a `Checkpoint` (HF config keys, HF tens
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +30,17 @@ class Checkpoint:
     preprocessor_config: dict = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)  # tokenizer/processor files to carry on convert
     quantization: dict = field(default_factory=dict)
+    mappings: list = field(default_factory=list)  # mmap objects of the weight files
+
+    def release_pages(self) -> None:
+        """Drop the file pages this process has touched (repacking reads every weight once).
+
+        They are clean file pages: whatever is still used faults back in on demand, so the
+        resident set stays close to the weights actually held.
+        """
+        for m in self.mappings:
+            with contextlib.suppress(OSError, ValueError):
+                m.madvise(mmap.MADV_DONTNEED)
 
 
 def _read_json(path: Path) -> dict:
@@ -89,7 +102,8 @@ def read_hf(directory: Path) -> Checkpoint:
     for name in ("processor_config.json", "preprocessor_config.json"):
         if name in files:
             pre.update(_read_json(directory / name))
-    return Checkpoint(config, read_checkpoint_tensors(directory), tokenizer, directory, "hf", pre, files)
+    tensors, mappings = read_checkpoint_tensors(directory)
+    return Checkpoint(config, tensors, tokenizer, directory, "hf", pre, files, mappings=mappings)
 
 
 def read_gguf(path: Path) -> Checkpoint:
@@ -103,7 +117,8 @@ def read_gguf(path: Path) -> Checkpoint:
     files = {"tokenizer.json": tok.to_str(),
              "tokenizer_config.json": json.dumps({"chat_template": g.chat_template, "bos_token": bos,
                                                   "eos_token": eos, "add_bos_token": g.add_bos_token})}
-    return Checkpoint(dict(g.config), dict(g.tensors), tokenizer, path, "gguf", {}, files)
+    return Checkpoint(dict(g.config), dict(g.tensors), tokenizer, path, "gguf", {}, files,
+                      mappings=[g.mapping] if g.mapping is not None else [])
 
 
 def read_checkpoint(path: str | Path) -> Checkpoint:

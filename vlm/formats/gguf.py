@@ -338,6 +338,7 @@ class GGUFCheckpoint:
     pad_token: str | None
     add_bos_token: bool  # prepend BOS to a prompt (the tokenizer itself only does so when this is set)
     metadata: dict[str, Any] = field(repr=False, default_factory=dict)
+    mapping: mmap.mmap | None = field(repr=False, default=None)  # the file's memory map
 
 
 def _float32_value(v: Any) -> float:
@@ -493,4 +494,5 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
         pad_token=pad,
         add_bos_token=gguf_add_bos(md),
         metadata=md,
+        mapping=f._map,
     )

@@ -18,7 +18,7 @@ from safetensors.numpy import save_file
 
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import NATIVE_CONFIG, Checkpoint, read_hf_tokenizer
-from vlm.formats.safetensors import read_safetensors
+from vlm.formats.safetensors import mapping_of, read_safetensors
 from vlm.models.layers import Weight
 from vlm.quant import HalfWeight, QuantizedWeight
 
@@ -83,4 +83,6 @@ def read_native(directory: Path) -> Checkpoint:
         if (directory / name).is_file():
             files[name] = (directory / name).read_text(encoding="utf-8")
             pre.update(json.loads(files[name]))
-    return Checkpoint(config, tensors, tokenizer, directory, "vlm", pre, files, meta.get("quantization", {}))
+    mapping = mapping_of(next(iter(arrays.values()))) if arrays else None
+    return Checkpoint(config, tensors, tokenizer, directory, "vlm", pre, files, meta.get("quantization", {}),
+                      [mapping] if mapping is not None else [])

@@ -22,7 +22,9 @@ DTYPES = {
 
 
 def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str], dict]:
-    """Views of every tensor in one file, their dtype names, and the file's __metadata__."""
+    """Views of every tensor in one file, their dtype names, and the file's __metadata__.
+
+    The views share one np.memmap; `mapping_of(view)` finds its mmap."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -52,6 +54,13 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
     return arrays, dtypes, meta
 
 
+def mapping_of(array: np.ndarray):
+    """The mmap object under a view of a memory-mapped file, or None."""
+    while array is not None and not isinstance(array, np.memmap):
+        array = array.base if isinstance(array.base, np.ndarray) else None
+    return getattr(array, "_mmap", None)
+
+
 def as_weight(array: np.ndarray, dtype: str) -> np.ndarray | HalfWeight:
     """A stored tensor as a layer weight: 16-bit floats stay 16-bit (widened on use)."""
     if dtype == "F16":
@@ -61,8 +70,8 @@ def as_weight(array: np.ndarray, dtype: str) -> np.ndarray | HalfWeight:
     return array
 
 
-def read_checkpoint_tensors(directory: Path) -> dict[str, np.ndarray | HalfWeight]:
-    """All tensors of a Hugging Face checkpoint directory (single file or shards)."""
+def read_checkpoint_tensors(directory: Path) -> tuple[dict[str, np.ndarray | HalfWeight], list]:
+    """All tensors of a Hugging Face checkpoint directory (single file or shards), and the file maps."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise VlmError(f"no .safetensors files in {directory} (PyTorch .bin checkpoints are not supported)")
@@ -76,9 +85,11 @@ def read_checkpoint_tensors(directory: Path) -> dict[str, np.ndarray | HalfWeigh
         if missing:
             raise VlmError(f"checkpoint shard missing: {directory / missing[0]}")
         files = [directory / n for n in sorted(names)]
-    tensors = {}
+    tensors, mappings = {}, []
     for f in files:
         arrays, dtypes, _ = read_safetensors(f)
         for name, a in arrays.items():
             tensors[name] = as_weight(a, dtypes[name])
-    return tensors
+        if arrays:
+            mappings.append(mapping_of(next(iter(arrays.values()))))
+    return tensors, [m for m in mappings if m is not None]

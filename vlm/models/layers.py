@@ -7,6 +7,7 @@ arrays, 16-bit `HalfWeight`s or `QuantizedWeight`s; `Linear` hides which.
 from __future__ import annotations
 
 import math
+import mmap
 from collections.abc import Callable
 
 import numpy as np
@@ -267,6 +268,16 @@ class LayerKV:
         self.k, self.v = k, v
 
 
+def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """float32 zeros whose memory is committed page by page as it is written.
+
+    An anonymous mmap, not np.zeros: numpy asks for transparent huge pages on large arrays,
+    which would commit 2 MiB for every head's first token and make the cache resident at once.
+    """
+    buf = mmap.mmap(-1, max(1, int(np.prod(shape)) * 4))
+    return np.frombuffer(buf, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+
+
 class KVCache:
     """Preallocated keys and values for every layer, plus what the cached positions hold.
 
@@ -275,9 +286,8 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int):
-        # np.zeros maps untouched pages lazily: memory grows with use, not with max_len.
-        self.k = np.zeros((n_layers, n_kv_heads, max_len, head_dim), dtype=np.float32)
-        self.v = np.zeros((n_layers, n_kv_heads, max_len, head_dim), dtype=np.float32)
+        shape = (n_layers, n_kv_heads, max_len, head_dim)
+        self.k, self.v = _lazy_zeros(shape), _lazy_zeros(shape)
         self.max_len = max_len
         self.keys: list = []
 
