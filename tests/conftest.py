@@ -49,3 +49,14 @@ def tiny_smolvlm(tmp_path_factory, smollm2_gguf) -> Path:
 
     torch.set_num_threads(1)
     return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random Qwen2-VL checkpoint; its tokenizer comes from SmolLM2's GGUF."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from make_tiny_qwen2vl import make_tiny_qwen2vl
+
+    return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))

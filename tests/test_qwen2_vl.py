@@ -162,13 +162,8 @@ def test_split_tensors_in_both_naming_schemes():
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
-    if not make_tiny.GGUF.is_file():
-        pytest.skip(f"needs {make_tiny.GGUF}")
-    return make_tiny.make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+def tiny_dir(tiny_qwen2vl) -> Path:
+    return tiny_qwen2vl
 
 
 @pytest.fixture(scope="module")
