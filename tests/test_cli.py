@@ -98,3 +98,17 @@ def test_convert_then_run(tmp_path, tiny_llm):
     assert "smaller" in out and "relative RMS" in out
     code, out, err = run("generate", "-m", tmp_path / "q4", "-p", "Hello", "-n", "3", "-q")
     assert code == 0, err
+
+
+def test_bench_reports_prefill_decode_vision_and_the_bandwidth_limit(tiny_smolvlm):
+    code, out, err = run("bench", "-m", tiny_smolvlm, "-p", "16,32", "-n", "4", "-d", "0,8", "-r", "2",
+                         "--image-size", "64x64,200x90", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    tests = [r["test"] for r in result["rows"]]
+    assert tests[:4] == ["pp16", "pp32", "tg4", "tg4@d8"]
+    assert [t.split(" (")[0] for t in tests[4:]] == ["vision 64x64", "vision 200x90"]
+    assert all(r["median"] > 0 and r["low"] <= r["median"] <= r["high"] and r["reps"] == 2 for r in result["rows"])
+    assert result["decode_bytes_per_token"] > 0 and result["bandwidth_gbs"] > 0 and result["decode_limit_tps"] > 0
+    code, out, err = run("bench", "-m", tiny_smolvlm, "-p", "8", "-n", "2", "-r", "1")
+    assert code == 0 and "| pp8 |" in out and "limit" in out
