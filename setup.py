@@ -35,9 +35,10 @@ native = Extension(
     "vlm.kernels._native",
     sources=[
         KERNELS + name
-        for name in ("module.c", "pool.c", "pack.c", "kern_portable.c", "kern_avx2.c", "kern_avx512.c")
+        for name in ("module.c", "pool.c", "pack.c", "linear.c", "layers.c", "decode.c", "kern_portable.c",
+                     "kern_avx2.c", "kern_avx512.c", "ops_portable.c", "ops_avx2.c", "ops_avx512.c")
     ],
-    depends=[KERNELS + "kernels.h", KERNELS + "pool.h"],
+    depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "ops_impl.h"],
     # Baseline ISA only: the AVX2 and AVX-512 kernels carry their own target attributes and
     # are picked at run time, so one build runs on any CPU of the architecture.
     extra_compile_args=["-O3", "-fvisibility=hidden"],

@@ -5,6 +5,10 @@ each call uses another copy of the weight so the weights come from DRAM as in re
 rather than from cache. GEMM (prefill, n tokens) is reported in GFLOPS (2 * rows * cols * n per
 call). The numpy reference is what `Linear` does without kernels: dequantize, then matmul.
 `--model` also runs the whole decoder's matrices in sequence: one decode step and one prefill.
+Attention (C `kernels.attention` against numpy `attend_numpy`): decode over every layer's
+cache at a depth (each layer's K/V its own, so they come from DRAM) in GB/s of K/V read, a
+prefill chunk after a prompt and a vision tower's bidirectional pass in GFLOPS (4 * d per
+query-key pair seen).
 
     python scripts/bench_kernels.py                 # SmolLM2-135M shapes
     python scripts/bench_kernels.py --model qwen2vl-2b --threads 2
@@ -22,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from vlm import kernels  # noqa: E402
+from vlm.models.layers import attend_numpy  # noqa: E402
 from vlm.quant import QuantizedWeight  # noqa: E402
 
 # (rows, cols, bits) of one decoder layer (q, k, v, o, gate, up, down) and the output head.
@@ -31,12 +36,15 @@ MODELS = {
         "layer": [(576, 576, 4), (192, 576, 4), (192, 576, 4), (576, 576, 4), (1536, 576, 4), (1536, 576, 4),
                   (576, 1536, 4)],
         "head": (49152, 576, 8),
+        "attention": (9, 3, 64),  # heads, kv heads, head dim
     },
     "qwen2vl-2b": {
         "layers": 28,
         "layer": [(1536, 1536, 4), (256, 1536, 4), (256, 1536, 4), (1536, 1536, 4), (8960, 1536, 4),
                   (8960, 1536, 4), (1536, 8960, 4)],
         "head": (151936, 1536, 8),
+        "attention": (12, 2, 128),
+        "vision_attention": (16, 80),  # heads, head dim
     },
 }
 COLD_BYTES = 160e6  # weights cycled through per GEMV measurement: well past any L3
@@ -134,6 +142,45 @@ def bench_model(name: str, prompt: int, min_time: float, modes) -> None:
               f"{prompt / t_pre:6.0f} tok/s bound")
 
 
+def random_qkv(heads: int, kv_heads: int, dim: int, n: int, t: int) -> tuple[np.ndarray, ...]:
+    return (rng.standard_normal((heads, n, dim)).astype(np.float32),
+            rng.standard_normal((kv_heads, t, dim)).astype(np.float32),
+            rng.standard_normal((kv_heads, t, dim)).astype(np.float32))
+
+
+def bench_attention(name: str, prompt: int, min_time: float, with_numpy: bool) -> None:
+    spec = MODELS[name]
+    h, h_kv, d = spec["attention"]
+
+    def row(what: str, work: float, fn, ref_fn, max_reps: int, unit: str) -> None:
+        c = work / best_time(fn, min_time, max_reps) / 1e9
+        ref = f"{work / best_time(ref_fn, min_time, max(1, max_reps // 10)) / 1e9:8.1f}" if with_numpy else "       -"
+        print(f"{what:<44} C {c:8.1f}  numpy {ref} {unit}")
+
+    for depth in (512, 2048):
+        q = random_qkv(h, h_kv, d, 1, 0)[0]
+        caches = [random_qkv(0, h_kv, d, 0, depth)[1:] for _ in range(spec["layers"])]
+
+        def step(fn, caches=caches, q=q, depth=depth):
+            for k, v in caches:
+                fn(q, k, v, depth - 1)
+
+        kv_bytes = sum(k.nbytes + v.nbytes for k, v in caches)
+        row(f"decode, {spec['layers']} layers at depth {depth}", kv_bytes, lambda: step(kernels.attention),
+            lambda: step(attend_numpy), 50, "GB/s")
+    n = min(256, prompt)
+    q, k, v = random_qkv(h, h_kv, d, n, prompt)
+    flops = 4 * d * h * (n * (prompt - n) + n * (n + 1) // 2)
+    row(f"prefill chunk of {n} after {prompt - n}", flops, lambda: kernels.attention(q, k, v, prompt - n),
+        lambda: attend_numpy(q, k, v, prompt - n), 20, "GFLOPS")
+    if "vision_attention" in spec:
+        vh, vd = spec["vision_attention"]
+        n = 1024
+        q, k, v = random_qkv(vh, vh, vd, n, n)
+        row(f"vision, {n} patches bidirectional", 4 * vd * vh * n * n, lambda: kernels.attention(q, k, v, None),
+            lambda: attend_numpy(q, k, v, None), 10, "GFLOPS")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=[*MODELS, "all"], default="smollm2-135m")
@@ -158,6 +205,7 @@ def main() -> None:
                      modes, not args.no_numpy)
         if not args.no_model:
             bench_model(name, args.prompt, args.min_time, modes)
+        bench_attention(name, args.prompt, args.min_time, not args.no_numpy)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+@pytest.fixture(params=["avx512", "avx2", "portable"])
+def kernel_path(request):
+    """Each native-kernel dispatch path, forced in turn (skipped where the CPU lacks it or the
+    kernels are not built); path, mode and threads restored afterwards."""
+    from vlm import kernels
+
+    if request.param not in kernels.paths():
+        pytest.skip(f"kernel path {request.param} unavailable here")
+    before = kernels.info()
+    kernels.set_path(request.param)
+    yield request.param
+    kernels.set_path(before["path"])
+    kernels.set_mode(before["mode"])
+    kernels.set_threads(before["threads"])
+
+
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory):
     """Factory: path of a tiny random HF checkpoint of the given architecture (built once)."""

@@ -33,17 +33,6 @@ NS = [1, 3, 17, 64, 300]
 FLOAT_TOL = 1e-5
 
 
-@pytest.fixture(params=kernels.paths() or ["none"])
-def path(request):
-    """Each dispatch path this CPU supports, forced in turn; settings restored afterwards."""
-    before = kernels.info()
-    kernels.set_path(request.param)
-    yield request.param
-    kernels.set_path(before["path"])
-    kernels.set_mode(before["mode"])
-    kernels.set_threads(before["threads"])
-
-
 def rng_for(*key) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
@@ -99,7 +88,7 @@ SHAPES = [(37, 256), (16, 128), (64, 384), (1, 128)]
 
 @pytest.mark.parametrize("bits,sym", QUANT_KINDS, ids=["q4_asym", "q4_sym", "q8"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_quantized_float_mode(path, bits, sym, group):
+def test_quantized_float_mode(kernel_path, bits, sym, group):
     kernels.set_mode("float")
     for rows, cols in SHAPES:
         qw = make_quant(rows, cols, bits, sym, group)
@@ -116,7 +105,7 @@ def test_quantized_float_mode(path, bits, sym, group):
 
 @pytest.mark.parametrize("bits,sym", QUANT_KINDS, ids=["q4_asym", "q4_sym", "q8"])
 @pytest.mark.parametrize("group", GROUPS)
-def test_quantized_int8_mode(path, bits, sym, group):
+def test_quantized_int8_mode(kernel_path, bits, sym, group):
     kernels.set_mode("int8")
     for rows, cols in SHAPES:
         qw = make_quant(rows, cols, bits, sym, group)
@@ -135,7 +124,7 @@ def test_quantized_int8_mode(path, bits, sym, group):
 
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
-def test_half_weights(path, kind):
+def test_half_weights(kernel_path, kind):
     for rows, cols in [(37, 100), (16, 128), (5, 3)]:
         w = rng_for(rows, cols, kind).standard_normal((rows, cols)).astype(np.float32)
         hw = HalfWeight(w.astype(np.float16)) if kind == "f16" else \
@@ -163,7 +152,7 @@ def test_w4a8_mode_picks_per_weight():
 
 
 @pytest.mark.parametrize("mode", kernels.MODES)
-def test_threads_give_identical_results(path, mode):
+def test_threads_give_identical_results(kernel_path, mode):
     kernels.set_mode(mode)
     for bits, sym in QUANT_KINDS:
         qw = make_quant(1000, 256, bits, sym, 64)  # enough panels for several units

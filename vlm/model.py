@@ -235,8 +235,8 @@ class Model:
     def _decode_step(self, token: int, rope_delta: int) -> np.ndarray:
         """Feed one token at the next cache slot; returns the next-token logits."""
         pos = len(self.cache.keys)
-        h = self.decoder.forward(self.decoder.embed_tokens(np.array([token])),
-                                 np.array([pos + rope_delta], dtype=np.int64), self.cache, pos)
+        h = self.decoder.decode_step(self.decoder.embed_tokens(np.array([token])),
+                                     np.array([pos + rope_delta], dtype=np.int64), self.cache, pos)
         self.cache.keys.append(token)
         return self.decoder.lm_head(h)[0]
 

@@ -7,6 +7,21 @@ handle (None when the kernels don't handle that weight, so the caller keeps nump
 Handled: `QuantizedWeight` (4-bit asymmetric and symmetric, 8-bit symmetric; groups of 32, 64,
 128) and `HalfWeight` (fp16, bf16). Plain float32 matrices stay with numpy's BLAS.
 
+The layers' other hot operations, each the C twin of a numpy reference in vlm.models.layers
+(which uses them whenever the extension is loaded):
+
+- `attention(q, k, v, causal_offset)`: scaled dot-product attention, q [h, n, d], k/v
+  [h_kv, t, d] (grouped KV heads; any strides with the last axis contiguous, so KV-cache
+  views are read in place; d <= MAX_HEAD_DIM) -> [h, n, d]. Causal with offset o: query i
+  sees keys 0..o+i; None: every key. Online softmax over key blocks: memory stays flat.
+- `rms_norm(x, weight, eps)`, `swiglu(gate, up)` (silu(gate) * up), `rotary(x, cos, sin)`
+  (x [h, n, d], cos/sin [n, d], HF rotate-half layout).
+- `DecoderPlan(layers, norm, eps, k_cache, v_cache, n_heads)`: a Llama / Qwen2 decoder's
+  packed layers and KV cache, held once; `plan.step(x, cos, sin, pos)` runs one token
+  through every layer and the final norm in one call (see vlm/kernels/decode.c). Each step is
+  the same operations, in the same order, as the layer-by-layer path, so the results are
+  bit-identical to it.
+
 Knobs, each also settable from the environment at import:
 
 - path: the instruction-set variant, best the CPU supports by default ("avx512" needs
@@ -23,6 +38,10 @@ Knobs, each also settable from the environment at import:
   "float": float activations everywhere.
   `set_mode(name)`; VLM_KERNEL_MODE=w4a8|int8|float.
 - threads: a persistent pool, all usable cores by default. `set_threads(n)`.
+
+Loading the extension also sets glibc's heap policy so the MB-sized activations a forward pass
+frees are kept for the next chunk instead of being returned to the OS and faulted in again
+(see module.c).
 
 VLM_NO_KERNELS=1 disables the extension. If it is missing or fails to load, one warning is
 issued, AVAILABLE is False and every layer uses the numpy reference path.
@@ -71,12 +90,18 @@ def prepare(weight) -> object | None:
     return None
 
 
-def _unavailable(x: np.ndarray, packed: object) -> np.ndarray:
+def _unavailable(*args) -> np.ndarray:
     raise RuntimeError("no native kernels")
 
 
-# The C function itself: it runs ~200 times per decoded token, so no Python wrapper.
+# The C functions themselves (linear runs ~200 times per decoded token): no Python wrappers.
 linear = _native.linear if AVAILABLE else _unavailable
+attention = _native.attention if AVAILABLE else _unavailable
+rms_norm = _native.rms_norm if AVAILABLE else _unavailable
+swiglu = _native.swiglu if AVAILABLE else _unavailable
+rotary = _native.rotary if AVAILABLE else _unavailable
+DecoderPlan = _native.DecoderPlan if AVAILABLE else None
+MAX_HEAD_DIM = _native.MAX_HEAD_DIM if AVAILABLE else 0
 
 
 def set_threads(n: int | None) -> None:

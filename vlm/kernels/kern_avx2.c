@@ -323,6 +323,6 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
     }
 }
 
-const vlm_path vlm_path_avx2 = {"avx2", TQ, TF, gemm_int8, gemm_float, quantize_row};
+const vlm_path vlm_path_avx2 = {"avx2", TQ, TF, gemm_int8, gemm_float, quantize_row, &vlm_ops_avx2};
 
 #endif

@@ -288,6 +288,6 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
     }
 }
 
-const vlm_path vlm_path_avx512 = {"avx512", TQ, TF, gemm_int8, gemm_float, quantize_row};
+const vlm_path vlm_path_avx512 = {"avx512", TQ, TF, gemm_int8, gemm_float, quantize_row, &vlm_ops_avx512};
 
 #endif

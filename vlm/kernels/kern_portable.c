@@ -200,4 +200,5 @@ static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
 }
 
 /* Token tiles of 1: the activations are plain row-major arrays. */
-const vlm_path vlm_path_portable = {"portable", 1, 1, gemm_int8, gemm_float, vlm_quantize_row_portable};
+const vlm_path vlm_path_portable = {"portable", 1, 1, gemm_int8, gemm_float, vlm_quantize_row_portable,
+                                     &vlm_ops_portable};

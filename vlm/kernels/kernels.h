@@ -24,6 +24,7 @@
 #ifndef VLM_KERNELS_H
 #define VLM_KERNELS_H
 
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -78,6 +79,42 @@ typedef void (*vlm_gemm_fn)(const vlm_matrix *m, const vlm_act *a, int p0, int p
  * consecutive words / entries of the token are w apart (the interleaving above). */
 typedef void (*vlm_quant_fn)(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
 
+/* Scaled dot-product attention with grouped KV heads (layers.c drives it, ops_impl.h holds
+ * the kernels): o[h][i] = softmax(scale * q[h][i] . k[hk][j]) v[hk][j] over the keys j the
+ * query sees, hk = h / (h / h_kv). Causal: query i sits at position offset + i and sees keys
+ * 0 .. offset + i; otherwise every key. Arrays are [heads][rows][d] with the last axis
+ * contiguous and any strides (in floats) for the other two, so the KV cache and the
+ * projections' outputs are read where they lie. */
+#define VLM_MAX_HEAD_DIM 256
+#define VLM_ATTN_ROWS 8 /* query rows of one rows_fn call, at most */
+
+typedef struct {
+    int h, h_kv, n, t, d; /* query heads, kv heads, queries, keys, head dim */
+    int causal, offset;
+    float scale;
+    const float *q, *k, *v;
+    float *o;
+    ptrdiff_t qh, qn, kh, kt, vh, vt, oh, on; /* strides: per head, per row */
+} vlm_attn;
+
+/* The scale of the scores, 1 / sqrt(d) rounded once to float (as numpy's reference does). */
+static inline float vlm_attn_scale(int d) { return (float)(1.0 / sqrt((double)d)); }
+
+/* The kernels of ops_impl.h, compiled once per path. */
+typedef struct {
+    int block; /* queries per block_fn call */
+    /* Queries [i0, i1) (at most `block`) of head h against every key they see. Writes o. */
+    void (*block_fn)(const vlm_attn *a, int h, int i0, int i1);
+    /* Rows [r0, r1) (at most VLM_ATTN_ROWS; row r: head hk * g + r / n, query r % n) of kv head hk against keys
+     * [j0, j1): for each row, its partial softmax state m, l, acc[d] at state + (r - r0) * (d + 2). */
+    void (*rows_fn)(const vlm_attn *a, int hk, int r0, int r1, int j0, int j1, float *state);
+    /* Row ops (y may be x): y = x / rms(x) * w; y = silu(g) * u; the rotary embedding of one
+     * head vector (HF rotate-half layout), y = x * cos + rotate_half(x) * sin. */
+    void (*rms_norm)(const float *x, const float *w, float eps, int n, float *y);
+    void (*swiglu)(const float *g, const float *u, int n, float *y);
+    void (*rotary)(const float *x, const float *cos, const float *sin, int d, float *y);
+} vlm_ops;
+
 /* One instruction-set path. gemm_* compute y for panels [p0, p1) and all n tokens. */
 typedef struct {
     const char *name;
@@ -85,14 +122,75 @@ typedef struct {
     vlm_gemm_fn gemm_int8;  /* quantized weights, int8 activations */
     vlm_gemm_fn gemm_float; /* any weights, float activations */
     vlm_quant_fn quantize;  /* same rounding on every path */
+    const vlm_ops *ops;
 } vlm_path;
 
 extern const vlm_path vlm_path_portable;
+extern const vlm_ops vlm_ops_portable;
 #if defined(__x86_64__) || defined(__i386__)
 #define VLM_X86 1
 extern const vlm_path vlm_path_avx2;
 extern const vlm_path vlm_path_avx512;
+extern const vlm_ops vlm_ops_avx2;
+extern const vlm_ops vlm_ops_avx512;
 #endif
+
+/* Which quantized weights take int8 activations (vlm.kernels.MODES, in this order). */
+enum { MODE_W4A8, MODE_INT8, MODE_FLOAT, MODE_COUNT };
+
+/* ---- products (linear.c) ---------------------------------------------------------------
+ * y = x @ W.T for n tokens. A product's activations (x quantized to int8, or interleaved for
+ * the float tiles) are prepared once; products of the same x whose activations agree share
+ * them, and several products run as one job on the pool. */
+typedef struct {
+    const vlm_matrix *m;
+    vlm_act a;
+    int int8;
+} vlm_product;
+
+/* Scratch bytes the activations of n tokens for m need (0: none). */
+size_t vlm_act_bytes(const vlm_path *p, int mode, const vlm_matrix *m, int n);
+/* Set up y = x @ m.T: take the activations of `like` (NULL: none) when they are the same,
+ * else prepare them into scratch (vlm_act_bytes of it). */
+void vlm_product_init(vlm_product *pr, const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n,
+                      float *y, void *scratch, const vlm_product *like);
+void vlm_products_run(const vlm_path *p, const vlm_product *prs, int count);
+/* One product with its own scratch; -1 when out of memory. */
+int vlm_linear(const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n, float *y);
+
+/* ---- attention and row ops on the pool (layers.c) ------------------------------------- */
+/* -1 when out of memory. */
+int vlm_attention(const vlm_path *p, const vlm_attn *a);
+/* y [rows][n] = rms_norm(x [rows][n]) * w (y may be x). */
+void vlm_rms_norm_rows(const vlm_path *p, const float *x, const float *w, float eps, int rows, int n, float *y);
+/* y = silu(g) * u over count values (y may be g or u). */
+void vlm_swiglu_rows(const vlm_path *p, const float *g, const float *u, size_t count, float *y);
+/* The rotary embedding of x [h][n][d] (strides xh, xn in floats) with cos/sin [n][d] into y
+ * (strides yh, yn; y may be x). */
+void vlm_rotary_heads(const vlm_path *p, const float *x, ptrdiff_t xh, ptrdiff_t xn, const float *cos,
+                      const float *sin, int h, int n, int d, float *y, ptrdiff_t yh, ptrdiff_t yn);
+
+/* ---- the fused decoder step (decode.c) ------------------------------------------------- */
+enum { W_Q, W_K, W_V, W_O, W_GATE, W_UP, W_DOWN, W_COUNT };
+
+typedef struct {
+    const vlm_matrix *w[W_COUNT];
+    const float *bias[W_COUNT]; /* or NULL */
+    const float *norm_in, *norm_post;
+} vlm_layer;
+
+typedef struct {
+    int n_layers, hidden, n_heads, n_kv, head_dim, inter, max_len;
+    float eps;
+    const vlm_layer *layers;
+    const float *norm; /* the final norm */
+    float *k_cache, *v_cache; /* [n_layers][n_kv][max_len][head_dim] */
+} vlm_decoder;
+
+/* One token at cache slot pos: x [hidden] embedded, cos/sin [head_dim] of its position;
+ * writes the final-normed hidden state to out [hidden]. -1 when out of memory. */
+int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const float *x, const float *cos,
+                    const float *sin, int pos, float *out);
 
 /* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed. */
 int vlm_pack_q4(vlm_matrix *m, const uint8_t *qw, const uint16_t *scales, const uint16_t *mins, int rows,

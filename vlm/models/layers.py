@@ -2,6 +2,10 @@
 
 All activations are float32 numpy arrays laid out [tokens, features]. Weights may be float32
 arrays, 16-bit `HalfWeight`s or `QuantizedWeight`s; `Linear` hides which.
+
+The hot operations (matmuls of packed weights, RMSNorm, SwiGLU, rotary, attention) run in the
+C kernels of `vlm.kernels` when they are loaded; the numpy functions named `*_numpy` below are
+the reference they are tested against and the path without them.
 """
 
 from __future__ import annotations
@@ -73,14 +77,20 @@ class Embedding:
         return self.weight.dequantize(ids)
 
 
+def rms_norm_numpy(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return x * (1.0 / np.sqrt(var + eps)) * weight
+
+
 class RMSNorm:
     def __init__(self, weight: np.ndarray, eps: float):
         self.weight = np.asarray(weight, dtype=np.float32)
         self.eps = eps
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        var = np.mean(x * x, axis=-1, keepdims=True)
-        return x * (1.0 / np.sqrt(var + self.eps)) * self.weight
+        if kernels.AVAILABLE:
+            return kernels.rms_norm(x, self.weight, self.eps)
+        return rms_norm_numpy(x, self.weight, self.eps)
 
 
 class LayerNorm:
@@ -149,7 +159,10 @@ class GatedMLP:
         self.act = activation(act)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act is silu and kernels.AVAILABLE:
+            return self.down_proj(kernels.swiglu(gate, up))
+        return self.down_proj(self.act(gate) * up)
 
 
 class MLP:
@@ -193,7 +206,16 @@ def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarra
 
 
 def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate halves: x [heads, n, d] with cos/sin [n, d] (HF `rotate_half` convention)."""
+    """Rotate halves: x [heads, n, d] with cos/sin [n, d] (HF `rotate_half` convention).
+
+    The result keeps x's memory order (a transposed view stays one), so attention reads it in place.
+    """
+    if kernels.AVAILABLE and x.ndim == 3 and cos.ndim == 2:
+        return kernels.rotary(x, cos, sin)
+    return apply_rotary_numpy(x, cos, sin)
+
+
+def apply_rotary_numpy(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     half = x.shape[-1] // 2
     rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
@@ -207,14 +229,22 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int | Non
 
     q [h, n, d], k/v [h_kv, t, d] -> [h, n, d]. With `causal_offset` o, query i sits at
     position o + i of the keys and sees keys 0..o+i; with None every query sees every key.
+    Any strides: views of the KV cache are read in place. The C kernel's memory stays flat
+    however long the sequence (numpy's holds the [n, t] scores of each head group).
     """
+    if kernels.AVAILABLE and q.shape[-1] <= kernels.MAX_HEAD_DIM:
+        return kernels.attention(q, k, v, causal_offset)
+    return attend_numpy(q, k, v, causal_offset)
+
+
+def attend_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int | None) -> np.ndarray:
     h, n, d = q.shape
     h_kv, t, _ = k.shape
     g = h // h_kv
     # Scale q (n*d values) rather than the scores (n*t), and normalise after p @ v (n*d again).
     qg = (q * np.float32(1.0 / math.sqrt(d))).reshape(h_kv, g * n, d)
     scores = qg @ k.transpose(0, 2, 1)  # [h_kv, g*n, t]
-    if causal_offset is not None and n > 1:
+    if causal_offset is not None and t > causal_offset + 1:  # some key lies past query 0's position
         s4 = scores.reshape(h_kv, g, n, t)
         s4[..., np.arange(t)[None, :] > (causal_offset + np.arange(n))[:, None]] = -np.inf
     scores -= scores.max(axis=-1, keepdims=True)

@@ -3,6 +3,9 @@
 Qwen2 is Llama with q/k/v biases; Qwen2-VL adds M-RoPE (three position axes). One token step
 reads top to bottom in `LlamaModel.forward`: embed -> N x (attention, MLP) -> norm -> head.
 Tensor names are the Hugging Face checkpoint's: `model.layers.N.self_attn.q_proj.weight`...
+
+Decoding one token runs the same steps fused in C (`LlamaModel.decode_step`, vlm/kernels/decode.c)
+when the kernels hold every layer's weights: one call instead of ~15 per layer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
+from vlm import kernels
 from vlm.errors import VlmError
 from vlm.models.layers import (
     Attention,
@@ -115,6 +119,7 @@ class LlamaModel:
         # M-RoPE: which position axis (t, h, w) drives each rotary frequency.
         section = c.mrope_section or [c.head_dim // 2]
         self.rope_axis = np.repeat(np.arange(len(section)), section)
+        self._plan: tuple[KVCache, object] | None = None  # (cache, its DecoderPlan or None)
 
     def new_cache(self, max_len: int) -> KVCache:
         c = self.config
@@ -135,3 +140,39 @@ class LlamaModel:
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.layer(i), start)
         return self.norm(x)
+
+    def decode_step(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
+        """`forward` for one token x [1, hidden], in one C call when a fused plan exists.
+
+        The plan runs the kernels `forward` would, in the same order, so the result is
+        bit-identical; cos/sin still come from `rope`, so M-RoPE and rope scaling carry over.
+        """
+        plan = self.decode_plan(cache)
+        if plan is None:
+            return self.forward(x, positions, cache, start)
+        cos, sin = self.rope(positions)
+        return plan.step(x, cos, sin, start)
+
+    def decode_plan(self, cache: KVCache):
+        """The C-side plan of every layer (packed weights, norms, biases, cache) for `cache`:
+        built once, or None when the fused step cannot run (no kernels, a weight the kernels
+        do not hold, an activation other than SiLU)."""
+        if self._plan is None or self._plan[0] is not cache:
+            self._plan = (cache, self._build_plan(cache))
+        return self._plan[1]
+
+    def _build_plan(self, cache: KVCache):
+        c = self.config
+
+        def linears(layer: DecoderLayer) -> list[Linear]:
+            a, m = layer.self_attn, layer.mlp
+            return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+
+        fusable = (kernels.AVAILABLE and c.hidden_act in ("silu", "swish") and c.head_dim <= kernels.MAX_HEAD_DIM
+                   and all(lin.packed is not None for layer in self.layers for lin in linears(layer)))
+        if not fusable:
+            return None
+        layers = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                   tuple(lin.packed for lin in linears(layer)), tuple(lin.bias for lin in linears(layer)))
+                  for layer in self.layers]
+        return kernels.DecoderPlan(layers, self.norm.weight, c.rms_norm_eps, cache.k, cache.v, c.num_attention_heads)
