@@ -259,3 +259,23 @@ def test_import_failure_falls_back_with_one_warning():
     out = run_python(code)
     assert out.stdout.split() == ["False", "False"], out.stderr
     assert out.stderr.count("native kernels unavailable") == 1, out.stderr
+
+
+def test_int8_activations_opt_in_for_8bit_weights():
+    # W4A8 keeps float activations for 8-bit weights unless the matrix opts in; "float" mode
+    # still wins, so exact-math runs stay exact.
+    rng = np.random.default_rng(7)
+    w = quantize(rng.normal(size=(48, 96)).astype(np.float32), bits=8, group_size=32)
+    x = rng.normal(size=(5, 96)).astype(np.float32)
+    before = kernels.info()["mode"]
+    try:
+        kernels.set_mode("int8")
+        int8 = kernels.linear(x, kernels.prepare(w))
+        kernels.set_mode("w4a8")
+        assert np.array_equal(kernels.linear(x, kernels.prepare(w, int8_activations=True)), int8)
+        exact = kernels.linear(x, kernels.prepare(w))
+        assert not np.array_equal(exact, int8)
+        kernels.set_mode("float")
+        assert np.array_equal(kernels.linear(x, kernels.prepare(w, int8_activations=True)), exact)
+    finally:
+        kernels.set_mode(before)

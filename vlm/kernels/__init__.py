@@ -76,15 +76,20 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def prepare(weight) -> object | None:
-    """Repack `weight` into the kernel's layout; None when no kernel handles it."""
+def prepare(weight, int8_activations: bool = False) -> object | None:
+    """Repack `weight` into the kernel's layout; None when no kernel handles it.
+
+    In the default W4A8 mode, 8-bit weights keep float activations (the LM head's logits stay
+    exact); `int8_activations=True` lets such a matrix take the ~3x faster int8 GEMM too, as
+    the vision towers do. The "float" mode still overrides it for exact-math runs.
+    """
     if not AVAILABLE:
         return None
     if isinstance(weight, QuantizedWeight):
         if weight.group_size not in GROUP_SIZES or (weight.bits == 8 and not weight.symmetric):
             return None
         return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.bits, weight.group_size,
-                                  weight.symmetric)
+                                  weight.symmetric, int8_activations)
     if isinstance(weight, HalfWeight) and weight.data.ndim == 2:
         return _native.pack_half(weight.data, weight.kind)
     return None

@@ -48,6 +48,7 @@ typedef struct {
     size_t panel_bytes; /* stride between panels */
     size_t scales_off;  /* offset of the scales inside a panel (quantized formats) */
     size_t mins_off;    /* offset of the mins inside a panel (FMT_Q4A) */
+    int int8_acts;      /* 8-bit weights: int8 activations in W4A8 mode too (vision towers opt in) */
     unsigned char *data;
 } vlm_matrix;
 

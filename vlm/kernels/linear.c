@@ -8,8 +8,10 @@
 
 static int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 
+/* W4A8 keeps float activations for 8-bit weights (the LM head) unless the matrix opted in. */
 static int int8_activations(int mode, const vlm_matrix *m) {
-    return vlm_is_quant(m->fmt) && (mode == MODE_INT8 || (mode == MODE_W4A8 && m->fmt != FMT_Q8));
+    return vlm_is_quant(m->fmt) &&
+           (mode == MODE_INT8 || (mode == MODE_W4A8 && (m->fmt != FMT_Q8 || m->int8_acts)));
 }
 
 /* Float activations are interleaved only for token tiles wider than 1. */

@@ -62,7 +62,10 @@ static PyTypeObject MatrixType = {
 
 static MatrixObject *new_matrix(void) {
     MatrixObject *self = PyObject_New(MatrixObject, &MatrixType);
-    if (self) self->m.data = NULL;
+    if (self) {
+        self->m.data = NULL;
+        self->m.int8_acts = 0;
+    }
     return self;
 }
 
@@ -76,11 +79,11 @@ static PyArrayObject *as_matrix(PyObject *obj, int type, const char *what) {
     return a;
 }
 
-/* pack_quant(qweight, scales, mins, bits, group_size, symmetric) -> Matrix */
+/* pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False) -> Matrix */
 static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *qo, *so, *mo;
-    int bits, group, symmetric;
-    if (!PyArg_ParseTuple(args, "OOOiip", &qo, &so, &mo, &bits, &group, &symmetric)) return NULL;
+    int bits, group, symmetric, int8_acts = 0;
+    if (!PyArg_ParseTuple(args, "OOOiip|p", &qo, &so, &mo, &bits, &group, &symmetric, &int8_acts)) return NULL;
     if (!((bits == 4 || (bits == 8 && symmetric)) && (group == 32 || group == 64 || group == 128))) {
         PyErr_SetString(PyExc_ValueError, "unsupported quantization");
         return NULL;
@@ -109,6 +112,8 @@ static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     if (rc) {
         Py_CLEAR(out);
         PyErr_NoMemory();
+    } else {
+        out->m.int8_acts = int8_acts;
     }
 done:
     Py_XDECREF(q);
@@ -577,7 +582,7 @@ static PyObject *set_threads(PyObject *Py_UNUSED(mod), PyObject *arg) {
 static PyObject *get_threads(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(unused)) { return PyLong_FromLong(vlm_pool_threads()); }
 
 static PyMethodDef methods[] = {
-    {"pack_quant", pack_quant, METH_VARARGS, "pack_quant(qweight, scales, mins, bits, group_size, symmetric)"},
+    {"pack_quant", pack_quant, METH_VARARGS, "pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False)"},
     {"pack_half", pack_half, METH_VARARGS, "pack_half(data, kind)"},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, "linear(x, matrix) -> x @ W.T"},
     {"attention", attention, METH_VARARGS, "attention(q, k, v, causal_offset) -> o"},

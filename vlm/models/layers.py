@@ -37,9 +37,10 @@ class Linear:
     are held in memory once, in the kernel's layout.
     """
 
-    def __init__(self, weight: Weight, bias: np.ndarray | None = None):
+    def __init__(self, weight: Weight, bias: np.ndarray | None = None, int8_activations: bool = False):
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
-        self.packed = kernels.prepare(weight)  # the kernel's repacked layout, or None
+        # The kernel's repacked layout, or None; see kernels.prepare for int8_activations.
+        self.packed = kernels.prepare(weight, int8_activations)
         self.weight = weight if self.packed is None else None
         self.shape = tuple(weight.shape)
         self.kind = getattr(weight, "kind", "f32")
