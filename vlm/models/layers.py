@@ -12,17 +12,26 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from vlm import kernels
+from vlm.errors import VlmError
 from vlm.quant import HalfWeight, QuantizedWeight
 
 Weight = np.ndarray | HalfWeight | QuantizedWeight
 
 # Rows of a stored matrix widened to float32 at once on the numpy path: bounds the scratch memory.
 _WIDEN_ROWS = 4096
+
+
+def lookup(tensors: Mapping[str, Weight], name: str) -> Weight:
+    """tensors[name], or a VlmError naming the tensor the checkpoint lacks."""
+    try:
+        return tensors[name]
+    except KeyError:
+        raise VlmError(f"checkpoint is missing tensor {name}") from None
 
 
 def dequantize(w: Weight) -> np.ndarray:

@@ -25,6 +25,7 @@ from vlm.models.layers import (
     Linear,
     RMSNorm,
     Weight,
+    lookup,
     rope_inv_freq,
 )
 
@@ -91,10 +92,7 @@ class LlamaModel:
         self.config = c = config
 
         def w(name: str) -> Weight:
-            try:
-                return tensors[name]
-            except KeyError:
-                raise VlmError(f"checkpoint is missing tensor {name}") from None
+            return lookup(tensors, name)
 
         def linear(name: str) -> Linear:
             return Linear(w(name + ".weight"), tensors.get(name + ".bias"))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vlm.errors import VlmError
-from vlm.models.layers import MLP, Attention, LayerNorm, Linear, Weight, attend, dequantize
+from vlm.models.layers import MLP, Attention, LayerNorm, Linear, Weight, attend, dequantize, lookup
 
 # Tokens per encoder chunk: about 150 MB of activations at SigLIP-base width (two 512-px tiles).
 DEFAULT_CHUNK_TOKENS = 2048
@@ -107,10 +107,7 @@ class Idefics3VisionModel:
             raise VlmError(f"vision width {c.hidden_size} is not divisible by {c.num_attention_heads} heads")
 
         def w(name: str) -> Weight:
-            try:
-                return tensors[name]
-            except KeyError:
-                raise VlmError(f"checkpoint is missing vision tensor {name}") from None
+            return lookup(tensors, name)
 
         def linear(name: str) -> Linear:
             # 8-bit vision weights take int8 activations: ~3x the GEMM rate, error stated in tests.

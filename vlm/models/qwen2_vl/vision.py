@@ -14,7 +14,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlm.errors import VlmError
-from vlm.models.layers import MLP, LayerNorm, Linear, Weight, apply_rotary, attend, gelu, rope_inv_freq
+from vlm.models.layers import (
+    MLP,
+    LayerNorm,
+    Linear,
+    Weight,
+    apply_rotary,
+    attend,
+    gelu,
+    lookup,
+    rope_inv_freq,
+)
 from vlm.quant import HalfWeight
 
 LAYER_NORM_EPS = 1e-6  # fixed in the reference, not in the config
@@ -125,10 +135,7 @@ class Qwen2VisionTransformer:
         self.max_score_bytes = max_score_bytes
 
         def w(name: str) -> Weight:
-            try:
-                return tensors[name]
-            except KeyError:
-                raise VlmError(f"checkpoint is missing vision tensor {name}") from None
+            return lookup(tensors, name)
 
         def linear(name: str) -> Linear:
             # 8-bit vision weights take int8 activations: ~3x the GEMM rate, error stated in tests.
