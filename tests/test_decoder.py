@@ -91,7 +91,7 @@ def test_converted_model_loads_by_mmap_and_matches_on_load_quantization(arch_dir
     from vlm.convert import convert
 
     _, path = arch_dir
-    report = convert(path, tmp_path / "q4", bits=4)
+    report = convert(path, tmp_path / "q4", bits=4, progress=True)
     assert report.output_bytes < report.source_bytes / 3
     assert 0 < max(report.errors.values()) < 0.15
     converted = vlm.load(tmp_path / "q4")

@@ -166,7 +166,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from vlm.convert import convert
 
     report = convert(args.src, args.dst, bits=args.bits, group_size=args.group_size, symmetric=args.symmetric,
-                     vision_bits=args.vision_bits)
+                     vision_bits=args.vision_bits, progress=sys.stderr.isatty())
     print(report.summary())
     print(f"wrote {args.dst}")
     return 0

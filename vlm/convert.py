@@ -42,11 +42,11 @@ def _nbytes(tensors: dict) -> int:
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 4, group_size: int = 32,
-            symmetric: bool = False, vision_bits: int | None = None) -> ConvertReport:
+            symmetric: bool = False, vision_bits: int | None = None, progress: bool = False) -> ConvertReport:
     """Convert `src` (GGUF, HF directory, converted model or known name) into `dst`.
 
     bits 4 or 8 for the decoder's linear layers (embeddings 8-bit); vision_bits 8, 16 or 32
-    for the vision tower (None keeps its stored precision).
+    for the vision tower (None keeps its stored precision). `progress` shows progress bars.
     """
     modes = {4: "q4_sym" if symmetric else "q4", 8: "q8"}
     if bits not in modes:
@@ -62,7 +62,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 4, group
         raise VlmError(f"{dst} exists and is not a converted model; refusing to write into it")
     ckpt = read_checkpoint(src_path)
     errors: dict[str, float] = {}
-    _, text, vision = prepare_tensors(ckpt, modes[bits], vision_modes[vision_bits], group_size, errors)
+    _, text, vision = prepare_tensors(ckpt, modes[bits], vision_modes[vision_bits], group_size, errors, progress)
     tensors = {**text, **{VISION_PREFIX + k: w for k, w in vision.items()}}
     quantization = {"decoder": modes[bits], "group_size": group_size, "vision": vision_modes[vision_bits]}
     out = write_native(dst, ckpt.config, tensors, ckpt.files, quantization)

@@ -7,6 +7,7 @@ import os
 import re
 
 import numpy as np
+from tqdm import tqdm
 
 from vlm import kernels
 from vlm.errors import VlmError
@@ -31,17 +32,22 @@ FAMILIES = {
 _DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
+def _each(tensors: dict[str, Weight], progress: bool, what: str):
+    items = tensors.items()
+    return tqdm(items, total=len(tensors), desc=what, unit="tensor", leave=False) if progress and items else items
+
+
 def quantize_decoder(tensors: dict[str, Weight], mode: str | None, group_size: int = 32,
-                     errors: dict[str, float] | None = None) -> dict[str, Weight]:
+                     errors: dict[str, float] | None = None, progress: bool = False) -> dict[str, Weight]:
     """Apply a precision mode to decoder tensors named as in HF causal LMs.
 
     q4 / q4_sym: every linear layer 4-bit, embeddings 8-bit; q8: both 8-bit; f32: all float32;
     None: as stored. Norms and biases are always float32. A matrix whose width is not a
     multiple of the group size stays as it is. With `errors`, the relative RMS error of each
-    tensor quantized here is recorded in it.
+    tensor quantized here is recorded in it. `progress` shows a progress bar.
     """
     out = {}
-    for name, w in tensors.items():
+    for name, w in _each(tensors, progress, "decoder"):
         if w.ndim < 2 if isinstance(w, np.ndarray) else len(w.shape) < 2:
             out[name] = dequantize(w)
             continue
@@ -69,10 +75,10 @@ def _already(w: Weight, bits: int, group_size: int) -> bool:
     return isinstance(w, QuantizedWeight) and w.bits == bits and w.group_size <= group_size
 
 
-def convert_vision(tensors: dict[str, Weight], mode: str | None) -> dict[str, Weight]:
+def convert_vision(tensors: dict[str, Weight], mode: str | None, progress: bool = False) -> dict[str, Weight]:
     """Precision of the vision tower: f32, f16 storage, or 8-bit linear weights (mixed precision)."""
     out = {}
-    for name, w in tensors.items():
+    for name, w in _each(tensors, progress, "vision"):
         matrix = (w.ndim if isinstance(w, np.ndarray) else len(w.shape)) == 2
         if mode is None and (not isinstance(w, np.ndarray) or w.dtype == np.float32):
             out[name] = w if matrix else dequantize(w)
@@ -111,7 +117,7 @@ def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict]:
 
 
 def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str | None, group_size: int,
-                    errors: dict[str, float] | None = None) -> tuple[type | None, dict, dict]:
+                    errors: dict[str, float] | None = None, progress: bool = False) -> tuple[type | None, dict, dict]:
     """Validate the precision settings; returns (family class, decoder tensors, vision tensors) at them."""
     if quantize not in QUANTIZE_MODES:
         raise VlmError(f"quantize must be one of {', '.join(map(str, QUANTIZE_MODES))}; got {quantize!r}")
@@ -122,7 +128,8 @@ def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str
     family_cls = family_class(ckpt.config, ckpt.path)
     vision, text = split_tensors(ckpt, family_cls)
     vision_mode = "f32" if quantize == "f32" else vision_quantize
-    return family_cls, quantize_decoder(text, quantize, group_size, errors), convert_vision(vision, vision_mode)
+    return (family_cls, quantize_decoder(text, quantize, group_size, errors, progress),
+            convert_vision(vision, vision_mode, progress))
 
 
 def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: str | None = None,
