@@ -6,7 +6,9 @@ We parse the format ourselves (8-byte header length, JSON header, raw data) beca
 
 from __future__ import annotations
 
+import contextlib
 import json
+import mmap
 import struct
 from pathlib import Path
 
@@ -59,6 +61,19 @@ def mapping_of(array: np.ndarray):
     while array is not None and not isinstance(array, np.memmap):
         array = array.base if isinstance(array.base, np.ndarray) else None
     return getattr(array, "_mmap", None)
+
+
+def release_pages(*arrays: np.ndarray | None) -> None:
+    """Drop this process's resident pages under memory-mapped arrays (clean file pages: they
+    fault back in if read again). Arrays not backed by a file map are left alone."""
+    for a in arrays:
+        m = mapping_of(a) if isinstance(a, np.ndarray) else None
+        if m is None or a.nbytes == 0:
+            continue
+        start = a.ctypes.data - np.frombuffer(m, np.uint8).ctypes.data
+        lo = start - start % mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            m.madvise(mmap.MADV_DONTNEED, lo, start + a.nbytes - lo)
 
 
 def as_weight(array: np.ndarray, dtype: str) -> np.ndarray | HalfWeight:

@@ -18,6 +18,7 @@ import numpy as np
 
 from vlm import kernels
 from vlm.errors import VlmError
+from vlm.formats.safetensors import release_pages
 from vlm.quant import HalfWeight, QuantizedWeight
 
 Weight = np.ndarray | HalfWeight | QuantizedWeight
@@ -51,6 +52,8 @@ class Linear:
         # The kernel's repacked layout, or None; see kernels.prepare for int8_activations.
         self.packed = kernels.prepare(weight, int8_activations)
         self.weight = weight if self.packed is None else None
+        if self.packed is not None:  # the repacked copy replaces the file's pages: drop those now
+            release_pages(*(getattr(weight, f, None) for f in ("qweight", "scales", "mins", "data")))
         self.shape = tuple(weight.shape)
         self.kind = getattr(weight, "kind", "f32")
         self.nbytes = int(weight.nbytes)  # of the stored form: what a decode step reads
