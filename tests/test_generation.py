@@ -147,3 +147,12 @@ def test_bad_prompts(model):
             model.generate(bad)
     with pytest.raises(vlm.VlmError, match="no vision encoder"):
         model.generate("what is this?", images=[np.zeros((4, 4, 3), np.uint8)])
+
+
+def test_unknown_options_are_errors_not_ignored(model, tiny_smolvlm):
+    with pytest.raises(vlm.VlmError, match="unknown option 'temprature'"):
+        model.generate("hi", temprature=0.5)
+    vision = vlm.load(tiny_smolvlm)
+    with pytest.raises(vlm.VlmError, match="unknown option 'max_image_tokens'; this model's image options: max_tiles"):
+        vision.generate("hi", images=[np.zeros((8, 8, 3), np.uint8)], max_image_tokens=4)
+    assert vision.generate("hi", images=[np.zeros((8, 8, 3), np.uint8)], max_tiles=2, max_new_tokens=2).tokens

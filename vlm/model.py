@@ -8,6 +8,7 @@ prefix -> decode one token at a time -> stream text, stop on EOS / stop strings 
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -123,6 +124,7 @@ class Model:
         `prompt` is a string (one user turn, or tokenized as-is with raw=True), a list of chat
         messages, or a list of token ids (used exactly as given).
         """
+        self._check_image_options(image_options)
         images = list(images or [])
         if images and self.family is None:
             raise VlmError("this model has no vision encoder; it cannot take images")
@@ -150,6 +152,14 @@ class Model:
         if ids.min() < 0 or ids.max() >= self.decoder.config.vocab_size:
             raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
         return ids, processed
+
+    def _check_image_options(self, options: dict) -> None:
+        """Extra keyword arguments are the family's image options; anything else is a typo."""
+        allowed = set(inspect.signature(self.family.preprocess).parameters) - {"image"} if self.family else set()
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            takes = f"; this model's image options: {', '.join(sorted(allowed))}" if allowed else ""
+            raise VlmError(f"unknown option {unknown[0]!r}{takes}")
 
     def preprocess(self, image, **image_options):
         """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
