@@ -19,8 +19,6 @@ from vlm.quant import HalfWeight, QuantizedWeight
 gguf = pytest.importorskip("gguf")
 T = gguf.GGMLQuantizationType
 
-REAL = Path(__file__).resolve().parent.parent / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-needs_real = pytest.mark.skipif(not REAL.exists(), reason=f"{REAL.name} not downloaded")
 
 QUANT_TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.BF16]
 
@@ -402,13 +400,10 @@ def test_checkpoint_errors(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def real_checkpoint():
-    if not REAL.exists():
-        pytest.skip(f"{REAL.name} not downloaded")
-    return load_gguf_checkpoint(REAL)
+def real_checkpoint(smollm2_gguf):
+    return load_gguf_checkpoint(smollm2_gguf)
 
 
-@needs_real
 def test_real_config_and_tensor_kinds(real_checkpoint):
     ck = real_checkpoint
     assert ck.config == {
@@ -442,10 +437,9 @@ def test_real_config_and_tensor_kinds(real_checkpoint):
     assert ck.add_bos_token is False and ck.chat_template.startswith("{% for message in messages %}")
 
 
-@needs_real
-def test_real_tensors_match_gguf_py():
-    ours = GGUFFile(REAL)
-    ref = gguf.GGUFReader(str(REAL))
+def test_real_tensors_match_gguf_py(smollm2_gguf):
+    ours = GGUFFile(smollm2_gguf)
+    ref = gguf.GGUFReader(str(smollm2_gguf))
     assert ours.metadata["tokenizer.ggml.tokens"] == ref.fields["tokenizer.ggml.tokens"].contents()
     assert ours.metadata["tokenizer.ggml.merges"][:3] == ["Ġ t", "Ġ a", "i n"]
     by_name = {t.name: t for t in ref.tensors}
@@ -462,14 +456,12 @@ def test_real_tensors_match_gguf_py():
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict():
-    if not REAL.exists():
-        pytest.skip(f"{REAL.name} not downloaded")
+def hf_state_dict(smollm2_gguf):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.set_num_threads(1)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(REAL.parent), gguf_file=REAL.name, dtype=torch.float32
+        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
     )
     return {k: v.numpy() for k, v in model.state_dict().items()}
 

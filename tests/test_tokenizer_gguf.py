@@ -25,8 +25,6 @@ from tokenizers import Tokenizer
 from vlm.errors import VlmError
 from vlm.formats.tokenizer_gguf import tokenizer_from_gguf
 
-REAL = Path(__file__).resolve().parent.parent / "weights" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 TEXTS = [
     "Hello, world! This is a test.",
     "12345 3.14 0.5e-10 1,000,000 x2y",
@@ -169,12 +167,10 @@ def test_bad_tokenizers():
 
 
 @pytest.fixture(scope="module")
-def real_metadata() -> dict:
-    if not REAL.exists():
-        pytest.skip(f"{REAL.name} not downloaded")
+def real_metadata(smollm2_gguf) -> dict:
     from vlm.formats.gguf import GGUFFile
 
-    return GGUFFile(REAL).metadata
+    return GGUFFile(smollm2_gguf).metadata
 
 
 @pytest.fixture(scope="module")
@@ -202,16 +198,16 @@ def test_real_round_trip(real_tokenizer):
         assert real_tokenizer.decode(ids, skip_special_tokens=False) == text
 
 
-def test_real_matches_llama_cpp(real_tokenizer):
-    llm = _llama_cpp_vocab(REAL)
+def test_real_matches_llama_cpp(real_tokenizer, smollm2_gguf):
+    llm = _llama_cpp_vocab(smollm2_gguf)
     for text in TEXTS:
         assert real_tokenizer.encode(text).ids == _llama_cpp_ids(llm, text), text
 
 
-def test_real_matches_transformers(real_tokenizer):
+def test_real_matches_transformers(real_tokenizer, smollm2_gguf):
     pytest.importorskip("gguf")
     transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(REAL.parent), gguf_file=REAL.name)
+    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
     for text in TEXTS:
         assert real_tokenizer.encode(text).ids == hf.encode(text, add_special_tokens=False), text
 
