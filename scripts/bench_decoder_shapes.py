@@ -90,9 +90,7 @@ def main() -> None:
         make_tokenizer(Path(tmp))
         tokenizer = Tokenizer(HFTokenizer.from_file(str(Path(tmp) / "tokenizer.json")))
     model = Model(decoder, tokenizer, context=2048, info={"path": f"{args.model} decoder shapes, random q4"})
-    weights = sum(lin.nbytes for layer in decoder.layers for lin in (
-        layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
-        layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)) + decoder.lm_head.nbytes
+    weights = sum(lin.nbytes for layer in decoder.layers for lin in layer.linears()) + decoder.lm_head.nbytes
     result = bench.run(model, [args.pp], [args.tg], [0], [], args.reps, args.threads)
     c = decoder.config
     kv_used = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * max(args.pp, args.tg + 1)

@@ -89,11 +89,7 @@ def _row(test: str, unit: str, values: list[float]) -> BenchRow:
 def decode_bytes_per_token(model: Model, depth: int = 0) -> int:
     """Bytes one decode step must read: every decoder weight, one embedding row, the KV cache so far."""
     d = model.decoder
-    total = 0
-    for layer in d.layers:
-        a, m = layer.self_attn, layer.mlp
-        for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
-            total += lin.nbytes
+    total = sum(lin.nbytes for layer in d.layers for lin in layer.linears())
     total += d.lm_head.nbytes + int(d.embed_tokens.weight.nbytes) // d.config.vocab_size
     c = d.config
     total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * depth

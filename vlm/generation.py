@@ -46,8 +46,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         p = self.params
-        logits = np.array(logits, dtype=np.float32)
+        logits = np.asarray(logits, dtype=np.float32)
         if p.repetition_penalty != 1.0 and history:
+            logits = logits.copy()  # the caller's logits stay as they were
             # The CTRL / transformers rule: shrink positive logits, grow negative ones.
             seen = np.unique(np.asarray(history))
             seen = seen[seen < logits.size]

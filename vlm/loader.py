@@ -47,13 +47,14 @@ def quantize_decoder(tensors: dict[str, Weight], mode: str | None, group_size: i
     tensor quantized here is recorded in it. `progress` shows a progress bar.
     """
     out = {}
+    mode_bits = {"q4": 4, "q4_sym": 4, "q8": 8}.get(mode)
     for name, w in _each(tensors, progress, "decoder"):
-        if w.ndim < 2 if isinstance(w, np.ndarray) else len(w.shape) < 2:
+        if len(w.shape) < 2:
             out[name] = dequantize(w)
             continue
         linear = bool(_DECODER_LINEAR.match(name)) or name == "lm_head.weight"
         embedding = name == "model.embed_tokens.weight"
-        bits = {"q4": 4, "q4_sym": 4, "q8": 8}.get(mode)
+        bits = mode_bits
         if mode == "f32":
             out[name] = dequantize(w)
         elif bits and (linear or embedding) and can_quantize(w.shape, group_size):
@@ -79,7 +80,7 @@ def convert_vision(tensors: dict[str, Weight], mode: str | None, progress: bool 
     """Precision of the vision tower: f32, f16 storage, or 8-bit linear weights (mixed precision)."""
     out = {}
     for name, w in _each(tensors, progress, "vision"):
-        matrix = (w.ndim if isinstance(w, np.ndarray) else len(w.shape)) == 2
+        matrix = len(w.shape) == 2
         if mode is None and (not isinstance(w, np.ndarray) or w.dtype == np.float32):
             out[name] = w if matrix else dequantize(w)
         elif mode == "f16" and matrix:

@@ -92,16 +92,20 @@ def read_hf_tokenizer(directory: Path, config: dict) -> tuple[Tokenizer, dict[st
                      extra_eos=extra_eos), files
 
 
+def read_processor_config(directory: Path, files: dict[str, str]) -> dict:
+    """processor_config.json updated by preprocessor_config.json; their texts are added to `files`."""
+    pre = {}
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        if (directory / name).is_file():
+            pre.update(_read_json(directory / name))
+            files[name] = (directory / name).read_text(encoding="utf-8")
+    return pre
+
+
 def read_hf(directory: Path) -> Checkpoint:
     config = _read_json(directory / "config.json")
     tokenizer, files = read_hf_tokenizer(directory, config)
-    for name in ("preprocessor_config.json", "processor_config.json"):
-        if (directory / name).is_file():
-            files[name] = (directory / name).read_text(encoding="utf-8")
-    pre = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        if name in files:
-            pre.update(_read_json(directory / name))
+    pre = read_processor_config(directory, files)
     tensors, mappings = read_checkpoint_tensors(directory)
     return Checkpoint(config, tensors, tokenizer, directory, "hf", pre, files, mappings=mappings)
 

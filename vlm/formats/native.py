@@ -17,7 +17,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from vlm.errors import VlmError
-from vlm.formats.checkpoint import NATIVE_CONFIG, Checkpoint, read_hf_tokenizer
+from vlm.formats.checkpoint import NATIVE_CONFIG, Checkpoint, read_hf_tokenizer, read_processor_config
 from vlm.formats.safetensors import mapping_of, read_safetensors
 from vlm.models.layers import Weight
 from vlm.quant import HalfWeight, QuantizedWeight
@@ -78,11 +78,7 @@ def read_native(directory: Path) -> Checkpoint:
         raise VlmError(f"corrupt converted model {directory}: tensor {e} missing") from None
     config = meta["config"]
     tokenizer, files = read_hf_tokenizer(directory, config)
-    pre = {}
-    for name in ("processor_config.json", "preprocessor_config.json"):
-        if (directory / name).is_file():
-            files[name] = (directory / name).read_text(encoding="utf-8")
-            pre.update(json.loads(files[name]))
+    pre = read_processor_config(directory, files)
     mapping = mapping_of(next(iter(arrays.values()))) if arrays else None
     return Checkpoint(config, tensors, tokenizer, directory, "vlm", pre, files, meta.get("quantization", {}),
                       [mapping] if mapping is not None else [])

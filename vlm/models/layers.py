@@ -211,13 +211,6 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.nda
     return inv
 
 
-def rope_cos_sin(positions: np.ndarray, inv_freq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables [n, 2 * len(inv_freq)] for 1-D positions, in HF's half-rotation layout."""
-    freqs = positions.astype(np.float64)[:, None] * inv_freq[None, :]
-    emb = np.concatenate([freqs, freqs], axis=-1)
-    return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
-
-
 def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate halves: x [heads, n, d] with cos/sin [n, d] (HF `rotate_half` convention).
 

@@ -80,6 +80,11 @@ class DecoderLayer:
         self.self_attn, self.mlp = self_attn, mlp
         self.input_layernorm, self.post_attention_layernorm = input_layernorm, post_attention_layernorm
 
+    def linears(self) -> list[Linear]:
+        """The layer's projections, in the order the fused decode plan takes them."""
+        a, m = self.self_attn, self.mlp
+        return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+
     def __call__(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray, cache, start: int) -> np.ndarray:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -161,16 +166,11 @@ class LlamaModel:
 
     def _build_plan(self, cache: KVCache):
         c = self.config
-
-        def linears(layer: DecoderLayer) -> list[Linear]:
-            a, m = layer.self_attn, layer.mlp
-            return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
-
         fusable = (kernels.AVAILABLE and c.hidden_act in ("silu", "swish") and c.head_dim <= kernels.MAX_HEAD_DIM
-                   and all(lin.packed is not None for layer in self.layers for lin in linears(layer)))
+                   and all(lin.packed is not None for layer in self.layers for lin in layer.linears()))
         if not fusable:
             return None
         layers = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                   tuple(lin.packed for lin in linears(layer)), tuple(lin.bias for lin in linears(layer)))
+                   tuple(lin.packed for lin in layer.linears()), tuple(lin.bias for lin in layer.linears()))
                   for layer in self.layers]
         return kernels.DecoderPlan(layers, self.norm.weight, c.rms_norm_eps, cache.k, cache.v, c.num_attention_heads)
