@@ -26,7 +26,7 @@ def folder(tmp_path_factory):
 
 
 def run(*args):
-    p = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", *map(str, args)], capture_output=True,
+    p = subprocess.run([sys.executable, "-m", "vlm", "caption", *map(str, args)], capture_output=True,
                        text=True, timeout=600)
     return p.returncode, p.stdout, p.stderr
 

@@ -11,7 +11,7 @@ pexpect = pytest.importorskip("pexpect")
 
 
 def spawn(*args, timeout=120):
-    child = pexpect.spawn(sys.executable, ["-m", "vlm.cli", "chat", *map(str, args)], encoding="utf-8",
+    child = pexpect.spawn(sys.executable, ["-m", "vlm", "chat", *map(str, args)], encoding="utf-8",
                           timeout=timeout, dimensions=(40, 200))
     child.expect("/help for commands")
     return child

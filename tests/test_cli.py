@@ -8,7 +8,7 @@ import pytest
 
 
 def run(*args, input=None):
-    p = subprocess.run([sys.executable, "-m", "vlm.cli", *map(str, args)], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "vlm", *map(str, args)], capture_output=True, text=True,
                        input=input, timeout=300)
     return p.returncode, p.stdout, p.stderr
 

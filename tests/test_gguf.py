@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vlm import kernels
 from vlm.errors import VlmError
 from vlm.formats.gguf import GGUFFile, load_gguf_checkpoint
+from vlm.formats.safetensors import mapping_of
 from vlm.quant import HalfWeight, QuantizedWeight
 
 gguf = pytest.importorskip("gguf")
@@ -66,9 +68,19 @@ def test_quantized_load_matches_gguf_dequantize(tmp_path, qtype, rows):
         T.Q4_0: (4, True, True),
         T.Q4_1: (4, False, False),
     }[qtype]
-    assert w.qweight.flags.c_contiguous and w.scales.dtype == np.float16
+    # read in place: strided views of the file's blocks, nothing copied
+    assert all(mapping_of(a) is not None for a in (w.qweight, w.scales) + ((w.mins,) if w.mins is not None else ()))
+    assert w.qweight.shape == (rows, 3, 32 if qtype == T.Q8_0 else 16) and w.scales.dtype == np.float16
     rows_sel = np.array([rows - 1, 0])
     np.testing.assert_array_equal(w.dequantize(rows_sel), ref[rows_sel])
+    if kernels.AVAILABLE:  # the kernels repack from the views in place: same matrix as from a copy
+        x, mode = _rand(2, 96, seed=9), kernels.info()["mode"]
+        kernels.set_mode("float")
+        try:
+            np.testing.assert_allclose(kernels.linear(x, kernels.prepare(w)), x @ ref.T, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(kernels.unpack_rows(kernels.prepare(w), rows_sel), ref[rows_sel])
+        finally:
+            kernels.set_mode(mode)
 
 
 def test_float_tensors_are_views_in_numpy_order(tmp_path):

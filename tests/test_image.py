@@ -85,6 +85,6 @@ def test_sixteen_bit_greyscale_keeps_its_range():
 def test_cli_reports_bad_images_for_a_vision_model(tiny_smolvlm, tmp_path):
     notes = tmp_path / "notes.jpg"
     notes.write_text("not an image")
-    p = subprocess.run([sys.executable, "-m", "vlm.cli", "generate", "-m", str(tiny_smolvlm), "-p", "What is it?",
+    p = subprocess.run([sys.executable, "-m", "vlm", "generate", "-m", str(tiny_smolvlm), "-p", "What is it?",
                         "-i", str(notes)], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and p.stderr.strip() == f"vlm: error: not an image file: {notes}"

@@ -90,7 +90,7 @@ def decode_bytes_per_token(model: Model, depth: int = 0) -> int:
     """Bytes one decode step must read: every decoder weight, one embedding row, the KV cache so far."""
     d = model.decoder
     total = sum(lin.nbytes for layer in d.layers for lin in layer.linears())
-    total += d.lm_head.nbytes + int(d.embed_tokens.weight.nbytes) // d.config.vocab_size
+    total += d.lm_head.nbytes + d.embed_tokens.nbytes // d.config.vocab_size
     c = d.config
     total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * depth
     return total

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX, read_checkpoint
@@ -62,8 +63,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 4, group
         raise VlmError(f"{dst} exists and is not a converted model; refusing to write into it")
     ckpt = read_checkpoint(src_path)
     errors: dict[str, float] = {}
-    _, text, vision = prepare_tensors(ckpt, modes[bits], vision_modes[vision_bits], group_size, errors, progress)
-    tensors = {**text, **{VISION_PREFIX + k: w for k, w in vision.items()}}
+    _, text, vision = prepare_tensors(ckpt, modes[bits], vision_modes[vision_bits], group_size, errors)
+    tensors = {}  # each tensor is converted as it is looked up here
+    with tqdm(total=len(text) + len(vision), desc="converting", unit="tensor", leave=False,
+              disable=not progress) as bar:
+        for prefix, part in (("", text), (VISION_PREFIX, vision)):
+            for name in part:
+                tensors[prefix + name] = part[name]
+                bar.update()
     quantization = {"decoder": modes[bits], "group_size": group_size, "vision": vision_modes[vision_bits]}
     out = write_native(dst, ckpt.config, tensors, ckpt.files, quantization)
     return ConvertReport(_nbytes(ckpt.tensors), out, modes[bits], vision_modes[vision_bits], errors)

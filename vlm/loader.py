@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
+from collections.abc import Mapping
 
 import numpy as np
-from tqdm import tqdm
 
 from vlm import kernels
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
+from vlm.formats.lazy import LazyTensors
 from vlm.model import Model
 from vlm.models.layers import Weight, dequantize
 from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
@@ -32,43 +34,36 @@ FAMILIES = {
 _DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
 
-def _each(tensors: dict[str, Weight], progress: bool, what: str):
-    items = tensors.items()
-    return tqdm(items, total=len(tensors), desc=what, unit="tensor", leave=False) if progress and items else items
-
-
-def quantize_decoder(tensors: dict[str, Weight], mode: str | None, group_size: int = 32,
-                     errors: dict[str, float] | None = None, progress: bool = False) -> dict[str, Weight]:
+def quantize_decoder(tensors: Mapping[str, Weight], mode: str | None, group_size: int = 32,
+                     errors: dict[str, float] | None = None) -> LazyTensors:
     """Apply a precision mode to decoder tensors named as in HF causal LMs.
 
     q4 / q4_sym: every linear layer 4-bit, embeddings 8-bit; q8: both 8-bit; f32: all float32;
     None: as stored. Norms and biases are always float32. A matrix whose width is not a
-    multiple of the group size stays as it is. With `errors`, the relative RMS error of each
-    tensor quantized here is recorded in it. `progress` shows a progress bar.
+    multiple of the group size stays as it is. Each tensor is converted when it is looked up
+    (see LazyTensors); with `errors`, the relative RMS error of each tensor quantized is then
+    recorded in it.
     """
-    out = {}
     mode_bits = {"q4": 4, "q4_sym": 4, "q8": 8}.get(mode)
-    for name, w in _each(tensors, progress, "decoder"):
-        if len(w.shape) < 2:
-            out[name] = dequantize(w)
-            continue
+
+    def convert(name: str) -> Weight:
+        w = tensors[name]
+        if len(w.shape) < 2 or mode == "f32":
+            return dequantize(w)
         linear = bool(_DECODER_LINEAR.match(name)) or name == "lm_head.weight"
         embedding = name == "model.embed_tokens.weight"
-        bits = mode_bits
-        if mode == "f32":
-            out[name] = dequantize(w)
-        elif bits and (linear or embedding) and can_quantize(w.shape, group_size):
-            bits = 8 if embedding else bits
-            if _already(w, bits, group_size):
-                out[name] = w
-                continue
-            dense = dequantize(w)
-            out[name] = quantize(dense, bits, group_size, symmetric=(mode == "q4_sym"))
-            if errors is not None:
-                errors[name] = relative_rms_error(dense, out[name])
-        else:
-            out[name] = w
-    return out
+        if not (mode_bits and (linear or embedding) and can_quantize(w.shape, group_size)):
+            return w
+        bits = 8 if embedding else mode_bits
+        if _already(w, bits, group_size):
+            return w
+        dense = dequantize(w)
+        q = quantize(dense, bits, group_size, symmetric=(mode == "q4_sym"))
+        if errors is not None:
+            errors[name] = relative_rms_error(dense, q)
+        return q
+
+    return LazyTensors({name: functools.partial(convert, name) for name in tensors})
 
 
 def _already(w: Weight, bits: int, group_size: int) -> bool:
@@ -76,20 +71,22 @@ def _already(w: Weight, bits: int, group_size: int) -> bool:
     return isinstance(w, QuantizedWeight) and w.bits == bits and w.group_size <= group_size
 
 
-def convert_vision(tensors: dict[str, Weight], mode: str | None, progress: bool = False) -> dict[str, Weight]:
-    """Precision of the vision tower: f32, f16 storage, or 8-bit linear weights (mixed precision)."""
-    out = {}
-    for name, w in _each(tensors, progress, "vision"):
+def convert_vision(tensors: Mapping[str, Weight], mode: str | None) -> LazyTensors:
+    """Precision of the vision tower: f32, f16 storage, or 8-bit linear weights (mixed
+    precision); each tensor is converted when it is looked up."""
+
+    def convert(name: str) -> Weight:
+        w = tensors[name]
         matrix = len(w.shape) == 2
         if mode is None and (not isinstance(w, np.ndarray) or w.dtype == np.float32):
-            out[name] = w if matrix else dequantize(w)
-        elif mode == "f16" and matrix:
-            out[name] = w if isinstance(w, HalfWeight) and not w.bf16 else HalfWeight(dequantize(w).astype(np.float16))
-        elif mode == "q8" and matrix and can_quantize(w.shape, 32):
-            out[name] = w if isinstance(w, QuantizedWeight) else quantize(dequantize(w), 8, 32)
-        else:
-            out[name] = dequantize(w)
-    return out
+            return w if matrix else dequantize(w)
+        if mode == "f16" and matrix:
+            return w if isinstance(w, HalfWeight) and not w.bf16 else HalfWeight(dequantize(w).astype(np.float16))
+        if mode == "q8" and matrix and can_quantize(w.shape, 32):
+            return w if isinstance(w, QuantizedWeight) else quantize(dequantize(w), 8, 32)
+        return dequantize(w)
+
+    return LazyTensors({name: functools.partial(convert, name) for name in tensors})
 
 
 def family_class(config: dict, path) -> type | None:
@@ -118,8 +115,9 @@ def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict]:
 
 
 def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str | None, group_size: int,
-                    errors: dict[str, float] | None = None, progress: bool = False) -> tuple[type | None, dict, dict]:
-    """Validate the precision settings; returns (family class, decoder tensors, vision tensors) at them."""
+                    errors: dict[str, float] | None = None) -> tuple[type | None, LazyTensors, LazyTensors]:
+    """Validate the precision settings; returns (family class, decoder tensors, vision tensors) at
+    them, each made when looked up."""
     if quantize not in QUANTIZE_MODES:
         raise VlmError(f"quantize must be one of {', '.join(map(str, QUANTIZE_MODES))}; got {quantize!r}")
     if vision_quantize not in VISION_MODES:
@@ -129,8 +127,7 @@ def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str
     family_cls = family_class(ckpt.config, ckpt.path)
     vision, text = split_tensors(ckpt, family_cls)
     vision_mode = "f32" if quantize == "f32" else vision_quantize
-    return (family_cls, quantize_decoder(text, quantize, group_size, errors, progress),
-            convert_vision(vision, vision_mode, progress))
+    return (family_cls, quantize_decoder(text, quantize, group_size, errors), convert_vision(vision, vision_mode))
 
 
 def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: str | None = None,
@@ -160,4 +157,5 @@ def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None,
     ckpt = read_checkpoint(resolve(model))
     built = build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk)
     ckpt.release_pages()
+    kernels.release_free_memory()
     return built

@@ -17,6 +17,7 @@ The numpy code here is the reference: C kernels are tested against `dequantize`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,14 +33,16 @@ class QuantizedWeight:
     bits: int  # 4 or 8
     group_size: int
     symmetric: bool
-    qweight: np.ndarray  # 4-bit: uint8 [rows, cols // 2]; 8-bit: int8 [rows, cols]
-    scales: np.ndarray  # float16 [rows, cols // group_size]
+    # 4-bit: uint8 [rows, cols // 2]; 8-bit: int8 [rows, cols]. Or, read in place from a GGUF
+    # file's interleaved blocks, a strided view [rows, cols // 32, 16 or 32] of one run per block.
+    qweight: np.ndarray
+    scales: np.ndarray  # float16 [rows, cols // group_size], possibly strided
     mins: np.ndarray | None = None  # float16 [rows, cols // group_size]; asymmetric 4-bit only
 
     @property
     def shape(self) -> tuple[int, int]:
-        rows, packed_cols = self.qweight.shape
-        return rows, packed_cols * 2 if self.bits == 4 else packed_cols
+        rows, stored = self.qweight.shape[0], math.prod(self.qweight.shape[1:])
+        return rows, stored * 2 if self.bits == 4 else stored
 
     @property
     def nbytes(self) -> int:
@@ -93,7 +96,7 @@ class HalfWeight:
 
 
 def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
-    """uint8 [rows, cols // 2] in GGUF nibble order -> uint8 [rows, cols] of values 0..15."""
+    """uint8 [rows, cols // 2] (or [rows, runs, 16]) in GGUF nibble order -> uint8 [rows, cols] of values 0..15."""
     rows = packed.shape[0]
     runs = packed.reshape(rows, -1, BLOCK // 2)
     return np.concatenate([runs & 0x0F, runs >> 4], axis=-1).reshape(rows, -1)

@@ -7,7 +7,9 @@ byte for byte as the reference renders them.
 
 from __future__ import annotations
 
+import itertools
 import json
+from array import array
 from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
@@ -65,20 +67,22 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
 
-    def _build_token_bytes(self) -> list[bytes] | None:
-        """Exact bytes of every token, for byte-level BPE vocabularies (None otherwise)."""
+    def _build_token_bytes(self) -> tuple[bytes, array] | None:
+        """Exact bytes of every token for byte-level BPE vocabularies (None otherwise): all of
+        them in one string, token i at [offsets[i], offsets[i + 1]). One string, not 150k bytes
+        objects: a few MB less per loaded model."""
         decoder = _byte_decoder()
         special = {t.content for t in self.tok.get_added_tokens_decoder().values()}
         vocab = self.tok.get_vocab(with_added_tokens=True)
-        out: list[bytes] = [b""] * (max(vocab.values()) + 1)
+        pieces: list[bytes] = [b""] * (max(vocab.values()) + 1)
         for piece, i in vocab.items():
             if piece in special:
-                out[i] = piece.encode("utf-8")
+                pieces[i] = piece.encode("utf-8")
             elif all(ch in decoder for ch in piece):
-                out[i] = bytes(decoder[ch] for ch in piece)
+                pieces[i] = bytes(decoder[ch] for ch in piece)
             else:
                 return None
-        return out
+        return b"".join(pieces), array("q", [0, *itertools.accumulate(map(len, pieces))])
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text are matched as such."""
@@ -95,7 +99,8 @@ class Tokenizer:
 
     def token_bytes(self, i: int) -> bytes:
         if self._token_bytes is not None:
-            return self._token_bytes[i] if 0 <= i < len(self._token_bytes) else b""
+            blob, offsets = self._token_bytes
+            return blob[offsets[i] : offsets[i + 1]] if 0 <= i < len(offsets) - 1 else b""
         return self.tok.decode([i], skip_special_tokens=False).encode("utf-8")
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:

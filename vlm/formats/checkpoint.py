@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import mmap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ VISION_PREFIX = "vision."  # converted directories keep vision tensors under thi
 @dataclass
 class Checkpoint:
     config: dict  # config.json as Hugging Face writes it
-    tensors: dict[str, Weight]  # Hugging Face tensor names
+    tensors: Mapping[str, Weight]  # Hugging Face tensor names (a GGUF file's: made on lookup)
     tokenizer: Tokenizer
     path: Path
     format: str  # "hf", "gguf" or "vlm"
@@ -121,7 +122,7 @@ def read_gguf(path: Path) -> Checkpoint:
     files = {"tokenizer.json": tok.to_str(),
              "tokenizer_config.json": json.dumps({"chat_template": g.chat_template, "bos_token": bos,
                                                   "eos_token": eos, "add_bos_token": g.add_bos_token})}
-    return Checkpoint(dict(g.config), dict(g.tensors), tokenizer, path, "gguf", {}, files,
+    return Checkpoint(dict(g.config), g.tensors, tokenizer, path, "gguf", {}, files,
                       mappings=[g.mapping] if g.mapping is not None else [])
 
 

@@ -12,10 +12,12 @@ offset), padding to `general.alignment`, then the tensor data.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import re
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,7 @@ import numpy as np
 import tokenizers
 
 from vlm.errors import VlmError
+from vlm.formats.lazy import LazyTensors
 from vlm.formats.tokenizer_gguf import gguf_add_bos, tokenizer_from_gguf
 from vlm.quant import HalfWeight, QuantizedWeight
 
@@ -258,20 +261,31 @@ class GGUFFile:
                 name, ggml_type, tuple(int(d) for d in reversed(dims)), start, nbytes
             )
 
-    def load(self, name: str) -> np.ndarray | HalfWeight | QuantizedWeight:
-        """The tensor as stored, never re-quantized.
-
-        F32 -> float32 array (a read-only view on the map); F16/BF16 -> HalfWeight (a view);
-        Q8_0/Q4_0/Q4_1 -> QuantizedWeight with group size 32 (one copy, to de-interleave the blocks).
-        """
-        info = self.tensors.get(name)
-        if info is None:
-            raise VlmError(f"{self.path}: no tensor named {name!r}")
+    def check(self, name: str) -> None:
+        """VlmError unless `load(name)` can read the tensor's type and shape."""
+        info = self.tensors[name]
         kind = info.type_name
         if kind not in SUPPORTED_TYPES:
             raise VlmError(
                 f"unsupported GGUF tensor type {kind} for {name}; supported: {', '.join(SUPPORTED_TYPES)}"
             )
+        if kind.startswith("Q") and len(info.shape) != 2:
+            raise VlmError(
+                f"{self.path}: quantized tensor {name} has shape {info.shape}; only matrices are supported"
+            )
+
+    def load(self, name: str) -> np.ndarray | HalfWeight | QuantizedWeight:
+        """The tensor as stored, never re-quantized.
+
+        F32 -> float32 array (a read-only view on the map); F16/BF16 -> HalfWeight (a view);
+        Q8_0/Q4_0/Q4_1 -> QuantizedWeight with group size 32 whose arrays are strided views of
+        the blocks (nothing is copied; the kernels repack from them in place).
+        """
+        info = self.tensors.get(name)
+        if info is None:
+            raise VlmError(f"{self.path}: no tensor named {name!r}")
+        self.check(name)
+        kind = info.type_name
         raw = self._data[info.offset : info.offset + info.nbytes]
         if kind == "F32":
             return raw.view(np.float32).reshape(info.shape)
@@ -279,19 +293,10 @@ class GGUFFile:
             return HalfWeight(
                 raw.view(np.float16 if kind == "F16" else np.uint16).reshape(info.shape), kind == "BF16"
             )
-        if len(info.shape) != 2:
-            raise VlmError(
-                f"{self.path}: quantized tensor {name} has shape {info.shape}; only matrices are supported"
-            )
         rows, cols = info.shape
         blocks = raw.view(_BLOCK_DTYPES[kind]).reshape(rows, cols // 32)
-        scales = np.ascontiguousarray(blocks["d"])
-        qweight = np.ascontiguousarray(blocks["qs"]).reshape(rows, -1)
-        if kind == "Q8_0":
-            return QuantizedWeight(8, 32, True, qweight, scales)
-        if kind == "Q4_0":
-            return QuantizedWeight(4, 32, True, qweight, scales)
-        return QuantizedWeight(4, 32, False, qweight, scales, np.ascontiguousarray(blocks["m"]))
+        mins = blocks["m"] if kind == "Q4_1" else None
+        return QuantizedWeight(8 if kind == "Q8_0" else 4, 32, kind != "Q4_1", blocks["qs"], blocks["d"], mins)
 
 
 # --- checkpoint: a llama.cpp Llama/Qwen2 file seen with Hugging Face names ----------------------------
@@ -322,12 +327,12 @@ _REQUIRED_PER_LAYER = [f"{k}.weight" for k in _BLOCK_NAMES]
 class GGUFCheckpoint:
     """A decoder-only language model read from a GGUF file, in Hugging Face terms.
 
-    `tensors` holds weights as `GGUFFile.load` returns them (1-D ones widened to float32), with
-    Llama q/k rows already put back into Hugging Face's rotary layout.
+    `tensors` makes weights as `GGUFFile.load` returns them (1-D ones widened to float32), with
+    Llama q/k rows put back into Hugging Face's rotary layout, when they are looked up.
     """
 
     config: dict[str, Any]
-    tensors: dict[str, np.ndarray | HalfWeight | QuantizedWeight]
+    tensors: Mapping[str, np.ndarray | HalfWeight | QuantizedWeight]
     tokenizer: tokenizers.Tokenizer
     chat_template: str | None
     bos_token_id: int | None
@@ -337,7 +342,6 @@ class GGUFCheckpoint:
     eos_token: str | None
     pad_token: str | None
     add_bos_token: bool  # prepend BOS to a prompt (the tokenizer itself only does so when this is set)
-    metadata: dict[str, Any] = field(repr=False, default_factory=dict)
     mapping: mmap.mmap | None = field(repr=False, default=None)  # the file's memory map
 
 
@@ -459,16 +463,20 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
         )
 
-    tensors: dict[str, Any] = {}
-    for name in f.tensors:
-        hf = _hf_name(name, n_layers, f.path)
+    def load(name: str, hf: str) -> Any:
         w = f.load(name)
         if len(w.shape) == 1 and not isinstance(w, np.ndarray):
             w = w.dequantize()  # norms and biases: always float32
         if arch == "llama" and (".self_attn.q_proj." in hf or ".self_attn.k_proj." in hf):
             n_head = config["num_attention_heads"] if ".q_proj." in hf else config["num_key_value_heads"]
             w = _unpermute_rows(w, n_head, name)
-        tensors[hf] = w
+        return w
+
+    loaders = {}
+    for name in f.tensors:
+        f.check(name)  # fail now, not halfway through building the model
+        hf = _hf_name(name, n_layers, f.path)
+        loaders[hf] = functools.partial(load, name, hf)
 
     tokens = md.get("tokenizer.ggml.tokens") or []
 
@@ -481,9 +489,9 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
     bos_id, bos = special("bos_token_id")
     eos_id, eos = special("eos_token_id")
     pad_id, pad = special("padding_token_id")
-    return GGUFCheckpoint(
+    checkpoint = GGUFCheckpoint(
         config=config,
-        tensors=tensors,
+        tensors=LazyTensors(loaders),
         tokenizer=tokenizer_from_gguf(md),
         chat_template=md.get("tokenizer.chat_template"),
         bos_token_id=bos_id,
@@ -493,6 +501,9 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
         eos_token=eos,
         pad_token=pad,
         add_bos_token=gguf_add_bos(md),
-        metadata=md,
         mapping=f._map,
     )
+    # The loaders keep `f` alive until the model is built, but not its vocabulary lists (~10 MB
+    # for 50k tokens): the tokenizer now holds them in its own form.
+    f.metadata = {k: v for k, v in md.items() if not k.startswith("tokenizer.ggml.")}
+    return checkpoint

@@ -33,7 +33,7 @@ def write_native(dst: Path, config: dict, tensors: dict[str, Weight], files: dic
     entries: dict[str, dict] = {}
     for name, w in tensors.items():
         if isinstance(w, QuantizedWeight):
-            arrays[name + ".qweight"] = np.ascontiguousarray(w.qweight)
+            arrays[name + ".qweight"] = np.ascontiguousarray(w.qweight).reshape(w.shape[0], -1)
             arrays[name + ".scales"] = np.ascontiguousarray(w.scales)
             if w.mins is not None:
                 arrays[name + ".mins"] = np.ascontiguousarray(w.mins)

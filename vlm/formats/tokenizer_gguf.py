@@ -108,6 +108,8 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any]) -> Tokenizer:
         cut = m.find(" ", 1)  # as llama.cpp: the first space after the first character
         if cut < 0:
             raise VlmError(f"malformed GGUF tokenizer merge {m!r}")
+        if m[:cut] + m[cut + 1 :] not in vocab:  # the tokenizers library would panic on it
+            raise VlmError(f"invalid GGUF tokenizer: merge {m!r} makes a token missing from the vocabulary")
         merges.append((m[:cut], m[cut + 1 :]))
 
     pre, ignore_merges = _pre_tokenizer(str(metadata.get("tokenizer.ggml.pre", "default")))

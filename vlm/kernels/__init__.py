@@ -76,12 +76,14 @@ def default_threads() -> int:
         return os.cpu_count() or 1
 
 
-def prepare(weight, int8_activations: bool = False) -> object | None:
+def prepare(weight, int8_activations: bool = False, drop_source_pages: bool = False) -> object | None:
     """Repack `weight` into the kernel's layout; None when no kernel handles it.
 
     In the default W4A8 mode, 8-bit weights keep float activations (the LM head's logits stay
     exact); `int8_activations=True` lets such a matrix take the ~3x faster int8 GEMM too, as
     the vision towers do. The "float" mode still overrides it for exact-math runs.
+    `drop_source_pages=True` says the weight's arrays are views of a read-only file map: their
+    resident pages are dropped as they are repacked, so a large matrix is never held twice.
     """
     if not AVAILABLE:
         return None
@@ -89,10 +91,22 @@ def prepare(weight, int8_activations: bool = False) -> object | None:
         if weight.group_size not in GROUP_SIZES or (weight.bits == 8 and not weight.symmetric):
             return None
         return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.bits, weight.group_size,
-                                  weight.symmetric, int8_activations)
+                                  weight.symmetric, int8_activations, drop_source_pages)
     if isinstance(weight, HalfWeight) and weight.data.ndim == 2:
-        return _native.pack_half(weight.data, weight.kind)
+        return _native.pack_half(weight.data, weight.kind, drop_source_pages)
     return None
+
+
+def unpack_rows(packed, ids: np.ndarray) -> np.ndarray:
+    """Rows `ids` of a prepared matrix as float32 [len(ids), cols], equal bit for bit to the
+    source weight's `dequantize(ids)`."""
+    return _native.unpack_rows(packed, ids)
+
+
+def release_free_memory() -> None:
+    """Return the heap's free pages to the OS (after loading, which frees many transient copies)."""
+    if AVAILABLE:
+        _native.release_free_memory()
 
 
 def _unavailable(*args) -> np.ndarray:

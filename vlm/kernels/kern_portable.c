@@ -29,7 +29,7 @@ float vlm_half_to_float(uint16_t h) {
     return out;
 }
 
-static float bf16_to_float(uint16_t h) {
+float vlm_bf16_to_float(uint16_t h) {
     const uint32_t bits = (uint32_t)h << 16;
     float out;
     memcpy(&out, &bits, 4);
@@ -177,7 +177,7 @@ static void gemm_half(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
             for (int k = 0; k < kn; k++) {
                 for (int r = 0; r < PANEL; r++) {
                     const uint16_t h = ((const uint16_t *)panel)[(size_t)(k0 + k) * PANEL + r];
-                    wf[k][r] = m->fmt == FMT_F16 ? vlm_half_to_float(h) : bf16_to_float(h);
+                    wf[k][r] = m->fmt == FMT_F16 ? vlm_half_to_float(h) : vlm_bf16_to_float(h);
                 }
             }
             for (int t = 0; t < a->n; t++) {

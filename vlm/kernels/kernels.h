@@ -193,14 +193,29 @@ typedef struct {
 int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const float *x, const float *cos,
                     const float *sin, int pos, float *out);
 
-/* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed. */
-int vlm_pack_q4(vlm_matrix *m, const uint8_t *qw, const uint16_t *scales, const uint16_t *mins, int rows,
-                int cols, int group, int symmetric);
-int vlm_pack_q8(vlm_matrix *m, const int8_t *qw, const uint16_t *scales, int rows, int cols, int group);
-int vlm_pack_half(vlm_matrix *m, const uint16_t *data, int fmt, int rows, int cols);
+/* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed.
+ * drop_source: the source arrays are views of a read-only file map, whose resident pages may
+ * be dropped as they are consumed (see pack.c); never set it for memory the process owns. */
+typedef struct {
+    const unsigned char *base;
+    ptrdiff_t row, step; /* item (r, j) at base + r * row + j * step bytes */
+} vlm_strided;
+/* The quantized sources are strided so that a GGUF file's interleaved blocks are read in
+ * place: quants item (r, b) is run b of row r (16 bytes of 4-bit, 32 of 8-bit values, in
+ * GGUF nibble order), scales / mins item (r, g) the fp16 of group g. mins.base is NULL
+ * unless 4-bit asymmetric. */
+int vlm_pack_q4(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strided mins, int rows, int cols,
+                int group, int symmetric, int drop_source);
+int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, int rows, int cols, int group,
+                int drop_source);
+int vlm_pack_half(vlm_matrix *m, const uint16_t *data, int fmt, int rows, int cols, int drop_source);
+/* Row `row` of a packed matrix widened to float32 (out [cols]), equal to the numpy
+ * reference's dequantize() of that row bit for bit. */
+void vlm_unpack_row(const vlm_matrix *m, int row, float *out);
 
 /* Portable helpers every path may use. */
 float vlm_half_to_float(uint16_t h);
+float vlm_bf16_to_float(uint16_t h);
 void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
 void vlm_group_sums(const float *x, int cols, int group, float *xs, int w);
 

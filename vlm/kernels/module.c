@@ -69,6 +69,41 @@ static MatrixObject *new_matrix(void) {
     return self;
 }
 
+/* An array of dtype `type` read in place where its layout allows: ndim 2, or 3 for quants
+ * (`run`: the length of the last axis, whose items must be adjacent), no negative strides.
+ * Anything else is copied into C order. NULL with an exception set on failure. */
+static PyArrayObject *as_source(PyObject *obj, int type, int run, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_ALIGNED);
+    if (!a) return NULL;
+    const int nd = PyArray_NDIM(a);
+    if (!(nd == 2 || (run && nd == 3 && PyArray_DIM(a, 2) == run))) {
+        PyErr_Format(PyExc_ValueError, run ? "%s must be 2-D, or 3-D with %d values a run" : "%s must be 2-D", what,
+                     run);
+        Py_DECREF(a);
+        return NULL;
+    }
+    int in_place = !run || PyArray_STRIDE(a, nd - 1) == PyArray_ITEMSIZE(a);
+    for (int i = 0; i < nd; i++) in_place &= PyArray_STRIDE(a, i) >= 0;
+    if (!in_place) {
+        PyArrayObject *c = (PyArrayObject *)PyArray_NewCopy(a, NPY_CORDER);
+        Py_DECREF(a);
+        a = c;
+    }
+    return a;
+}
+
+/* Item (r, j) of a source from as_source: a value of a 2-D array, or run j of a 3-D one. A
+ * 2-D quants array [rows][cols] holds runs of `run` bytes back to back. */
+static vlm_strided strided(PyArrayObject *a, int run) {
+    const ptrdiff_t step = PyArray_NDIM(a) == 3 ? PyArray_STRIDE(a, 1) : run ? run : PyArray_STRIDE(a, 1);
+    return (vlm_strided){PyArray_DATA(a), PyArray_STRIDE(a, 0), step};
+}
+
+/* The values per row of a quants source. */
+static npy_intp row_values(PyArrayObject *a) {
+    return PyArray_NDIM(a) == 3 ? PyArray_DIM(a, 1) * PyArray_DIM(a, 2) : PyArray_DIM(a, 1);
+}
+
 /* A C-contiguous array of dtype `type` and ndim 2, or NULL with an exception set. */
 static PyArrayObject *as_matrix(PyObject *obj, int type, const char *what) {
     PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_IN_ARRAY);
@@ -79,35 +114,48 @@ static PyArrayObject *as_matrix(PyObject *obj, int type, const char *what) {
     return a;
 }
 
-/* pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False) -> Matrix */
+/* drop_source_pages asks the packer to drop the sources' file pages as it goes (see pack.c).
+ * Only when every source is the caller's own array: a converted (copied) one is heap memory. */
+static int may_drop(int asked, PyObject *const *given, PyArrayObject *const *used, int n) {
+    for (int i = 0; i < n; i++)
+        if (used[i] && (PyObject *)used[i] != given[i]) return 0;
+    return asked;
+}
+
+/* pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False,
+ *            drop_source_pages=False) -> Matrix */
 static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *qo, *so, *mo;
-    int bits, group, symmetric, int8_acts = 0;
-    if (!PyArg_ParseTuple(args, "OOOiip|p", &qo, &so, &mo, &bits, &group, &symmetric, &int8_acts)) return NULL;
+    int bits, group, symmetric, int8_acts = 0, drop = 0;
+    if (!PyArg_ParseTuple(args, "OOOiip|pp", &qo, &so, &mo, &bits, &group, &symmetric, &int8_acts, &drop))
+        return NULL;
     if (!((bits == 4 || (bits == 8 && symmetric)) && (group == 32 || group == 64 || group == 128))) {
         PyErr_SetString(PyExc_ValueError, "unsupported quantization");
         return NULL;
     }
-    PyArrayObject *q = as_matrix(qo, bits == 4 ? NPY_UINT8 : NPY_INT8, "qweight");
-    PyArrayObject *s = q ? as_matrix(so, NPY_FLOAT16, "scales") : NULL;
-    PyArrayObject *mn = (s && bits == 4 && !symmetric) ? as_matrix(mo, NPY_FLOAT16, "mins") : NULL;
+    const int run = bits == 4 ? RUN / 2 : RUN; /* bytes of one run of 32 values */
+    PyArrayObject *q = as_source(qo, bits == 4 ? NPY_UINT8 : NPY_INT8, run, "qweight");
+    PyArrayObject *s = q ? as_source(so, NPY_FLOAT16, 0, "scales") : NULL;
+    PyArrayObject *mn = (s && bits == 4 && !symmetric) ? as_source(mo, NPY_FLOAT16, 0, "mins") : NULL;
     MatrixObject *out = NULL;
     if (!s || (bits == 4 && !symmetric && !mn)) goto done;
-    const int rows = (int)PyArray_DIM(q, 0), cols = (int)PyArray_DIM(q, 1) * (bits == 4 ? 2 : 1);
+    const int rows = (int)PyArray_DIM(q, 0), cols = (int)row_values(q) * (bits == 4 ? 2 : 1);
     if (cols % group || PyArray_DIM(s, 0) != rows || PyArray_DIM(s, 1) != cols / group ||
         (mn && (PyArray_DIM(mn, 0) != rows || PyArray_DIM(mn, 1) != cols / group))) {
         PyErr_SetString(PyExc_ValueError, "qweight, scales and mins do not agree in shape");
         goto done;
     }
+    drop = may_drop(drop, (PyObject *const[]){qo, so, mo}, (PyArrayObject *const[]){q, s, mn}, 3);
     out = new_matrix();
     if (!out) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS;
+    const vlm_strided no_mins = {NULL, 0, 0};
     if (bits == 4)
-        rc = vlm_pack_q4(&out->m, PyArray_DATA(q), PyArray_DATA(s), mn ? PyArray_DATA(mn) : NULL, rows, cols, group,
-                         symmetric);
+        rc = vlm_pack_q4(&out->m, strided(q, run), strided(s, 0), mn ? strided(mn, 0) : no_mins, rows, cols, group,
+                         symmetric, drop);
     else
-        rc = vlm_pack_q8(&out->m, PyArray_DATA(q), PyArray_DATA(s), rows, cols, group);
+        rc = vlm_pack_q8(&out->m, strided(q, run), strided(s, 0), rows, cols, group, drop);
     Py_END_ALLOW_THREADS;
     if (rc) {
         Py_CLEAR(out);
@@ -122,12 +170,13 @@ done:
     return (PyObject *)out;
 }
 
-/* pack_half(data, kind) -> Matrix; kind "f16" (float16 data) or "bf16" (uint16 holding
- * bfloat16 bits). */
+/* pack_half(data, kind, drop_source_pages=False) -> Matrix; kind "f16" (float16 data) or
+ * "bf16" (uint16 holding bfloat16 bits). */
 static PyObject *pack_half(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *obj;
     const char *kind;
-    if (!PyArg_ParseTuple(args, "Os", &obj, &kind)) return NULL;
+    int drop = 0;
+    if (!PyArg_ParseTuple(args, "Os|p", &obj, &kind, &drop)) return NULL;
     int fmt, type;
     if (!strcmp(kind, "f16")) {
         fmt = FMT_F16, type = NPY_FLOAT16;
@@ -139,11 +188,12 @@ static PyObject *pack_half(PyObject *Py_UNUSED(mod), PyObject *args) {
     }
     PyArrayObject *w = as_matrix(obj, type, "data");
     if (!w) return NULL;
+    drop = may_drop(drop, &obj, &w, 1);
     MatrixObject *out = new_matrix();
     if (out) {
         int rc;
         Py_BEGIN_ALLOW_THREADS;
-        rc = vlm_pack_half(&out->m, PyArray_DATA(w), fmt, (int)PyArray_DIM(w, 0), (int)PyArray_DIM(w, 1));
+        rc = vlm_pack_half(&out->m, PyArray_DATA(w), fmt, (int)PyArray_DIM(w, 0), (int)PyArray_DIM(w, 1), drop);
         Py_END_ALLOW_THREADS;
         if (rc) {
             Py_CLEAR(out);
@@ -151,6 +201,32 @@ static PyObject *pack_half(PyObject *Py_UNUSED(mod), PyObject *args) {
         }
     }
     Py_DECREF(w);
+    return (PyObject *)out;
+}
+
+/* unpack_rows(matrix, ids) -> float32 [len(ids), cols]: rows of the packed matrix, as the
+ * numpy reference dequantizes them. Lets a tied embedding be read from the output head. */
+static PyObject *unpack_rows(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *mo, *io;
+    if (!PyArg_ParseTuple(args, "O!O", &MatrixType, &mo, &io)) return NULL;
+    const vlm_matrix *m = &((MatrixObject *)mo)->m;
+    PyArrayObject *ids = (PyArrayObject *)PyArray_FROM_OTF(io, NPY_INT64, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!ids) return NULL;
+    const npy_intp n = PyArray_SIZE(ids);
+    const int64_t *id = PyArray_DATA(ids);
+    for (npy_intp i = 0; i < n; i++) {
+        if (id[i] < 0 || id[i] >= m->rows) {
+            Py_DECREF(ids);
+            return PyErr_Format(PyExc_IndexError, "row %lld is out of range for %d rows", (long long)id[i], m->rows);
+        }
+    }
+    npy_intp dims[2] = {n, m->cols};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
+    if (out) {
+        float *y = PyArray_DATA(out);
+        for (npy_intp i = 0; i < n; i++) vlm_unpack_row(m, (int)id[i], y + i * m->cols);
+    }
+    Py_DECREF(ids);
     return (PyObject *)out;
 }
 
@@ -579,11 +655,25 @@ static PyObject *set_threads(PyObject *Py_UNUSED(mod), PyObject *arg) {
     Py_RETURN_NONE;
 }
 
+/* Hands the heap's free pages back to the OS (glibc only): loading frees many transient
+ * blocks, which keep_freed_memory's policy below would otherwise keep resident. */
+static PyObject *release_free_memory(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(unused)) {
+#ifdef __GLIBC__
+    Py_BEGIN_ALLOW_THREADS;
+    malloc_trim(0);
+    Py_END_ALLOW_THREADS;
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyObject *get_threads(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(unused)) { return PyLong_FromLong(vlm_pool_threads()); }
 
 static PyMethodDef methods[] = {
-    {"pack_quant", pack_quant, METH_VARARGS, "pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False)"},
-    {"pack_half", pack_half, METH_VARARGS, "pack_half(data, kind)"},
+    {"pack_quant", pack_quant, METH_VARARGS,
+     "pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False, drop_source_pages=False)"},
+    {"pack_half", pack_half, METH_VARARGS, "pack_half(data, kind, drop_source_pages=False)"},
+    {"unpack_rows", unpack_rows, METH_VARARGS, "unpack_rows(matrix, ids) -> float32 rows"},
+    {"release_free_memory", release_free_memory, METH_NOARGS, "malloc_trim: return free heap pages to the OS"},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, "linear(x, matrix) -> x @ W.T"},
     {"attention", attention, METH_VARARGS, "attention(q, k, v, causal_offset) -> o"},
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, weight, eps) -> y"},

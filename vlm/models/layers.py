@@ -18,7 +18,7 @@ import numpy as np
 
 from vlm import kernels
 from vlm.errors import VlmError
-from vlm.formats.safetensors import release_pages
+from vlm.formats.safetensors import mapping_of, release_pages
 from vlm.quant import HalfWeight, QuantizedWeight
 
 Weight = np.ndarray | HalfWeight | QuantizedWeight
@@ -49,11 +49,14 @@ class Linear:
 
     def __init__(self, weight: Weight, bias: np.ndarray | None = None, int8_activations: bool = False):
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
-        # The kernel's repacked layout, or None; see kernels.prepare for int8_activations.
-        self.packed = kernels.prepare(weight, int8_activations)
+        # The kernel's repacked layout, or None; see kernels.prepare for int8_activations. The
+        # repacked copy replaces the file's pages: they are dropped as they are repacked.
+        arrays = [getattr(weight, f, None) for f in ("qweight", "scales", "mins", "data")]
+        file_mapped = all(mapping_of(a) is not None for a in arrays if a is not None)
+        self.packed = kernels.prepare(weight, int8_activations, drop_source_pages=file_mapped)
         self.weight = weight if self.packed is None else None
-        if self.packed is not None:  # the repacked copy replaces the file's pages: drop those now
-            release_pages(*(getattr(weight, f, None) for f in ("qweight", "scales", "mins", "data")))
+        if self.packed is not None:
+            release_pages(*arrays)
         self.shape = tuple(weight.shape)
         self.kind = getattr(weight, "kind", "f32")
         self.nbytes = int(weight.nbytes)  # of the stored form: what a decode step reads
@@ -78,13 +81,22 @@ class Linear:
 
 
 class Embedding:
-    """Token embedding table; rows are widened to float32 only for the ids looked up."""
+    """Token embedding table; rows are widened to float32 only for the ids looked up.
 
-    def __init__(self, weight: Weight):
-        self.weight = weight
+    With `head`, the output projection tied to this table, rows are read from the head's
+    repacked copy when it has one and the original is let go: the table is held once.
+    """
+
+    def __init__(self, weight: Weight, head: Linear | None = None):
+        self.packed = None if head is None else head.packed
+        self.weight = weight if self.packed is None else None
+        self.kind = getattr(weight, "kind", "f32")
+        self.nbytes = int(weight.nbytes)
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
+        if self.packed is not None:
+            return kernels.unpack_rows(self.packed, ids)
         if isinstance(self.weight, np.ndarray):
             return np.asarray(self.weight[ids], dtype=np.float32)
         return self.weight.dequantize(ids)

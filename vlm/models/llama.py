@@ -102,7 +102,13 @@ class LlamaModel:
         def linear(name: str) -> Linear:
             return Linear(w(name + ".weight"), tensors.get(name + ".bias"))
 
-        self.embed_tokens = Embedding(w("model.embed_tokens.weight"))
+        # Tied embeddings: the head is built first so the table is read from its packed copy, and
+        # `embed` is let go before the layers are built (a loaded copy is then freed at once).
+        embed = w("model.embed_tokens.weight")
+        tied = c.tie_word_embeddings or "lm_head.weight" not in tensors
+        self.lm_head = Linear(embed if tied else w("lm_head.weight"))
+        self.embed_tokens = Embedding(embed, self.lm_head if tied else None)
+        del embed
         self.layers = []
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}."
@@ -114,10 +120,6 @@ class LlamaModel:
             self.layers.append(DecoderLayer(attn, mlp, RMSNorm(w(p + "input_layernorm.weight"), c.rms_norm_eps),
                                             RMSNorm(w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)))
         self.norm = RMSNorm(w("model.norm.weight"), c.rms_norm_eps)
-        head = tensors.get("lm_head.weight")
-        if head is None or c.tie_word_embeddings:
-            head = self.embed_tokens.weight
-        self.lm_head = Linear(head)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
         # M-RoPE: which position axis (t, h, w) drives each rotary frequency.
         section = c.mrope_section or [c.head_dim // 2]

@@ -1,0 +1,30 @@
+"""A mapping of tensors made when looked up, so a loaded or converted copy lives only while used."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+
+class LazyTensors(Mapping):
+    """name -> tensor, each made by its loader at every lookup and never kept here.
+
+    Loading looks each tensor up once: a de-interleaved or quantized copy is made, repacked by
+    the kernels and freed before the next one, instead of every copy living until the model
+    is built (which would double the memory a load needs).
+    """
+
+    def __init__(self, loaders: Mapping[str, Callable[[], Any]]):
+        self._loaders = dict(loaders)
+
+    def __getitem__(self, name: str) -> Any:
+        return self._loaders[name]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._loaders
