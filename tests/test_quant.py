@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from vlm.quant import QuantizedWeight, pack_nibbles, quantize, relative_rms_error, unpack_nibbles
+from vlm.quant import HalfWeight, QuantizedWeight, pack_nibbles, quantize, relative_rms_error, unpack_nibbles
 
 
 def test_pack_unpack_inverse():
@@ -68,3 +68,16 @@ def test_bad_arguments():
         quantize(np.ones((2, 64)), 3, 32)
     with pytest.raises(ValueError):
         quantize(np.ones((2, 64)), 4, 16)
+
+
+def test_quantize_works_in_row_chunks_and_reads_stored_weights(monkeypatch):
+    from vlm import quant
+
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((37, 64)).astype(np.float16)
+    whole = quantize(w.astype(np.float32), 4, 32)
+    monkeypatch.setattr(quant, "_CHUNK_VALUES", 8 * 64)  # 8 rows a chunk: 5 chunks, the last one short
+    chunked = quantize(HalfWeight(w), 4, 32)  # a 16-bit weight is widened chunk by chunk
+    for field in ("qweight", "scales", "mins"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
+    assert abs(relative_rms_error(HalfWeight(w), chunked) - relative_rms_error(w.astype(np.float32), whole)) < 1e-6

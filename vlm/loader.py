@@ -14,11 +14,20 @@ from vlm import kernels
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
 from vlm.formats.lazy import LazyTensors
+from vlm.formats.safetensors import release_pages
 from vlm.model import Model
 from vlm.models.layers import Weight, dequantize
 from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
 from vlm.models.llama import LlamaModel, TextConfig
-from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight, can_quantize, quantize, relative_rms_error
+from vlm.quant import (
+    GROUP_SIZES,
+    HalfWeight,
+    QuantizedWeight,
+    can_quantize,
+    quantize,
+    relative_rms_error,
+    stored_arrays,
+)
 from vlm.registry import resolve
 
 QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
@@ -57,10 +66,10 @@ def quantize_decoder(tensors: Mapping[str, Weight], mode: str | None, group_size
         bits = 8 if embedding else mode_bits
         if _already(w, bits, group_size):
             return w
-        dense = dequantize(w)
-        q = quantize(dense, bits, group_size, symmetric=(mode == "q4_sym"))
+        q = quantize(w, bits, group_size, symmetric=(mode == "q4_sym"))
         if errors is not None:
-            errors[name] = relative_rms_error(dense, q)
+            errors[name] = relative_rms_error(w, q)
+        release_pages(*stored_arrays(w))  # the source was read once, to quantize
         return q
 
     return LazyTensors({name: functools.partial(convert, name) for name in tensors})
@@ -83,7 +92,7 @@ def convert_vision(tensors: Mapping[str, Weight], mode: str | None) -> LazyTenso
         if mode == "f16" and matrix:
             return w if isinstance(w, HalfWeight) and not w.bf16 else HalfWeight(dequantize(w).astype(np.float16))
         if mode == "q8" and matrix and can_quantize(w.shape, 32):
-            return w if isinstance(w, QuantizedWeight) else quantize(dequantize(w), 8, 32)
+            return w if isinstance(w, QuantizedWeight) else quantize(w, 8, 32)
         return dequantize(w)
 
     return LazyTensors({name: functools.partial(convert, name) for name in tensors})

@@ -113,16 +113,49 @@ def can_quantize(shape: tuple[int, ...], group_size: int) -> bool:
     return len(shape) == 2 and shape[1] % group_size == 0
 
 
-def quantize(w: np.ndarray, bits: int = 4, group_size: int = 32, symmetric: bool = False) -> QuantizedWeight:
-    """Quantize a float matrix [rows, cols]; cols must be a multiple of group_size."""
+# Values quantized at once: bounds the float32 scratch whatever the matrix (a 150k-token
+# embedding widened whole would be ~1 GB).
+_CHUNK_VALUES = 1 << 20
+
+
+def _float_rows(w: np.ndarray | HalfWeight | QuantizedWeight, rows: slice) -> np.ndarray:
+    return np.asarray(w[rows], dtype=np.float32) if isinstance(w, np.ndarray) else w.dequantize(rows)
+
+
+def _row_chunks(shape: tuple[int, ...]) -> list[slice]:
+    step = max(1, _CHUNK_VALUES // max(1, shape[1]))
+    return [slice(r, r + step) for r in range(0, shape[0], step)] or [slice(0, 0)]
+
+
+def stored_arrays(w: np.ndarray | HalfWeight | QuantizedWeight) -> list[np.ndarray]:
+    """The arrays a weight's values are stored in."""
+    if isinstance(w, QuantizedWeight):
+        return [a for a in (w.qweight, w.scales, w.mins) if a is not None]
+    return [w.data] if isinstance(w, HalfWeight) else [w]
+
+
+def quantize(w: np.ndarray | HalfWeight | QuantizedWeight, bits: int = 4, group_size: int = 32,
+             symmetric: bool = False) -> QuantizedWeight:
+    """Quantize a matrix [rows, cols] (a float array, or a stored weight to re-quantize); cols
+    must be a multiple of group_size. Rows are done in chunks, so scratch memory stays small."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
-    w = np.asarray(w, dtype=np.float32)
+    if len(w.shape) != 2:
+        raise ValueError(f"can only quantize a matrix, got shape {tuple(w.shape)}")
+    if w.shape[1] % group_size:
+        raise ValueError(f"cannot quantize a matrix with {w.shape[1]} columns in groups of {group_size}")
+    parts = [_quantize_rows(_float_rows(w, rows), bits, group_size, symmetric) for rows in _row_chunks(w.shape)]
+    if len(parts) == 1:
+        return parts[0]
+    mins = None if parts[0].mins is None else np.concatenate([p.mins for p in parts])
+    return QuantizedWeight(bits, group_size, parts[0].symmetric, np.concatenate([p.qweight for p in parts]),
+                           np.concatenate([p.scales for p in parts]), mins)
+
+
+def _quantize_rows(w: np.ndarray, bits: int, group_size: int, symmetric: bool) -> QuantizedWeight:
     rows, cols = w.shape
-    if cols % group_size:
-        raise ValueError(f"cannot quantize a matrix with {cols} columns in groups of {group_size}")
     g = w.reshape(rows, cols // group_size, group_size)
     if bits == 8:
         d = np.abs(g).max(axis=-1) / 127.0
@@ -148,9 +181,11 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 32, symmetric: bool
     return QuantizedWeight(4, group_size, False, pack_nibbles(q.reshape(rows, cols)), d, m)
 
 
-def relative_rms_error(w: np.ndarray, qw: QuantizedWeight) -> float:
+def relative_rms_error(w: np.ndarray | HalfWeight | QuantizedWeight, qw: QuantizedWeight) -> float:
     """||W - deq(Q(W))|| / ||W||: the per-layer quantization error that `vlm convert` reports."""
-    w = np.asarray(w, dtype=np.float32)
-    err = w - qw.dequantize()
-    denom = float(np.sqrt(np.mean(w * w))) or 1.0
-    return float(np.sqrt(np.mean(err * err))) / denom
+    err2 = norm2 = 0.0
+    for rows in _row_chunks(w.shape):
+        x = _float_rows(w, rows)
+        err2 += float(np.sum(np.square(x - qw.dequantize(rows)), dtype=np.float64))
+        norm2 += float(np.sum(np.square(x), dtype=np.float64))
+    return math.sqrt(err2) / (math.sqrt(norm2) or 1.0)

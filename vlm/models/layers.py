@@ -19,7 +19,7 @@ import numpy as np
 from vlm import kernels
 from vlm.errors import VlmError
 from vlm.formats.safetensors import mapping_of, release_pages
-from vlm.quant import HalfWeight, QuantizedWeight
+from vlm.quant import HalfWeight, QuantizedWeight, stored_arrays
 
 Weight = np.ndarray | HalfWeight | QuantizedWeight
 
@@ -51,8 +51,8 @@ class Linear:
         self.bias = None if bias is None else np.asarray(bias, dtype=np.float32)
         # The kernel's repacked layout, or None; see kernels.prepare for int8_activations. The
         # repacked copy replaces the file's pages: they are dropped as they are repacked.
-        arrays = [getattr(weight, f, None) for f in ("qweight", "scales", "mins", "data")]
-        file_mapped = all(mapping_of(a) is not None for a in arrays if a is not None)
+        arrays = stored_arrays(weight)
+        file_mapped = all(mapping_of(a) is not None for a in arrays)
         self.packed = kernels.prepare(weight, int8_activations, drop_source_pages=file_mapped)
         self.weight = weight if self.packed is None else None
         if self.packed is not None:
