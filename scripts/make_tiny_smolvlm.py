@@ -8,7 +8,8 @@ at most 3 x 3 tiles + the global one. Text: Llama, 2 layers, width 64, 4 heads, 
 The tokenizer is SmolLM2's (from the GGUF in weights/) plus SmolVLM's added tokens at the ids
 the real SmolVLM-256M-Instruct tokenizer gives them (`<image>` 49190, vocab 49280), and the real
 chat template. Needs torch and transformers; the result loads with Idefics3Processor /
-Idefics3ForConditionalGeneration.from_pretrained.
+Idefics3ForConditionalGeneration.from_pretrained (with --arch smolvlm: SmolVLM2's format, which
+loads with SmolVLMForConditionalGeneration).
 """
 
 from __future__ import annotations
@@ -54,21 +55,27 @@ def make_tokenizer(gguf: Path = GGUF):
     return tok
 
 
-def make_tiny_smolvlm(out_dir: str | Path, seed: int = 0, std: float = 0.08) -> Path:
-    """Write config, model.safetensors, tokenizer and processor files of a tiny random SmolVLM."""
+def make_tiny_smolvlm(out_dir: str | Path, seed: int = 0, std: float = 0.08, arch: str = "idefics3") -> Path:
+    """Write config, model.safetensors, tokenizer and processor files of a tiny random SmolVLM.
+
+    arch "idefics3": SmolVLM's checkpoint format. "smolvlm": SmolVLM2's (transformers' SmolVLM
+    classes, `model_type: smolvlm`); its processor files are written piece by piece, because
+    SmolVLMProcessor cannot be built without its video processor, which needs torchvision.
+    """
+    import json
+
     import torch
-    from transformers import (
-        Idefics3Config,
-        Idefics3ForConditionalGeneration,
-        Idefics3ImageProcessorPil,
-        Idefics3Processor,
-    )
+    import transformers
+
+    prefix = {"idefics3": "Idefics3", "smolvlm": "SmolVLM"}[arch]
+    Config, Model, ImageProcessor = (getattr(transformers, prefix + n)
+                                     for n in ("Config", "ForConditionalGeneration", "ImageProcessorPil"))
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = make_tokenizer()
     image_seq_len = (TILE // PATCH) ** 2 // SCALE**2
-    config = Idefics3Config(
+    config = Config(
         vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
                        "image_size": TILE, "patch_size": PATCH},
         text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 64, "intermediate_size": 128,
@@ -81,7 +88,7 @@ def make_tiny_smolvlm(out_dir: str | Path, seed: int = 0, std: float = 0.08) -> 
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    model = Idefics3ForConditionalGeneration(config).eval()
+    model = Model(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             # Norm scales near 1 keep the signal; everything else N(0, std) so logits are not flat.
@@ -91,11 +98,19 @@ def make_tiny_smolvlm(out_dir: str | Path, seed: int = 0, std: float = 0.08) -> 
                 p.normal_(0.0, std)
     model.save_pretrained(out)
 
-    image_processor = Idefics3ImageProcessorPil(
+    image_processor = ImageProcessor(
         size={"longest_edge": LONGEST_EDGE}, max_image_size={"longest_edge": TILE}, do_image_splitting=True,
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], resample=1)
-    processor = Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len, chat_template=CHAT_TEMPLATE)
-    processor.save_pretrained(out)
+    if arch == "idefics3":
+        processor = transformers.Idefics3Processor(image_processor, tok, image_seq_len=image_seq_len,
+                                                   chat_template=CHAT_TEMPLATE)
+        processor.save_pretrained(out)
+    else:
+        image_processor.save_pretrained(out)
+        tok.save_pretrained(out)
+        (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        (out / "processor_config.json").write_text(json.dumps(
+            {"image_seq_len": image_seq_len, "processor_class": "SmolVLMProcessor"}))
     return out
 
 
@@ -103,8 +118,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=("idefics3", "smolvlm"), default="idefics3")
     args = ap.parse_args()
-    out = make_tiny_smolvlm(args.out_dir, seed=args.seed)
+    out = make_tiny_smolvlm(args.out_dir, seed=args.seed, arch=args.arch)
     print(f"wrote {out}")
 
 

@@ -68,6 +68,17 @@ def tiny_smolvlm(tmp_path_factory, smollm2_gguf) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_smolvlm2(tmp_path_factory, smollm2_gguf) -> Path:
+    """The same tiny model in SmolVLM2's checkpoint format (`model_type: smolvlm`)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from make_tiny_smolvlm import make_tiny_smolvlm
+
+    return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm2"), arch="smolvlm")
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen2vl(tmp_path_factory, smollm2_gguf) -> Path:
     """A tiny random Qwen2-VL checkpoint; its tokenizer comes from SmolLM2's GGUF."""
     pytest.importorskip("torch")

@@ -341,3 +341,32 @@ def test_max_tiles_option_reaches_the_family(loaded):
     full = loaded.prepare(_messages(1, "Hi"), images=[img])
     capped = loaded.prepare(_messages(1, "Hi"), images=[img], max_tiles=5)
     assert full.image_rows.size == 10 * 4 and capped.image_rows.size == 5 * 4
+
+
+def test_smolvlm2_checkpoint_matches_reference(tiny_smolvlm2):
+    """SmolVLM2's format (`model_type: smolvlm`) through vlm.load, against transformers' SmolVLM
+    model, its image processor and its prompt builder (its full processor needs torchvision)."""
+    import torch
+    from transformers import AutoTokenizer, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    import vlm
+
+    model = vlm.load(tiny_smolvlm2, quantize="f32")
+    images = [_rng_image(*IMAGES["wide"]), _rng_image(*IMAGES["grey"])]
+    messages = _messages(2, "Compare them.")
+    pixels = SmolVLMImageProcessorPil.from_pretrained(tiny_smolvlm2)(images=[images], return_tensors="pt",
+                                                                     return_row_col_info=True)
+    text = model.tokenizer.apply_chat_template(messages)
+    seq_len = json.loads((tiny_smolvlm2 / "processor_config.json").read_text())["image_seq_len"]
+    for rows, cols in zip(pixels["rows"][0], pixels["cols"][0], strict=True):
+        text = text.replace("<image>", get_image_prompt_string(rows, cols, seq_len, "<fake_token_around_image>",
+                                                               "<image>", "<global-img>").replace("<image>", "\0"), 1)
+    ids = AutoTokenizer.from_pretrained(tiny_smolvlm2)(text.replace("\0", "<image>"), return_tensors="pt",
+                                                       add_special_tokens=False)["input_ids"]
+    assert model.prepare(messages, images=images).ids.tolist() == ids[0].tolist()
+    reference = SmolVLMForConditionalGeneration.from_pretrained(tiny_smolvlm2, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = reference(input_ids=ids, pixel_values=pixels["pixel_values"],
+                        pixel_attention_mask=pixels["pixel_attention_mask"]).logits[0].numpy()
+    assert _rel(model.logits(messages, images=images), ref) < 1e-4

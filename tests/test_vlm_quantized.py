@@ -74,3 +74,19 @@ def test_image_count_must_match_the_image_parts(tiny):
         model.generate(messages("Two?", n_images=2), images=[image(0)])
     with pytest.raises(vlm.VlmError, match="token ids"):
         model.generate([1, 2, 3], images=[image(0)])
+
+
+def test_vision_q8_quantizes_linear_weights_only():
+    from vlm.loader import convert_vision
+    from vlm.quant import QuantizedWeight
+
+    rng = np.random.default_rng(0)
+    tensors = {"embeddings.position_embedding.weight": rng.standard_normal((64, 32)).astype(np.float32),
+               "encoder.layers.0.self_attn.q_proj.weight": rng.standard_normal((32, 32)).astype(np.float32),
+               "encoder.layers.0.layer_norm1.weight": np.ones(32, np.float32)}
+    out = convert_vision(tensors, "q8")
+    assert isinstance(out["encoder.layers.0.self_attn.q_proj.weight"], QuantizedWeight)
+    # an added table, not a matmul: kept exact
+    np.testing.assert_array_equal(out["embeddings.position_embedding.weight"],
+                                  tensors["embeddings.position_embedding.weight"])
+    assert out["encoder.layers.0.layer_norm1.weight"].dtype == np.float32

@@ -82,7 +82,9 @@ def _already(w: Weight, bits: int, group_size: int) -> bool:
 
 def convert_vision(tensors: Mapping[str, Weight], mode: str | None) -> LazyTensors:
     """Precision of the vision tower: f32, f16 storage, or 8-bit linear weights (mixed
-    precision); each tensor is converted when it is looked up."""
+    precision; tables such as learned position embeddings stay float: they are added, not
+    multiplied, so 8 bits would cost accuracy and save no time). Each tensor is converted when
+    it is looked up."""
 
     def convert(name: str) -> Weight:
         w = tensors[name]
@@ -91,7 +93,7 @@ def convert_vision(tensors: Mapping[str, Weight], mode: str | None) -> LazyTenso
             return w if matrix else dequantize(w)
         if mode == "f16" and matrix:
             return w if isinstance(w, HalfWeight) and not w.bf16 else HalfWeight(dequantize(w).astype(np.float16))
-        if mode == "q8" and matrix and can_quantize(w.shape, 32):
+        if mode == "q8" and matrix and can_quantize(w.shape, 32) and not name.endswith("embedding.weight"):
             return w if isinstance(w, QuantizedWeight) else quantize(w, 8, 32)
         return dequantize(w)
 

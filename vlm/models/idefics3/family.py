@@ -1,6 +1,7 @@
-"""The Idefics3 family (SmolVLM-256M/500M-Instruct, Idefics3-8B): what the model glue needs from it.
+"""The Idefics3 family (SmolVLM-256M/500M-Instruct, SmolVLM2, Idefics3-8B): what the model glue needs.
 
-A checkpoint's config.json has `model_type: idefics3` with nested `vision_config` (SigLIP) and
+A checkpoint's config.json has `model_type: idefics3` (SmolVLM2: `smolvlm`, the same layout and
+image processing; its video input is not supported) with nested `vision_config` (SigLIP) and
 `text_config` (Llama); its tensors live under `model.vision_model.`, `model.connector.`,
 `model.text_model.` and `lm_head.` (the hub checkpoints and transformers 5 `save_pretrained`
 alike). Each `<image>` of the chat template expands to tiles of `<image>` tokens (see
