@@ -157,6 +157,9 @@ def test_bad_tokenizers():
         tokenizer_from_gguf({**md, "tokenizer.ggml.tokens": md["tokenizer.ggml.tokens"] + ["he"]})
     with pytest.raises(VlmError, match="invalid GGUF tokenizer"):
         tokenizer_from_gguf({**md, "tokenizer.ggml.merges": ["h e", "q NOT_A_TOKEN"]})
+    # both halves known but their join is not a token: the tokenizers library would panic
+    with pytest.raises(VlmError, match="merge 'q h' makes a token missing from the vocabulary"):
+        tokenizer_from_gguf({**md, "tokenizer.ggml.merges": ["h e", "q h"]})
     with pytest.raises(VlmError, match="malformed"):
         tokenizer_from_gguf({**md, "tokenizer.ggml.merges": ["he"]})
     with pytest.raises(VlmError, match="malformed GGUF tokenizer.ggml.token_type"):
