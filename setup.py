@@ -36,7 +36,7 @@ native = Extension(
     sources=[
         KERNELS + name
         for name in ("module.c", "pool.c", "pack.c", "linear.c", "layers.c", "decode.c", "kern_portable.c",
-                     "kern_avx2.c", "kern_avx512.c", "ops_portable.c", "ops_avx2.c", "ops_avx512.c")
+                     "kern_avx2.c", "kern_avxvnni.c", "kern_avx512.c", "ops_portable.c", "ops_avx2.c", "ops_avx512.c")
     ],
     depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "ops_impl.h"],
     # Baseline ISA only: the AVX2 and AVX-512 kernels carry their own target attributes and

@@ -25,8 +25,8 @@ The layers' other hot operations, each the C twin of a numpy reference in vlm.mo
 Knobs, each also settable from the environment at import:
 
 - path: the instruction-set variant, best the CPU supports by default ("avx512" needs
-  AVX-512 F/BW/VL/DQ/VNNI; "avx2" needs AVX2/FMA/F16C; "portable" is plain C).
-  `set_path(name)`; VLM_KERNEL=portable|avx2|avx512.
+  AVX-512 F/BW/VL/DQ/VNNI; "avxvnni" needs AVX2/FMA/F16C and AVX-VNNI; "avx2" needs
+  AVX2/FMA/F16C; "portable" is plain C). `set_path(name)`; VLM_KERNEL=portable|avx2|avxvnni|avx512.
 - mode: the activations of quantized matmuls. int8 activations are x rounded per run of 32
   values to d * q (d = max|x| / 127, q int8) on the fly, as llama.cpp does, and multiplied
   with integer dot products; float activations match `QuantizedWeight.dequantize()`-based

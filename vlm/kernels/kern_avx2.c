@@ -4,6 +4,10 @@
  * holds 8 rows, so each tile handles one half of a panel (h = 0: rows 0-7, h = 1: rows
  * 8-15, i.e. bytes 32h..32h+31 of every 64-byte chunk). Without vpdpbusd, int8 dot
  * products use pmaddubsw (u8 x s8 -> pairs summed to int16) then pmaddwd against ones.
+ *
+ * kern_avxvnni.c compiles this file again with VLM_AVX_VNNI defined: the path for CPUs with
+ * AVX-VNNI but no AVX-512 (Intel since Alder Lake, AMD since Zen 5), whose int8 products
+ * are the VEX-encoded vpdpbusd, one instruction instead of three.
  */
 #include "kernels.h"
 
@@ -11,7 +15,15 @@
 #include <immintrin.h>
 #include <string.h>
 
+#ifdef VLM_AVX_VNNI
+#define TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define PATH vlm_path_avxvnni
+#define PATH_NAME "avxvnni"
+#else
 #define TARGET __attribute__((target("avx2,fma,f16c")))
+#define PATH vlm_path_avx2
+#define PATH_NAME "avx2"
+#endif
 #define INLINE static inline __attribute__((always_inline)) TARGET
 
 /* Token tiles, for 16 registers: an int8 tile keeps 2 vectors per token, a float tile 1-2. */
@@ -53,15 +65,19 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
 /* --- int8 activations (see kern_avx512.c for the algebra) ------------------------------
  * 4-bit: a pmaddubsw lane is at most 2 * 15 * 127 = 3810, so the 8 of one run add up in
  * int16 (<= 30480) before one pmaddwd. 8-bit: u8 x s8 could saturate, so multiply |w| by
- * x carrying w's sign (the sign trick); then no min term is needed. */
+ * x carrying w's sign (the sign trick); then no min term is needed. With AVX-VNNI both
+ * take vpdpbusd on the stored unsigned values, and 8-bit gets the -128d min term as in
+ * the AVX-512 kernel. */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
-    const __m256i nib = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
-    const __m256i bias = _mm256_set1_epi8((char)0x80);
+    const __m256i nib = _mm256_set1_epi8(0x0f);
+#ifndef VLM_AVX_VNNI
+    const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
+#endif
     /* this tile's activations (interleaved, see vlm_act): word j of token t is xq[j * TQ + t] */
     const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
     const float *xd = a->d + (size_t)(sp.t0 / TQ) * NB * TQ, *xs = a->s + (size_t)(sp.t0 / TQ) * NG * TQ;
@@ -79,6 +95,11 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
             if (fmt == FMT_Q8) {
                 for (int j = 0; j < 8; j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
+#ifdef VLM_AVX_VNNI
+                    const __m256i v = _mm256_load_si256((const __m256i *)qs);
+                    for (int t = 0; t < T; t++)
+                        isum[j % C][t] = _mm256_dpbusd_avx_epi32(isum[j % C][t], v, bcast4(xq + (size_t)(b * 8 + j) * TQ + t));
+#else
                     const __m256i w = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
                     const __m256i aw = _mm256_abs_epi8(w);
                     for (int t = 0; t < T; t++) {
@@ -86,6 +107,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
                         isum[j % C][t] = _mm256_add_epi32(isum[j % C][t], dot);
                     }
+#endif
                 }
             } else {
                 /* int16 partial sums: at most 8 products per run, each <= 3810, fit */
@@ -95,13 +117,20 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                     const __m256i lo = _mm256_and_si256(v, nib);
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
                     for (int t = 0; t < T; t++) {
-                        const __m256i plo = _mm256_maddubs_epi16(lo, bcast4(xq + (size_t)(b * 8 + 2 * c) * TQ + t));
-                        const __m256i phi = _mm256_maddubs_epi16(hi, bcast4(xq + (size_t)(b * 8 + 2 * c + 1) * TQ + t));
+                        const __m256i xlo = bcast4(xq + (size_t)(b * 8 + 2 * c) * TQ + t);
+                        const __m256i xhi = bcast4(xq + (size_t)(b * 8 + 2 * c + 1) * TQ + t);
+#ifdef VLM_AVX_VNNI
+                        isum[c % C][t] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(isum[c % C][t], lo, xlo), hi, xhi);
+#else
+                        const __m256i plo = _mm256_maddubs_epi16(lo, xlo), phi = _mm256_maddubs_epi16(hi, xhi);
                         isum[c % C][t] = _mm256_add_epi16(isum[c % C][t], _mm256_add_epi16(plo, phi));
+#endif
                     }
                 }
+#ifndef VLM_AVX_VNNI
                 for (int j = 0; j < C; j++)
                     for (int t = 0; t < T; t++) isum[j][t] = _mm256_madd_epi16(isum[j][t], ones);
+#endif
             }
             for (int t = 0; t < T; t++) {
                 for (int j = 1; j < C; j++) isum[0][t] = _mm256_add_epi32(isum[0][t], isum[j][t]);
@@ -109,8 +138,14 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][t]), scale, acc[t]);
             }
         }
+#ifdef VLM_AVX_VNNI
+        {
+            const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL)
+                                             : _mm256_mul_ps(d, _mm256_set1_ps(fmt == FMT_Q8 ? -128.0f : -8.0f));
+#else
         if (fmt != FMT_Q8) {
             const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
+#endif
             for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TQ + t]), acc[t]);
         }
     }
@@ -323,6 +358,6 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
     }
 }
 
-const vlm_path vlm_path_avx2 = {"avx2", TQ, TF, gemm_int8, gemm_float, quantize_row, &vlm_ops_avx2};
+const vlm_path PATH = {PATH_NAME, TQ, TF, gemm_int8, gemm_float, quantize_row, &vlm_ops_avx2};
 
 #endif

@@ -131,6 +131,7 @@ extern const vlm_ops vlm_ops_portable;
 #if defined(__x86_64__) || defined(__i386__)
 #define VLM_X86 1
 extern const vlm_path vlm_path_avx2;
+extern const vlm_path vlm_path_avxvnni;
 extern const vlm_path vlm_path_avx512;
 extern const vlm_ops vlm_ops_avx2;
 extern const vlm_ops vlm_ops_avx512;

@@ -13,6 +13,9 @@
 
 #include "kernels.h"
 #include "pool.h"
+#ifdef VLM_X86
+#include <cpuid.h>
+#endif
 
 static const vlm_path *path = &vlm_path_portable;
 static int mode = MODE_W4A8; /* an index into vlm.kernels.MODES */
@@ -594,13 +597,21 @@ static PyTypeObject PlanType = {
 
 /* ---- knobs ------------------------------------------------------------------------- */
 
+#ifdef VLM_X86
+/* AVX-VNNI (CPUID leaf 7, subleaf 1, EAX bit 4): GCC 12's __builtin_cpu_supports does not know it. */
+static int has_avx_vnni(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+}
+#endif
+
 static const vlm_path *find_path(const char *name) {
     if (!strcmp(name, "portable")) return &vlm_path_portable;
 #ifdef VLM_X86
     __builtin_cpu_init();
-    if (!strcmp(name, "avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-        __builtin_cpu_supports("f16c"))
-        return &vlm_path_avx2;
+    const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (!strcmp(name, "avx2") && avx2) return &vlm_path_avx2;
+    if (!strcmp(name, "avxvnni") && avx2 && has_avx_vnni()) return &vlm_path_avxvnni;
     if (!strcmp(name, "avx512") && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
@@ -610,7 +621,7 @@ static const vlm_path *find_path(const char *name) {
     return NULL;
 }
 
-static const char *const path_order[] = {"avx512", "avx2", "portable"};
+static const char *const path_order[] = {"avx512", "avxvnni", "avx2", "portable"};
 
 static PyObject *supported_paths(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(unused)) {
     PyObject *out = PyList_New(0);
