@@ -103,7 +103,8 @@ def main() -> None:
     weights = sum(lin.nbytes for layer in decoder.layers for lin in layer.linears()) + decoder.lm_head.nbytes
     result = bench.run(model, [args.pp], [args.tg], [0], [], args.reps, args.threads)
     c = decoder.config
-    kv_used = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * max(args.pp, args.tg + 1)
+    kv_used = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.cache.k.itemsize * max(
+        args.pp, args.tg + 1)
     if args.json:
         print(json.dumps(result, indent=1))
         return

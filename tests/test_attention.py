@@ -66,6 +66,20 @@ def test_matches_reference(kernel_path, h, h_kv, n, t, d, offset):
     assert_close(kernels.attention(q, k, v, offset), reference(q, k, v, offset), v, kernel_path)
 
 
+@pytest.mark.parametrize("h,h_kv,n,t,d,offset", CASES[:9], ids=IDS[:9])
+def test_half_precision_cache_is_read_exactly(kernel_path, h, h_kv, n, t, d, offset):
+    """fp16 k/v (a half-precision KV cache, any strides) give exactly what their float32
+    widening gives: the values are widened exactly and the arithmetic after is the same."""
+    q, k, v = make_qkv(h, h_kv, n, t, d)
+    k16, v16 = k.astype(np.float16), v.astype(np.float16)
+    np.testing.assert_array_equal(kernels.attention(q, k16, v16, offset),
+                                  kernels.attention(q, k16.astype(np.float32), v16.astype(np.float32), offset))
+    cache = np.zeros((h_kv, t + 5, d), np.float16)  # a view into a longer cache, as decode reads it
+    cache[:, :t] = k16
+    np.testing.assert_array_equal(kernels.attention(q, cache[:, :t], v16, offset),
+                                  kernels.attention(q, k16, v16, offset))
+
+
 def test_causal_mask_per_query(kernel_path):
     """Query i sees keys 0..offset+i exactly: later keys, however large, change nothing."""
     q, k, v = make_qkv(3, 1, 40, 60, 64)

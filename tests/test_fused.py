@@ -102,13 +102,15 @@ def tiny(request, tiny_llm):
 
 @pytest.mark.parametrize("mode", kernels.MODES)
 @pytest.mark.parametrize("quantize", ["q4", "q8"])
-def test_fused_step_is_bit_identical(kernel_path, tiny, mode, quantize):
+@pytest.mark.parametrize("kv_cache", ["f16", "f32"])
+def test_fused_step_is_bit_identical(kernel_path, tiny, mode, quantize, kv_cache):
+    """Including the cache: the C step rounds k and v to float16 exactly as numpy's cast does."""
     kernels.set_mode(mode)
-    model = vlm.load(tiny, quantize=quantize)
+    model = vlm.load(tiny, quantize=quantize, kv_cache=kv_cache)
     assert model.decoder.decode_plan(model.cache) is not None
     ids = model.tokenize("The quick brown fox jumps over the lazy dog.")
     fused = run(model, ids, 300)  # past 256 keys: the cache split over units
-    layered = run(layer_by_layer(vlm.load(tiny, quantize=quantize)), ids, 300)
+    layered = run(layer_by_layer(vlm.load(tiny, quantize=quantize, kv_cache=kv_cache)), ids, 300)
     for a, b, what in zip(fused, layered, ("logits", "k cache", "v cache"), strict=True):
         np.testing.assert_array_equal(a, b, err_msg=what)
 

@@ -134,6 +134,14 @@ def test_prompt_longer_than_context(tiny_llm):
         small.generate("word " * 100)
 
 
+def test_kv_cache_precision(tiny_llm):
+    assert vlm.load(tiny_llm("llama")).cache.k.dtype == np.float16
+    assert vlm.load(tiny_llm("llama"), quantize="f32").cache.k.dtype == np.float32  # exact math stays exact
+    assert vlm.load(tiny_llm("llama"), kv_cache="f32").cache.v.dtype == np.float32
+    with pytest.raises(vlm.VlmError, match="kv_cache must be one of f16, f32"):
+        vlm.load(tiny_llm("llama"), kv_cache="q8")
+
+
 def test_generation_stops_when_the_context_is_full(tiny_llm):
     small = vlm.load(tiny_llm("llama"), context=64)
     r = small.generate("Hello", max_new_tokens=500)

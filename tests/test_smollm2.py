@@ -77,11 +77,22 @@ def test_agreement_with_llama_cpp(smollm2_gguf):
 
 
 def test_default_4bit_path_stays_close_to_f32(smollm2_gguf, f32, sequence):
-    # Same weights; differences come only from the kernels' arithmetic (e.g. 8-bit activations).
-    q = vlm.load(smollm2_gguf).logits(sequence)
+    # Same weights and a float32 KV cache; differences come only from the kernels' arithmetic
+    # (e.g. 8-bit activations).
+    q = vlm.load(smollm2_gguf, kv_cache="f32").logits(sequence)
     a = f32.logits(sequence)
     assert top1(q, a) >= 0.95
     assert np.abs(q - a).max() <= 0.12 * np.abs(a).max()  # measured 0.077 (8-bit activations)
+
+
+def test_half_precision_kv_cache_stays_close_to_f32(smollm2_gguf, f32, sequence):
+    # The default cache is float16; alone, on float32 weights, it moves logits by ~1e-3.
+    model = vlm.load(smollm2_gguf, quantize="f32", kv_cache="f16")
+    assert model.cache.k.dtype == np.float16 and f32.cache.k.dtype == np.float32
+    h, a = model.logits(sequence), f32.logits(sequence)
+    assert top1(h, a) >= 0.99
+    assert np.abs(h - a).max() <= 5e-3 * np.abs(a).max()  # measured 1.0e-3
+    assert vlm.load(smollm2_gguf).cache.k.dtype == np.float16
 
 
 def test_quantizing_the_float_model(smollm2_gguf, sequence):

@@ -92,7 +92,7 @@ def decode_bytes_per_token(model: Model, depth: int = 0) -> int:
     total = sum(lin.nbytes for layer in d.layers for lin in layer.linears())
     total += d.lm_head.nbytes + d.embed_tokens.nbytes // d.config.vocab_size
     c = d.config
-    total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * depth
+    total += 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.cache.k.itemsize * depth
     return total
 
 

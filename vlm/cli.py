@@ -32,6 +32,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="decoder precision on load (default: as the file holds it)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: model's, max 4096)")
+    p.add_argument("--kv-cache", choices=["f16", "f32"], default=None,
+                   help="KV cache precision (default f16; f32 with --quantize f32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -53,7 +55,7 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def load_model(args: argparse.Namespace):
     from vlm.loader import load
 
-    return load(args.model, quantize=args.quantize, threads=args.threads, context=args.ctx)
+    return load(args.model, quantize=args.quantize, threads=args.threads, context=args.ctx, kv_cache=args.kv_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

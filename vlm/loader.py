@@ -142,7 +142,8 @@ def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str
 
 
 def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: str | None = None,
-                group_size: int = 32, context: int | None = None, prefill_chunk: int = 256) -> Model:
+                group_size: int = 32, context: int | None = None, prefill_chunk: int = 256,
+                kv_cache: str | None = None) -> Model:
     """Assemble a Model from a checkpoint, applying the requested precisions."""
     family_cls, text, vision = prepare_tensors(ckpt, quantize, vision_quantize, group_size)
     config = TextConfig.from_dict(family_cls.text_config(ckpt.config) if family_cls else ckpt.config)
@@ -150,23 +151,27 @@ def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: 
     family = family_cls(ckpt.config, vision, ckpt.preprocessor_config) if family_cls else None
     model_type = ckpt.config.get("model_type")
     ctx = context or min(4096, config.max_position_embeddings)
-    info = {"path": str(ckpt.path), "format": ckpt.format, "architecture": model_type, "quantize": quantize}
-    return Model(decoder, ckpt.tokenizer, family, context=ctx, prefill_chunk=prefill_chunk, info=info)
+    kv_cache = kv_cache or ("f32" if quantize == "f32" else "f16")  # f32 keeps exact math exact
+    info = {"path": str(ckpt.path), "format": ckpt.format, "architecture": model_type, "quantize": quantize,
+            "kv_cache": kv_cache}
+    return Model(decoder, ckpt.tokenizer, family, context=ctx, prefill_chunk=prefill_chunk, info=info,
+                 kv_cache=kv_cache)
 
 
 def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None, threads: int | None = None,
          context: int | None = None, prefill_chunk: int = 256, group_size: int = 32,
-         vision_quantize: str | None = None) -> Model:
+         vision_quantize: str | None = None, kv_cache: str | None = None) -> Model:
     """Load a model from a GGUF file, a Hugging Face directory, a `vlm convert` directory or a known name.
 
     quantize: None keeps what the file holds; "q4" (asymmetric, like Q4_1), "q4_sym" (like Q4_0)
     or "q8" quantize the decoder on load; "f32" widens everything to float32 (exact math).
     vision_quantize picks the vision tower's precision (None: as stored; "f32", "f16", "q8").
-    context is the KV cache size in tokens (default: the model's, at most 4096).
+    context is the KV cache size in tokens (default: the model's, at most 4096); kv_cache its
+    precision, "f16" or "f32" (default: f16, or f32 with quantize="f32").
     """
     kernels.set_threads(threads)
     ckpt = read_checkpoint(resolve(model))
-    built = build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk)
+    built = build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk, kv_cache)
     ckpt.release_pages()
     kernels.release_free_memory()
     return built

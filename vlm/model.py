@@ -64,22 +64,27 @@ class PromptInputs:
     vision_encode_s: float = 0.0
 
 
+KV_CACHE_DTYPES = {"f16": np.float16, "f32": np.float32}
+
+
 class Model:
     """A ready-to-run model. Create it with `vlm.load`."""
 
     def __init__(self, decoder: LlamaModel, tokenizer: Tokenizer, family: VisionFamily | None = None,
-                 context: int = 4096, prefill_chunk: int = 256, info: dict | None = None):
+                 context: int = 4096, prefill_chunk: int = 256, info: dict | None = None, kv_cache: str = "f16"):
         if context < 16:
             raise VlmError(f"context must be at least 16 tokens, got {context}")
         if prefill_chunk < 1:
             raise VlmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        if kv_cache not in KV_CACHE_DTYPES:
+            raise VlmError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache!r}")
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.family = family
         self.context = context
         self.prefill_chunk = prefill_chunk
         self.info = info or {}
-        self.cache = decoder.new_cache(context)
+        self.cache = decoder.new_cache(context, KV_CACHE_DTYPES[kv_cache])
         self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # --- text ------------------------------------------------------------------------------

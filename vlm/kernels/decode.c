@@ -29,6 +29,16 @@ static void add(float *x, const float *y, int n) {
     for (int i = 0; i < n; i++) x[i] += y[i];
 }
 
+/* n values into row `row` of a cache head: float32, or fp16 rounded as numpy's cast rounds. */
+static void store_kv(void *head, int half, size_t row, const float *x, int n) {
+    if (!half) {
+        memcpy((float *)head + row * n, x, sizeof(float) * n);
+        return;
+    }
+    uint16_t *dst = (uint16_t *)head + row * n;
+    for (int i = 0; i < n; i++) dst[i] = vlm_float_to_half(x[i]);
+}
+
 /* ys[i] = x @ W_i.T + b_i for the layer's matrices ws[0..count), sharing activations. */
 static void project(const vlm_path *p, int mode, const vlm_layer *l, const int *ws, int count, const float *x,
                     float *const *ys, unsigned char *scratch) {
@@ -63,10 +73,11 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const f
           *up = gate + FF;
     unsigned char *scratch = (unsigned char *)(up + FF);
     const size_t layer_stride = (size_t)dec->n_kv * dec->max_len * D, head_stride = (size_t)dec->max_len * D;
+    const size_t bytes = dec->kv_half ? 2 : 4;
     memcpy(x, x_in, sizeof(float) * H);
     for (int li = 0; li < dec->n_layers; li++) {
         const vlm_layer *l = &dec->layers[li];
-        float *kc = dec->k_cache + li * layer_stride, *vc = dec->v_cache + li * layer_stride;
+        char *kc = (char *)dec->k_cache + li * layer_stride * bytes, *vc = (char *)dec->v_cache + li * layer_stride * bytes;
 
         p->ops->rms_norm(x, l->norm_in, dec->eps, H, xn);
         static const int qkv[] = {W_Q, W_K, W_V};
@@ -74,11 +85,12 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const f
         for (int h = 0; h < dec->n_heads; h++) p->ops->rotary(q + h * D, cos, sin, D, q + h * D);
         for (int h = 0; h < dec->n_kv; h++) {
             p->ops->rotary(k + h * D, cos, sin, D, k + h * D);
-            memcpy(kc + h * head_stride + (size_t)pos * D, k + h * D, sizeof(float) * D);
-            memcpy(vc + h * head_stride + (size_t)pos * D, v + h * D, sizeof(float) * D);
+            store_kv(kc + h * head_stride * bytes, dec->kv_half, (size_t)pos, k + h * D, D);
+            store_kv(vc + h * head_stride * bytes, dec->kv_half, (size_t)pos, v + h * D, D);
         }
         const vlm_attn a = {.h = dec->n_heads, .h_kv = dec->n_kv, .n = 1, .t = pos + 1, .d = D, .causal = 1,
-                            .offset = pos, .scale = vlm_attn_scale(D), .q = q, .k = kc, .v = vc, .o = att,
+                            .offset = pos, .scale = vlm_attn_scale(D), .q = q, .k = kc, .v = vc,
+                            .kv_half = dec->kv_half, .o = att,
                             .qh = D, .qn = QD, .kh = (ptrdiff_t)head_stride, .kt = D,
                             .vh = (ptrdiff_t)head_stride, .vt = D, .oh = D, .on = QD};
         if (vlm_attention(p, &a)) {

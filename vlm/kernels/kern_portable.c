@@ -29,6 +29,27 @@ float vlm_half_to_float(uint16_t h) {
     return out;
 }
 
+uint16_t vlm_float_to_half(float x) {
+    uint32_t f;
+    memcpy(&f, &x, 4);
+    const uint32_t sign = (f >> 16) & 0x8000, a = f & 0x7fffffff;
+    if (a >= 0x7f800000) return (uint16_t)(sign | 0x7c00 | (a > 0x7f800000 ? 0x200 | (a >> 13 & 0x3ff) : 0));
+    if (a >= 0x477ff000) return (uint16_t)(sign | 0x7c00); /* rounds to >= 65520: overflow */
+    if (a < 0x38800000) { /* below the smallest normal half: a subnormal (or zero) */
+        if (a < 0x33000000) return (uint16_t)sign; /* at most half the smallest subnormal (ties to even: 0) */
+        const uint32_t e = a >> 23, m = (a & 0x7fffff) | 0x800000;
+        const int shift = 126 - (int)e; /* value = m * 2^(e - 150); half subnormal unit 2^-24 */
+        uint32_t q = m >> shift;
+        const uint32_t rest = m & ((1u << shift) - 1), halfway = 1u << (shift - 1);
+        if (rest > halfway || (rest == halfway && (q & 1))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t h = ((a - 0x38000000) >> 13); /* rebias the exponent, keep 10 mantissa bits */
+    const uint32_t rest = a & 0x1fff;
+    if (rest > 0x1000 || (rest == 0x1000 && (h & 1))) h++; /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+}
+
 float vlm_bf16_to_float(uint16_t h) {
     const uint32_t bits = (uint32_t)h << 16;
     float out;

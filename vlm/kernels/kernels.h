@@ -93,9 +93,11 @@ typedef struct {
     int h, h_kv, n, t, d; /* query heads, kv heads, queries, keys, head dim */
     int causal, offset;
     float scale;
-    const float *q, *k, *v;
+    const float *q;
+    const void *k, *v; /* float32, or fp16 with kv_half (a half-precision KV cache) */
+    int kv_half;
     float *o;
-    ptrdiff_t qh, qn, kh, kt, vh, vt, oh, on; /* strides: per head, per row */
+    ptrdiff_t qh, qn, kh, kt, vh, vt, oh, on; /* strides in elements: per head, per row */
 } vlm_attn;
 
 /* The scale of the scores, 1 / sqrt(d) rounded once to float (as numpy's reference does). */
@@ -186,7 +188,8 @@ typedef struct {
     float eps;
     const vlm_layer *layers;
     const float *norm; /* the final norm */
-    float *k_cache, *v_cache; /* [n_layers][n_kv][max_len][head_dim] */
+    void *k_cache, *v_cache; /* [n_layers][n_kv][max_len][head_dim], float32 or (kv_half) fp16 */
+    int kv_half;
 } vlm_decoder;
 
 /* One token at cache slot pos: x [hidden] embedded, cos/sin [head_dim] of its position;
@@ -217,6 +220,8 @@ void vlm_unpack_row(const vlm_matrix *m, int row, float *out);
 /* Portable helpers every path may use. */
 float vlm_half_to_float(uint16_t h);
 float vlm_bf16_to_float(uint16_t h);
+/* fp16 of x rounded to nearest even, as numpy's astype(float16) (subnormals, overflow to inf). */
+uint16_t vlm_float_to_half(float x);
 void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
 void vlm_group_sums(const float *x, int cols, int group, float *xs, int w);
 

@@ -280,8 +280,8 @@ static PyObject *linear(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssiz
 
 /* obj as float32 with `ndim` axes, the last one contiguous and every stride a whole number
  * of floats: a view when it already is, else a copy. NULL with an exception set. */
-static PyArrayObject *as_rows(PyObject *obj, int ndim, const char *what) {
-    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_FLOAT32, NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+static PyArrayObject *as_rows(PyObject *obj, int ndim, int type, const char *what) {
+    PyArrayObject *a = (PyArrayObject *)PyArray_FROM_OTF(obj, type, NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
     if (!a) return NULL;
     const int nd = PyArray_NDIM(a);
     if (nd != ndim) {
@@ -289,10 +289,11 @@ static PyArrayObject *as_rows(PyObject *obj, int ndim, const char *what) {
         Py_DECREF(a);
         return NULL;
     }
-    int ok = PyArray_DIM(a, nd - 1) <= 1 || PyArray_STRIDE(a, nd - 1) == sizeof(float);
-    for (int i = 0; i < nd - 1; i++) ok &= PyArray_STRIDE(a, i) % (npy_intp)sizeof(float) == 0;
+    const npy_intp size = PyArray_ITEMSIZE(a);
+    int ok = PyArray_DIM(a, nd - 1) <= 1 || PyArray_STRIDE(a, nd - 1) == size;
+    for (int i = 0; i < nd - 1; i++) ok &= PyArray_STRIDE(a, i) % size == 0;
     if (!ok) {
-        PyArrayObject *c = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)a, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY);
+        PyArrayObject *c = (PyArrayObject *)PyArray_FROM_OTF((PyObject *)a, type, NPY_ARRAY_IN_ARRAY);
         Py_DECREF(a);
         a = c;
     }
@@ -300,16 +301,21 @@ static PyArrayObject *as_rows(PyObject *obj, int ndim, const char *what) {
 }
 
 /* Stride of axis i in floats. */
-static ptrdiff_t fstride(PyArrayObject *a, int i) { return PyArray_STRIDE(a, i) / (npy_intp)sizeof(float); }
+static ptrdiff_t fstride(PyArrayObject *a, int i) { return PyArray_STRIDE(a, i) / PyArray_ITEMSIZE(a); }
 
 /* attention(q, k, v, causal_offset) -> o: q [h, n, d], k/v [h_kv, t, d] -> o [h, n, d] (a view
- * of an [n, h, d] array, the layout the output projection reads). */
+ * of an [n, h, d] array, the layout the output projection reads). k and v are read as they
+ * are when both are float16 (a half-precision KV cache), else as float32. */
 static PyObject *attention(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *qo, *ko, *vo, *off;
     if (!PyArg_ParseTuple(args, "OOOO", &qo, &ko, &vo, &off)) return NULL;
     const long offset = off == Py_None ? 0 : PyLong_AsLong(off);
     if (offset == -1 && PyErr_Occurred()) return NULL;
-    PyArrayObject *q = as_rows(qo, 3, "q"), *k = q ? as_rows(ko, 3, "k") : NULL, *v = k ? as_rows(vo, 3, "v") : NULL;
+    const int half = PyArray_Check(ko) && PyArray_Check(vo) && PyArray_TYPE((PyArrayObject *)ko) == NPY_FLOAT16 &&
+                     PyArray_TYPE((PyArrayObject *)vo) == NPY_FLOAT16;
+    const int kv_type = half ? NPY_FLOAT16 : NPY_FLOAT32;
+    PyArrayObject *q = as_rows(qo, 3, NPY_FLOAT32, "q"), *k = q ? as_rows(ko, 3, kv_type, "k") : NULL;
+    PyArrayObject *v = k ? as_rows(vo, 3, kv_type, "v") : NULL;
     PyArrayObject *out = NULL;
     if (!v) goto done;
     const int h = (int)PyArray_DIM(q, 0), n = (int)PyArray_DIM(q, 1), d = (int)PyArray_DIM(q, 2);
@@ -325,7 +331,7 @@ static PyObject *attention(PyObject *Py_UNUSED(mod), PyObject *args) {
     if (!out) goto done;
     const vlm_attn a = {.h = h, .h_kv = h_kv, .n = n, .t = t, .d = d, .causal = off != Py_None, .offset = (int)offset,
                         .scale = vlm_attn_scale(d), .q = PyArray_DATA(q), .k = PyArray_DATA(k), .v = PyArray_DATA(v),
-                        .o = PyArray_DATA(out), .qh = fstride(q, 0), .qn = fstride(q, 1), .kh = fstride(k, 0),
+                        .kv_half = half, .o = PyArray_DATA(out), .qh = fstride(q, 0), .qn = fstride(q, 1), .kh = fstride(k, 0),
                         .kt = fstride(k, 1), .vh = fstride(v, 0), .vt = fstride(v, 1), .oh = d, .on = (ptrdiff_t)h * d};
     int rc;
     Py_BEGIN_ALLOW_THREADS;
@@ -402,7 +408,7 @@ done:
 static PyObject *rotary(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *xo, *co, *so;
     if (!PyArg_ParseTuple(args, "OOO", &xo, &co, &so)) return NULL;
-    PyArrayObject *x = as_rows(xo, 3, "x"), *c = x ? as_contiguous(co) : NULL, *s = c ? as_contiguous(so) : NULL;
+    PyArrayObject *x = as_rows(xo, 3, NPY_FLOAT32, "x"), *c = x ? as_contiguous(co) : NULL, *s = c ? as_contiguous(so) : NULL;
     PyArrayObject *y = NULL;
     if (!s) goto done;
     const int h = (int)PyArray_DIM(x, 0), n = (int)PyArray_DIM(x, 1), d = (int)PyArray_DIM(x, 2);
@@ -459,9 +465,10 @@ static int plan_vector(PyObject *refs, PyObject *obj, npy_intp n, int allow_none
 /* The KV cache array itself (written in place): float32 [layers, h_kv, max_len, d], C order. */
 static PyArrayObject *plan_cache(PyObject *obj) {
     PyArrayObject *a = (PyArrayObject *)obj;
-    if (!PyArray_Check(obj) || PyArray_TYPE(a) != NPY_FLOAT32 || PyArray_NDIM(a) != 4 ||
-        !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a)) {
-        PyErr_SetString(PyExc_ValueError, "the KV cache must be writable float32 [layers, h_kv, max_len, d] in C order");
+    if (!PyArray_Check(obj) || (PyArray_TYPE(a) != NPY_FLOAT32 && PyArray_TYPE(a) != NPY_FLOAT16) ||
+        PyArray_NDIM(a) != 4 || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a)) {
+        PyErr_SetString(PyExc_ValueError,
+                        "the KV cache must be writable float32 or float16 [layers, h_kv, max_len, d] in C order");
         return NULL;
     }
     return a;
@@ -496,8 +503,9 @@ static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     dec->eps = eps;
     dec->k_cache = PyArray_DATA(kc);
     dec->v_cache = PyArray_DATA(vc);
+    dec->kv_half = PyArray_TYPE(kc) == NPY_FLOAT16;
     dec->layers = self->layers;
-    if (!PyArray_SAMESHAPE(kc, vc) || PyArray_DIM(kc, 0) != L || L < 1 || dec->n_kv < 1 || n_heads % dec->n_kv ||
+    if (!PyArray_SAMESHAPE(kc, vc) || PyArray_TYPE(kc) != PyArray_TYPE(vc) || PyArray_DIM(kc, 0) != L || L < 1 || dec->n_kv < 1 || n_heads % dec->n_kv ||
         dec->head_dim % 2 || dec->head_dim > VLM_MAX_HEAD_DIM) {
         PyErr_SetString(PyExc_ValueError, "the KV caches, layers and heads do not agree");
         goto fail;

@@ -1,11 +1,11 @@
-/* The SIMD layer of ops_impl.h for AVX2 + FMA: 8 lanes, 16 registers. */
+/* The SIMD layer of ops_impl.h for AVX2 + FMA (+ F16C for fp16 caches): 8 lanes, 16 registers. */
 #include "kernels.h"
 
 #ifdef VLM_X86
 #include <immintrin.h>
 #include <math.h>
 
-#define OPS_TARGET __attribute__((target("avx2,fma")))
+#define OPS_TARGET __attribute__((target("avx2,fma,f16c")))
 #define VINL static inline __attribute__((always_inline)) OPS_TARGET
 #define OPS_NAME vlm_ops_avx2
 
@@ -71,6 +71,13 @@ VINL vf v_sum_lanes(const vf p[VW]) {
     for (int i = 0; i < 2; i++)
         u[i] = v_add(_mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm256_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
     return v_add(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+}
+
+VINL void v_widen_half(const void *src, float *dst, int n) {
+    const uint16_t *s = src;
+    int c = 0;
+    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + c))));
+    for (; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
 }
 
 #include "ops_impl.h"

@@ -70,6 +70,13 @@ VINL vf v_sum_lanes(const vf p[VW]) {
     return v_add(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
 }
 
+VINL void v_widen_half(const void *src, float *dst, int n) {
+    const uint16_t *s = src;
+    int c = 0;
+    for (; c + 16 <= n; c += 16) _mm512_storeu_ps(dst + c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + c))));
+    for (; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
+}
+
 #include "ops_impl.h"
 
 #endif

@@ -9,6 +9,7 @@
  *   v_first, v_hmax, v_hsum: lane 0, max and sum of the lanes
  *   v_exp: e^x, exactly 0 below -87.3 (so e^-inf = 0), saturating above 88
  *   v_sum_lanes(p[VW]): the vector whose lane j is the sum of the lanes of p[j]
+ *   v_widen_half(src, dst, n): n fp16 values to float32 (an fp16 KV cache)
  *
  * Two attention kernels, online softmax (flash-attention style: a running max m, sum l and
  * unnormalized output acc per query, rescaled by e^(m_old - m_new) as blocks of keys come),
@@ -35,6 +36,29 @@
 #define PREFETCH_KEYS 64
 
 static inline int ops_min(int a, int b) { return a < b ? a : b; }
+
+/* ---- the KV cache: float32 rows read in place, fp16 rows widened first ------------------- */
+
+/* Row j of head hk of a cache (k or v; head and row strides in elements). */
+static inline const void *kv_row(const vlm_attn *a, const void *base, ptrdiff_t head, ptrdiff_t row, int hk, int j) {
+    return (const char *)base + ((size_t)hk * head + (size_t)j * row) * (a->kv_half ? 2 : 4);
+}
+
+/* Rows [j0, j0 + n) of head hk as float32: the rows in place (*stride = row) for a float32
+ * cache; for fp16, widened into buf at *stride = d. */
+VINL const float *kv_rows(const vlm_attn *a, const void *base, ptrdiff_t head, ptrdiff_t row, int hk, int j0, int n,
+                          float *buf, ptrdiff_t *stride) {
+    if (!a->kv_half) {
+        *stride = row;
+        return kv_row(a, base, head, row, hk, j0);
+    }
+    for (int j = 0; j < n; j++) {
+        const uint16_t *src = kv_row(a, base, head, row, hk, j0 + j);
+        v_widen_half(src, buf + (size_t)j * a->d, a->d);
+    }
+    *stride = a->d;
+    return buf;
+}
 
 /* ---- block kernel ------------------------------------------------------------------------ */
 
@@ -75,7 +99,7 @@ VINL void value_tile(const float *vv, ptrdiff_t vt, int nk, const vf *pt, vf *ot
 
 OPS_TARGET static void attn_block(const vlm_attn *a, int h, int i0, int i1) {
     const int d = a->d, hk = h / (a->h / a->h_kv);
-    const float *k = a->k + hk * a->kh, *vv = a->v + hk * a->vh;
+    float kbuf[a->kv_half ? KB * d : 1], vbuf[a->kv_half ? KB * d : 1]; /* a key block of an fp16 cache */
     vf qt[d * NV], ot[d * NV]; /* q (scaled) and the output accumulator, transposed: [c][v] */
     vf st[KB * NV];            /* one key block's scores, then probabilities: [j][v] */
     vf m[NV], l[NV], lim[NV];
@@ -95,9 +119,11 @@ OPS_TARGET static void attn_block(const vlm_attn *a, int h, int i0, int i1) {
     const int kend = a->causal ? ops_min(a->t, a->offset + i1) : a->t;
     for (int j0 = 0; j0 < kend; j0 += KB) {
         const int nk = ops_min(KB, kend - j0);
+        ptrdiff_t kt, vt;
+        const float *kb = kv_rows(a, a->k, a->kh, a->kt, hk, j0, nk, kbuf, &kt);
         int j = 0;
-        for (; j + RK <= nk; j += RK) score_tile(k + (j0 + j) * a->kt, a->kt, d, qt, st + j * NV, RK);
-        for (; j < nk; j++) score_tile(k + (j0 + j) * a->kt, a->kt, d, qt, st + j * NV, 1);
+        for (; j + RK <= nk; j += RK) score_tile(kb + j * kt, kt, d, qt, st + j * NV, RK);
+        for (; j < nk; j++) score_tile(kb + j * kt, kt, d, qt, st + j * NV, 1);
         if (a->causal && j0 + nk - 1 > a->offset + i0) /* some key is past some query */
             for (j = 0; j < nk; j++)
                 for (int v = 0; v < NV; v++) st[j * NV + v] = v_keep_le(st[j * NV + v], v_set1((float)(j0 + j)), lim[v]);
@@ -119,10 +145,10 @@ OPS_TARGET static void attn_block(const vlm_attn *a, int h, int i0, int i1) {
         if (j0 > 0)
             for (int c = 0; c < d; c++)
                 for (int v = 0; v < NV; v++) ot[c * NV + v] = v_mul(ot[c * NV + v], alpha[v]);
-        const float *vb = vv + j0 * a->vt;
+        const float *vb = kv_rows(a, a->v, a->vh, a->vt, hk, j0, nk, vbuf, &vt);
         int c = 0;
-        for (; c + DD <= d; c += DD) value_tile(vb, a->vt, nk, st, ot, c, DD);
-        for (; c < d; c++) value_tile(vb, a->vt, nk, st, ot, c, 1);
+        for (; c + DD <= d; c += DD) value_tile(vb, vt, nk, st, ot, c, DD);
+        for (; c < d; c++) value_tile(vb, vt, nk, st, ot, c, 1);
     }
     for (int v = 0; v < NV; v++) {
         const int e1 = ops_min(VW, i1 - i0 - v * VW);
@@ -157,19 +183,20 @@ VINL void value_rows(float *acc, const float *vv, ptrdiff_t vt, int nk, const fl
     for (int c = 0; c < C; c++) store_e(acc + c * VW, s[c], c == C - 1 ? e : VW);
 }
 
-static inline void prefetch_rows(const vlm_attn *a, const float *k, const float *vv, int j0, int j1) {
+static inline void prefetch_rows(const vlm_attn *a, int hk, int j0, int j1) {
+    const int bytes = a->d * (a->kv_half ? 2 : 4);
     for (int j = j0; j < j1; j++)
-        for (int c = 0; c < a->d; c += 16) {
-            __builtin_prefetch(k + j * a->kt + c, 0, 3);
-            __builtin_prefetch(vv + j * a->vt + c, 0, 3);
+        for (int c = 0; c < bytes; c += 64) {
+            __builtin_prefetch((const char *)kv_row(a, a->k, a->kh, a->kt, hk, j) + c, 0, 3);
+            __builtin_prefetch((const char *)kv_row(a, a->v, a->vh, a->vt, hk, j) + c, 0, 3);
         }
 }
 
 OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int j0, int j1, float *state) {
     const int d = a->d, g = a->h / a->h_kv, full = d / VW, tail = d % VW, R = r1 - r0;
-    const float *k = a->k + hk * a->kh, *vv = a->v + hk * a->vh;
     /* one block of keys at a fixed row stride: the dot products address it by constant offsets */
     float kb[VW * VLM_MAX_HEAD_DIM] __attribute__((aligned(64)));
+    float vbuf[a->kv_half ? VW * d : 1]; /* a block of values of an fp16 cache */
     float q[VLM_ATTN_ROWS][VLM_MAX_HEAD_DIM], m[VLM_ATTN_ROWS], l[VLM_ATTN_ROWS];
     int jend[VLM_ATTN_ROWS], jmax = j0;
     for (int r = 0; r < R; r++) {
@@ -187,18 +214,22 @@ OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int 
     }
     /* decode streams the cache from DRAM: request keys and values PREFETCH_KEYS ahead of the
      * block, the first ones at once */
-    prefetch_rows(a, k, vv, j0, ops_min(j0 + PREFETCH_KEYS, jmax));
+    prefetch_rows(a, hk, j0, ops_min(j0 + PREFETCH_KEYS, jmax));
     for (int jb = j0; jb < jmax; jb += VW) {
         const int nk = ops_min(VW, jmax - jb);
-        prefetch_rows(a, k, vv, jb + PREFETCH_KEYS, ops_min(jb + PREFETCH_KEYS + VW, jmax));
+        prefetch_rows(a, hk, jb + PREFETCH_KEYS, ops_min(jb + PREFETCH_KEYS + VW, jmax));
         for (int j = 0; j < VW; j++) {
             float *dst = kb + j * VLM_MAX_HEAD_DIM;
-            if (j < nk)
-                memcpy(dst, k + (jb + j) * a->kt, sizeof(float) * d);
-            else
+            const void *src = kv_row(a, a->k, a->kh, a->kt, hk, jb + j);
+            if (j >= nk)
                 memset(dst, 0, sizeof(float) * d); /* finite: masked below */
+            else if (a->kv_half)
+                v_widen_half(src, dst, d);
+            else
+                memcpy(dst, src, sizeof(float) * d);
         }
-        const float *vb = vv + jb * a->vt;
+        ptrdiff_t vt;
+        const float *vb = kv_rows(a, a->v, a->vh, a->vt, hk, jb, nk, vbuf, &vt);
         for (int r = 0; r < R; r++) {
             const int rk = ops_min(nk, jend[r] - jb); /* keys of the block this row sees */
             if (rk <= 0) continue;
@@ -224,9 +255,9 @@ OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int 
             v_store(pf, p);
             float *acc = state + (size_t)r * (d + 2) + 2;
             int c = 0;
-            for (; c + 4 <= full; c += 4) value_rows(acc + c * VW, vb + c * VW, a->vt, rk, pf, alpha, 4, VW);
-            for (; c < full; c++) value_rows(acc + c * VW, vb + c * VW, a->vt, rk, pf, alpha, 1, VW);
-            if (tail) value_rows(acc + c * VW, vb + c * VW, a->vt, rk, pf, alpha, 1, tail);
+            for (; c + 4 <= full; c += 4) value_rows(acc + c * VW, vb + c * VW, vt, rk, pf, alpha, 4, VW);
+            for (; c < full; c++) value_rows(acc + c * VW, vb + c * VW, vt, rk, pf, alpha, 1, VW);
+            if (tail) value_rows(acc + c * VW, vb + c * VW, vt, rk, pf, alpha, 1, tail);
         }
     }
     for (int r = 0; r < R; r++) {

@@ -63,4 +63,9 @@ VINL vf v_exp(vf x) {
 
 VINL vf v_sum_lanes(const vf p[VW]) { return (vf){v_hsum(p[0]), v_hsum(p[1]), v_hsum(p[2]), v_hsum(p[3])}; }
 
+VINL void v_widen_half(const void *src, float *dst, int n) {
+    const uint16_t *s = src;
+    for (int c = 0; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
+}
+
 #include "ops_impl.h"

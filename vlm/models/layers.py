@@ -316,26 +316,29 @@ class LayerKV:
         self.k, self.v = k, v
 
 
-def _lazy_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """float32 zeros whose memory is committed page by page as it is written.
+def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Zeros whose memory is committed page by page as it is written.
 
     An anonymous mmap, not np.zeros: numpy asks for transparent huge pages on large arrays,
     which would commit 2 MiB for every head's first token and make the cache resident at once.
     """
-    buf = mmap.mmap(-1, max(1, int(np.prod(shape)) * 4))
-    return np.frombuffer(buf, dtype=np.float32, count=int(np.prod(shape))).reshape(shape)
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize))
+    return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape)
 
 
 class KVCache:
     """Preallocated keys and values for every layer, plus what the cached positions hold.
 
     `keys` names the content of each cached position (a token id, or an image digest and
-    index), so a new prompt that starts the same way reuses the cached prefix.
+    index), so a new prompt that starts the same way reuses the cached prefix. The values are
+    float32, or float16 (half the memory and the bytes decode reads at depth; llama.cpp's
+    default too): k and v are rounded to float16 as they are stored and widened as they are read.
     """
 
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype=np.float32):
         shape = (n_layers, n_kv_heads, max_len, head_dim)
-        self.k, self.v = _lazy_zeros(shape), _lazy_zeros(shape)
+        self.k, self.v = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
         self.max_len = max_len
         self.keys: list = []
 

@@ -126,9 +126,9 @@ class LlamaModel:
         self.rope_axis = np.repeat(np.arange(len(section)), section)
         self._plan: tuple[KVCache, object] | None = None  # (cache, its DecoderPlan or None)
 
-    def new_cache(self, max_len: int) -> KVCache:
+    def new_cache(self, max_len: int, dtype=np.float32) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_len)
+        return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim, max_len, dtype)
 
     def rope(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin [n, head_dim] for positions [n] or, with M-RoPE, [3, n]."""
