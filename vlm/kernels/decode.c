@@ -30,13 +30,11 @@ static void add(float *x, const float *y, int n) {
 }
 
 /* n values into row `row` of a cache head: float32, or fp16 rounded as numpy's cast rounds. */
-static void store_kv(void *head, int half, size_t row, const float *x, int n) {
-    if (!half) {
+static void store_kv(const vlm_path *p, void *head, int half, size_t row, const float *x, int n) {
+    if (half)
+        p->ops->to_half(x, n, (uint16_t *)head + row * n);
+    else
         memcpy((float *)head + row * n, x, sizeof(float) * n);
-        return;
-    }
-    uint16_t *dst = (uint16_t *)head + row * n;
-    for (int i = 0; i < n; i++) dst[i] = vlm_float_to_half(x[i]);
 }
 
 /* ys[i] = x @ W_i.T + b_i for the layer's matrices ws[0..count), sharing activations. */
@@ -85,8 +83,8 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const f
         for (int h = 0; h < dec->n_heads; h++) p->ops->rotary(q + h * D, cos, sin, D, q + h * D);
         for (int h = 0; h < dec->n_kv; h++) {
             p->ops->rotary(k + h * D, cos, sin, D, k + h * D);
-            store_kv(kc + h * head_stride * bytes, dec->kv_half, (size_t)pos, k + h * D, D);
-            store_kv(vc + h * head_stride * bytes, dec->kv_half, (size_t)pos, v + h * D, D);
+            store_kv(p, kc + h * head_stride * bytes, dec->kv_half, (size_t)pos, k + h * D, D);
+            store_kv(p, vc + h * head_stride * bytes, dec->kv_half, (size_t)pos, v + h * D, D);
         }
         const vlm_attn a = {.h = dec->n_heads, .h_kv = dec->n_kv, .n = 1, .t = pos + 1, .d = D, .causal = 1,
                             .offset = pos, .scale = vlm_attn_scale(D), .q = q, .k = kc, .v = vc,

@@ -116,6 +116,8 @@ typedef struct {
     void (*rms_norm)(const float *x, const float *w, float eps, int n, float *y);
     void (*swiglu)(const float *g, const float *u, int n, float *y);
     void (*rotary)(const float *x, const float *cos, const float *sin, int d, float *y);
+    /* n values to fp16, rounded to nearest even exactly as vlm_float_to_half (the KV cache). */
+    void (*to_half)(const float *x, int n, uint16_t *y);
 } vlm_ops;
 
 /* One instruction-set path. gemm_* compute y for panels [p0, p1) and all n tokens. */

@@ -352,6 +352,33 @@ done:
     return view;
 }
 
+/* store_half(dst, src): dst[...] = src rounded to fp16 as numpy's cast rounds, F16C-fast. dst:
+ * a writable float16 [a, b, d] array (a KV cache view: any strides, d contiguous); src: the
+ * same shape, converted to float32 if needed. */
+static PyObject *store_half(PyObject *Py_UNUSED(mod), PyObject *args) {
+    PyObject *dsto, *srco;
+    if (!PyArg_ParseTuple(args, "O!O", &PyArray_Type, &dsto, &srco)) return NULL;
+    PyArrayObject *dst = (PyArrayObject *)dsto, *src = as_rows(srco, 3, NPY_FLOAT32, "src");
+    if (!src) return NULL;
+    if (PyArray_TYPE(dst) != NPY_FLOAT16 || PyArray_NDIM(dst) != 3 || !PyArray_ISWRITEABLE(dst) ||
+        !PyArray_SAMESHAPE(dst, src) || (PyArray_DIM(dst, 2) > 1 && PyArray_STRIDE(dst, 2) != 2) ||
+        PyArray_STRIDE(dst, 0) % 2 || PyArray_STRIDE(dst, 1) % 2) {
+        Py_DECREF(src);
+        PyErr_SetString(PyExc_ValueError, "store_half needs a writable float16 [a, b, d] dst, d contiguous, and src "
+                                          "of the same shape");
+        return NULL;
+    }
+    const int A = (int)PyArray_DIM(dst, 0), B = (int)PyArray_DIM(dst, 1), d = (int)PyArray_DIM(dst, 2);
+    Py_BEGIN_ALLOW_THREADS;
+    for (int i = 0; i < A; i++)
+        for (int j = 0; j < B; j++)
+            path->ops->to_half((const float *)PyArray_DATA(src) + i * fstride(src, 0) + j * fstride(src, 1), d,
+                               (uint16_t *)PyArray_DATA(dst) + i * fstride(dst, 0) + j * fstride(dst, 1));
+    Py_END_ALLOW_THREADS;
+    Py_DECREF(src);
+    Py_RETURN_NONE;
+}
+
 /* A C-contiguous float32 copy or view of obj, or NULL with an exception set. */
 static PyArrayObject *as_contiguous(PyObject *obj) {
     return (PyArrayObject *)PyArray_FROM_OTF(obj, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
@@ -698,6 +725,7 @@ static PyMethodDef methods[] = {
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, weight, eps) -> y"},
     {"swiglu", swiglu, METH_VARARGS, "swiglu(gate, up) -> silu(gate) * up"},
     {"rotary", rotary, METH_VARARGS, "rotary(x, cos, sin) -> x * cos + rotate_half(x) * sin"},
+    {"store_half", store_half, METH_VARARGS, "store_half(dst, src): dst[...] = src as float16"},
     {"supported_paths", supported_paths, METH_NOARGS, "paths this CPU can run, best first"},
     {"set_path", set_path, METH_O, "set_path(name)"},
     {"get_path", get_path, METH_NOARGS, "the path in use"},

@@ -4,6 +4,7 @@
 #ifdef VLM_X86
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 #define OPS_TARGET __attribute__((target("avx2,fma,f16c")))
 #define VINL static inline __attribute__((always_inline)) OPS_TARGET
@@ -78,6 +79,20 @@ VINL void v_widen_half(const void *src, float *dst, int n) {
     int c = 0;
     for (; c + 8 <= n; c += 8) _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + c))));
     for (; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
+}
+
+VINL vf v_load_half(const uint16_t *p, int e) {
+    if (e == VW) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+    uint16_t h[VW] = {0};
+    memcpy(h, p, sizeof(uint16_t) * (size_t)e);
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
+}
+
+OPS_TARGET static void to_half(const float *x, int n, uint16_t *y) {
+    int c = 0;
+    for (; c + 8 <= n; c += 8)
+        _mm_storeu_si128((__m128i *)(y + c), _mm256_cvtps_ph(_mm256_loadu_ps(x + c), _MM_FROUND_TO_NEAREST_INT));
+    for (; c < n; c++) y[c] = vlm_float_to_half(x[c]);
 }
 
 #include "ops_impl.h"

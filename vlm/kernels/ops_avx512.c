@@ -5,7 +5,7 @@
 #include <immintrin.h>
 #include <math.h>
 
-#define OPS_TARGET __attribute__((target("avx512f,avx512dq,avx2,fma")))
+#define OPS_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 #define VINL static inline __attribute__((always_inline)) OPS_TARGET
 #define OPS_NAME vlm_ops_avx512
 
@@ -75,6 +75,17 @@ VINL void v_widen_half(const void *src, float *dst, int n) {
     int c = 0;
     for (; c + 16 <= n; c += 16) _mm512_storeu_ps(dst + c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + c))));
     for (; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
+}
+
+VINL vf v_load_half(const uint16_t *p, int e) {
+    return _mm512_cvtph_ps(e == VW ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16((__mmask16)((1u << e) - 1), p));
+}
+
+OPS_TARGET static void to_half(const float *x, int n, uint16_t *y) {
+    int c = 0;
+    for (; c + 16 <= n; c += 16)
+        _mm256_storeu_si256((__m256i *)(y + c), _mm512_cvtps_ph(_mm512_loadu_ps(x + c), _MM_FROUND_TO_NEAREST_INT));
+    for (; c < n; c++) y[c] = vlm_float_to_half(x[c]);
 }
 
 #include "ops_impl.h"

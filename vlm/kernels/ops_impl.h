@@ -9,7 +9,9 @@
  *   v_first, v_hmax, v_hsum: lane 0, max and sum of the lanes
  *   v_exp: e^x, exactly 0 below -87.3 (so e^-inf = 0), saturating above 88
  *   v_sum_lanes(p[VW]): the vector whose lane j is the sum of the lanes of p[j]
- *   v_widen_half(src, dst, n): n fp16 values to float32 (an fp16 KV cache)
+ *   v_widen_half(src, dst, n): n fp16 values to float32 (an fp16 KV cache);
+ *   v_load_half(p, e): the first e of VW fp16 values as a vector (the rest 0)
+ * and to_half(x, n, y), the ops table's float32 -> fp16 rounding (see kernels.h).
  *
  * Two attention kernels, online softmax (flash-attention style: a running max m, sum l and
  * unnormalized output acc per query, rescaled by e^(m_old - m_new) as blocks of keys come),
@@ -171,16 +173,31 @@ VINL void store_e(float *p, vf x, int e) {
         v_storen(p, x, e);
 }
 
+/* The first e values at element i of the values: float32, or fp16 widened on the way in. */
+VINL vf load_v(const void *vv, ptrdiff_t i, int e, const int half) {
+    return half ? v_load_half((const uint16_t *)vv + i, e) : load_e((const float *)vv + i, e);
+}
+
 /* acc[0 .. C * VW) (the last vector holding e values) = acc * alpha + sum over the nk keys j
- * of p[j] * v[j][...]: C accumulators in registers, so C independent chains. */
-VINL void value_rows(float *acc, const float *vv, ptrdiff_t vt, int nk, const float *p, vf alpha, const int C, int e) {
+ * of p[j] * v[j][c0 ...]: C accumulators in registers, so C independent chains. */
+VINL void value_rows(float *acc, const void *vv, ptrdiff_t vt, int c0, int nk, const float *p, vf alpha, const int C,
+                     int e, const int half) {
     vf s[4];
     for (int c = 0; c < C; c++) s[c] = v_mul(load_e(acc + c * VW, c == C - 1 ? e : VW), alpha);
     for (int j = 0; j < nk; j++) {
         const vf pj = v_set1(p[j]);
-        for (int c = 0; c < C; c++) s[c] = v_fma(pj, load_e(vv + j * vt + c * VW, c == C - 1 ? e : VW), s[c]);
+        for (int c = 0; c < C; c++) s[c] = v_fma(pj, load_v(vv, j * vt + c0 + c * VW, c == C - 1 ? e : VW, half), s[c]);
     }
     for (int c = 0; c < C; c++) store_e(acc + c * VW, s[c], c == C - 1 ? e : VW);
+}
+
+/* acc[0 .. d) = acc * alpha + p @ v over a block's nk keys, four vectors at a time. */
+VINL void values(float *acc, const void *vv, ptrdiff_t vt, int d, int nk, const float *p, vf alpha, const int half) {
+    const int full = d / VW, tail = d % VW;
+    int c = 0;
+    for (; c + 4 <= full; c += 4) value_rows(acc + c * VW, vv, vt, c * VW, nk, p, alpha, 4, VW, half);
+    for (; c < full; c++) value_rows(acc + c * VW, vv, vt, c * VW, nk, p, alpha, 1, VW, half);
+    if (tail) value_rows(acc + c * VW, vv, vt, c * VW, nk, p, alpha, 1, tail, half);
 }
 
 static inline void prefetch_rows(const vlm_attn *a, int hk, int j0, int j1) {
@@ -196,7 +213,6 @@ OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int 
     const int d = a->d, g = a->h / a->h_kv, full = d / VW, tail = d % VW, R = r1 - r0;
     /* one block of keys at a fixed row stride: the dot products address it by constant offsets */
     float kb[VW * VLM_MAX_HEAD_DIM] __attribute__((aligned(64)));
-    float vbuf[a->kv_half ? VW * d : 1]; /* a block of values of an fp16 cache */
     float q[VLM_ATTN_ROWS][VLM_MAX_HEAD_DIM], m[VLM_ATTN_ROWS], l[VLM_ATTN_ROWS];
     int jend[VLM_ATTN_ROWS], jmax = j0;
     for (int r = 0; r < R; r++) {
@@ -228,8 +244,7 @@ OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int 
             else
                 memcpy(dst, src, sizeof(float) * d);
         }
-        ptrdiff_t vt;
-        const float *vb = kv_rows(a, a->v, a->vh, a->vt, hk, jb, nk, vbuf, &vt);
+        const void *vb = kv_row(a, a->v, a->vh, a->vt, hk, jb);
         for (int r = 0; r < R; r++) {
             const int rk = ops_min(nk, jend[r] - jb); /* keys of the block this row sees */
             if (rk <= 0) continue;
@@ -254,10 +269,10 @@ OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int 
             float pf[VW];
             v_store(pf, p);
             float *acc = state + (size_t)r * (d + 2) + 2;
-            int c = 0;
-            for (; c + 4 <= full; c += 4) value_rows(acc + c * VW, vb + c * VW, vt, rk, pf, alpha, 4, VW);
-            for (; c < full; c++) value_rows(acc + c * VW, vb + c * VW, vt, rk, pf, alpha, 1, VW);
-            if (tail) value_rows(acc + c * VW, vb + c * VW, vt, rk, pf, alpha, 1, tail);
+            if (a->kv_half)
+                values(acc, vb, a->vt, d, rk, pf, alpha, 1);
+            else
+                values(acc, vb, a->vt, d, rk, pf, alpha, 0);
         }
     }
     for (int r = 0; r < R; r++) {
@@ -303,4 +318,4 @@ OPS_TARGET static void rotary(const float *x, const float *cos, const float *sin
     }
 }
 
-const vlm_ops OPS_NAME = {VW * NV, attn_block, attn_rows, rms_norm, swiglu, rotary};
+const vlm_ops OPS_NAME = {VW * NV, attn_block, attn_rows, rms_norm, swiglu, rotary, to_half};

@@ -68,4 +68,14 @@ VINL void v_widen_half(const void *src, float *dst, int n) {
     for (int c = 0; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
 }
 
+VINL vf v_load_half(const uint16_t *p, int e) {
+    float f[VW] = {0};
+    for (int i = 0; i < e; i++) f[i] = vlm_half_to_float(p[i]);
+    return v_loadn(f, VW);
+}
+
+static void to_half(const float *x, int n, uint16_t *y) {
+    for (int c = 0; c < n; c++) y[c] = vlm_float_to_half(x[c]);
+}
+
 #include "ops_impl.h"

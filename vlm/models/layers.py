@@ -272,6 +272,15 @@ def attend_numpy(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal_offset: int
     return out.reshape(h, n, d)
 
 
+def store(dst: np.ndarray, src: np.ndarray) -> None:
+    """dst[...] = src, into a float16 KV cache through the kernels' F16C rounding (the same
+    values as numpy's cast, which is scalar and took ~8% of a prefill)."""
+    if kernels.AVAILABLE and dst.dtype == np.float16:
+        kernels.store_half(dst, src)
+    else:
+        dst[...] = src
+
+
 class Attention:
     """Multi-head attention with grouped KV heads, rotary positions and an optional KV cache.
 
@@ -304,8 +313,8 @@ class Attention:
         if cache is None:
             return self.output(attend(q, k, v, causal_offset=None))
         end = start + x.shape[0]
-        cache.k[:, start:end] = k
-        cache.v[:, start:end] = v
+        store(cache.k[:, start:end], k)
+        store(cache.v[:, start:end], v)
         return self.output(attend(q, cache.k[:, :end], cache.v[:, :end], causal_offset=start))
 
 
