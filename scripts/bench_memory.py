@@ -22,6 +22,7 @@ The run is `vlm bench`'s decode measurement: a prompt of --prompt tokens, then -
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -32,15 +33,18 @@ HERE = Path(__file__).resolve().parent
 MODELS = ("smollm2-gguf", "smollm2-converted", "llama.cpp", "qwen2-vl-2b", "smolvlm-500m")
 
 
-def _status_mib(field: str) -> float:
+def status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM...), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def _reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+def reset_peak() -> None:
+    """VmHWM := VmRSS (Linux), so the next peak read is of what runs from now on."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def child(path: str, prompt: int, gen: int) -> dict:
@@ -48,13 +52,13 @@ def child(path: str, prompt: int, gen: int) -> dict:
     import vlm
     from vlm import bench
 
-    baseline = _status_mib("VmRSS")
-    _reset_peak()
+    baseline = status_mib("VmRSS")
+    reset_peak()
     model = vlm.load(path, threads=2, context=max(2048, prompt + gen + 1))
-    load_peak, after_load = _status_mib("VmHWM"), _status_mib("VmRSS")
-    _reset_peak()
+    load_peak, after_load = status_mib("VmHWM"), status_mib("VmRSS")
+    reset_peak()
     bench.bench_decode(model, gen, prompt, reps=1)
-    run_peak, after_run = _status_mib("VmHWM"), _status_mib("VmRSS")
+    run_peak, after_run = status_mib("VmHWM"), status_mib("VmRSS")
     c = model.decoder.config
     return {
         "baseline_mib": baseline,
@@ -72,11 +76,11 @@ def child_llama_cpp(gguf: str, prompt: int, gen: int) -> dict:
     import llama_cpp
     import numpy as np
 
-    baseline = _status_mib("VmRSS")
-    _reset_peak()
+    baseline = status_mib("VmRSS")
+    reset_peak()
     llm = llama_cpp.Llama(gguf, n_ctx=max(2048, prompt + gen + 1), n_batch=256, n_threads=2, verbose=False)
-    load_peak, after_load = _status_mib("VmHWM"), _status_mib("VmRSS")
-    _reset_peak()
+    load_peak, after_load = status_mib("VmHWM"), status_mib("VmRSS")
+    reset_peak()
     # The low-level calls: Llama.eval() also keeps a float32 logits row per position in Python.
     ctx, n_vocab = llm._ctx.ctx, llm.n_vocab()
 
@@ -97,8 +101,8 @@ def child_llama_cpp(gguf: str, prompt: int, gen: int) -> dict:
         "baseline_mib": baseline,
         "load_peak_mib": load_peak,
         "after_load_mib": after_load,
-        "run_peak_mib": _status_mib("VmHWM"),
-        "after_run_mib": _status_mib("VmRSS"),
+        "run_peak_mib": status_mib("VmHWM"),
+        "after_run_mib": status_mib("VmRSS"),
         # llama.cpp's cache is f16
         "kv_used_mib": 2 * layers * kv_heads * head_dim * 2 * (prompt + gen) / 2**20,
     }

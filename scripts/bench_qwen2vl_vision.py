@@ -15,11 +15,12 @@ each encode (reset before it), i.e. all weights loaded (both models') plus that 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
 from pathlib import Path
+
+from bench_memory import reset_peak, status_mib
 
 VISION_CONFIG = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 1536,
                  "hidden_act": "quick_gelu", "in_channels": 3, "patch_size": 14, "temporal_patch_size": 2,
@@ -45,21 +46,14 @@ def _set_threads(n: int) -> None:
         os.environ[var] = str(n)
 
 
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
-
-
 def _peak_rss_mb() -> float:
+    """The process's peak resident memory since reset_peak(), where Linux tells it."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+        return status_mib("VmHWM")
     except OSError:
-        pass
-    import resource
+        from vlm.generation import peak_memory_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak_memory_mb()
 
 
 def main() -> None:
@@ -94,7 +88,7 @@ def main() -> None:
         ref = Qwen2VisionTransformerPretrainedModel(ref_config).eval()
         tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}  # shared, not copied
     else:
-        tensors = _random_tensors(config, np.random.default_rng(0))
+        tensors = random_tensors(config, np.random.default_rng(0))
     kernels.set_threads(args.threads)
     towers = {}
     for precision in args.precision.split(","):
@@ -146,7 +140,7 @@ def _timed(fn, repeat: int, *args, **kwargs):
     inflates wall time but not CPU time.
     """
     best, best_cpu, out = float("inf"), 0.0, None
-    _reset_peak_rss()
+    reset_peak()
     for _ in range(max(1, repeat)):
         t, c = time.perf_counter(), time.process_time()
         out = fn(*args, **kwargs)
@@ -156,7 +150,7 @@ def _timed(fn, repeat: int, *args, **kwargs):
     return best, best_cpu, _peak_rss_mb(), out
 
 
-def _random_tensors(config, rng) -> dict:
+def random_tensors(config, rng) -> dict:
     """Checkpoint-named float32 weights ~N(0, 0.02), norms at 1."""
     import numpy as np
 

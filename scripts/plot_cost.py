@@ -41,10 +41,10 @@ def measure(threads: int, reps: int) -> dict:
     del model
 
     sys.path.insert(0, str(HERE))
-    from bench_qwen2vl_vision import VISION_CONFIG, _random_tensors
+    from bench_qwen2vl_vision import VISION_CONFIG, random_tensors
 
     config = VisionConfig.from_dict(VISION_CONFIG)
-    tower = Qwen2VisionTransformer(config, convert_vision(_random_tensors(config, np.random.default_rng(0)), "q8"))
+    tower = Qwen2VisionTransformer(config, convert_vision(random_tensors(config, np.random.default_rng(0)), "q8"))
     kernels.set_threads(threads)
     settings = ProcessorSettings(min_pixels=3136, max_pixels=12845056)
     vision = []

@@ -26,5 +26,5 @@ class LazyTensors(Mapping):
     def __len__(self) -> int:
         return len(self._loaders)
 
-    def __contains__(self, name: object) -> bool:
+    def __contains__(self, name: object) -> bool:  # Mapping's default would make the tensor
         return name in self._loaders

@@ -16,6 +16,8 @@ The layers' other hot operations, each the C twin of a numpy reference in vlm.mo
   sees keys 0..o+i; None: every key. Online softmax over key blocks: memory stays flat.
 - `rms_norm(x, weight, eps)`, `swiglu(gate, up)` (silu(gate) * up), `rotary(x, cos, sin)`
   (x [h, n, d], cos/sin [n, d], HF rotate-half layout).
+- `unpack_rows(handle, ids)`: rows ids of a prepared matrix as float32 [len(ids), cols], equal
+  bit for bit to the source weight's `dequantize(ids)` (a tied embedding read from the head).
 - `store_half(dst, src)`: dst[...] = src rounded to float16 as numpy's cast rounds, with F16C
   (numpy's cast runs at ~0.4 G values/s, ~8% of a SmolLM2 prefill); dst [a, b, d] with d
   contiguous: a float16 KV cache view. `attention` reads float16 k/v as they are.
@@ -100,12 +102,6 @@ def prepare(weight, int8_activations: bool = False, drop_source_pages: bool = Fa
     return None
 
 
-def unpack_rows(packed, ids: np.ndarray) -> np.ndarray:
-    """Rows `ids` of a prepared matrix as float32 [len(ids), cols], equal bit for bit to the
-    source weight's `dequantize(ids)`."""
-    return _native.unpack_rows(packed, ids)
-
-
 def release_free_memory() -> None:
     """Return the heap's free pages to the OS (after loading, which frees many transient copies)."""
     if AVAILABLE:
@@ -122,6 +118,7 @@ attention = _native.attention if AVAILABLE else _unavailable
 rms_norm = _native.rms_norm if AVAILABLE else _unavailable
 swiglu = _native.swiglu if AVAILABLE else _unavailable
 rotary = _native.rotary if AVAILABLE else _unavailable
+unpack_rows = _native.unpack_rows if AVAILABLE else _unavailable
 store_half = _native.store_half if AVAILABLE else _unavailable
 DecoderPlan = _native.DecoderPlan if AVAILABLE else None
 MAX_HEAD_DIM = _native.MAX_HEAD_DIM if AVAILABLE else 0

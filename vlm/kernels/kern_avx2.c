@@ -16,10 +16,12 @@
 #include <string.h>
 
 #ifdef VLM_AVX_VNNI
+#define VNNI 1
 #define TARGET __attribute__((target("avx2,fma,f16c,avxvnni")))
 #define PATH vlm_path_avxvnni
 #define PATH_NAME "avxvnni"
 #else
+#define VNNI 0
 #define TARGET __attribute__((target("avx2,fma,f16c")))
 #define PATH vlm_path_avx2
 #define PATH_NAME "avx2"
@@ -138,14 +140,9 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][t]), scale, acc[t]);
             }
         }
-#ifdef VLM_AVX_VNNI
-        {
+        if (VNNI || fmt != FMT_Q8) { /* the sign trick needs no min term for 8-bit */
             const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL)
                                              : _mm256_mul_ps(d, _mm256_set1_ps(fmt == FMT_Q8 ? -128.0f : -8.0f));
-#else
-        if (fmt != FMT_Q8) {
-            const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL) : _mm256_mul_ps(d, _mm256_set1_ps(-8.0f));
-#endif
             for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TQ + t]), acc[t]);
         }
     }

@@ -90,10 +90,17 @@ void vlm_group_sums(const float *x, int cols, int group, float *xs, int w) {
     }
 }
 
+static void load_scales(const uint16_t *src, float *dst) {
+    for (int r = 0; r < PANEL; r++) dst[r] = vlm_half_to_float(src[r]);
+}
+
 /* Decode group g of a panel (the inverse of the layout in kernels.h) to the integers the
  * scales multiply: q (asymmetric, whose min term is added separately), q - 8 (symmetric
- * 4-bit) or the signed 8-bit value. */
-static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g, int8_t w[][PANEL]) {
+ * 4-bit) or the signed 8-bit value; and its scales d (and, FMT_Q4A, mins mn) as floats. */
+static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g, int8_t w[][PANEL], float *d,
+                         float *mn) {
+    load_scales((const uint16_t *)(panel + m->scales_off) + g * PANEL, d);
+    if (m->fmt == FMT_Q4A) load_scales((const uint16_t *)(panel + m->mins_off) + g * PANEL, mn);
     const int runs = m->group / RUN;
     for (int rr = 0; rr < runs; rr++) {
         int8_t(*out)[PANEL] = w + rr * RUN;
@@ -118,10 +125,6 @@ static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g,
     }
 }
 
-static void load_scales(const uint16_t *src, float *dst) {
-    for (int r = 0; r < PANEL; r++) dst[r] = vlm_half_to_float(src[r]);
-}
-
 static void clear_panel(const vlm_matrix *m, const vlm_act *a, int p, int nr) {
     for (int t = 0; t < a->n; t++) memset(a->y + (size_t)t * m->rows + p * PANEL, 0, nr * sizeof(float));
 }
@@ -135,9 +138,7 @@ static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
         const int nr = vlm_min(PANEL, m->rows - p * PANEL);
         clear_panel(m, a, p, nr);
         for (int g = 0; g < NG; g++) {
-            decode_group(m, panel, g, w);
-            load_scales((const uint16_t *)(panel + m->scales_off) + g * PANEL, d);
-            if (m->fmt == FMT_Q4A) load_scales((const uint16_t *)(panel + m->mins_off) + g * PANEL, mn);
+            decode_group(m, panel, g, w, d, mn);
             for (int t = 0; t < a->n; t++) {
                 const int8_t *xq = a->q + (size_t)t * K + g * G;
                 const float *xd = a->d + (size_t)t * NB + g * G / RUN;
@@ -165,11 +166,9 @@ static void gemm_float_quant(const vlm_matrix *m, const vlm_act *a, int p0, int 
         const int nr = vlm_min(PANEL, m->rows - p * PANEL);
         clear_panel(m, a, p, nr);
         for (int g = 0; g < NG; g++) {
-            decode_group(m, panel, g, w);
+            decode_group(m, panel, g, w, d, mn);
             for (int k = 0; k < G; k++)
                 for (int r = 0; r < PANEL; r++) wf[k][r] = (float)w[k][r];
-            load_scales((const uint16_t *)(panel + m->scales_off) + g * PANEL, d);
-            if (m->fmt == FMT_Q4A) load_scales((const uint16_t *)(panel + m->mins_off) + g * PANEL, mn);
             for (int t = 0; t < a->n; t++) {
                 const float *x = a->x + (size_t)t * K + g * G;
                 float acc[PANEL] = {0};

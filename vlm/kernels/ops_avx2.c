@@ -74,13 +74,6 @@ VINL vf v_sum_lanes(const vf p[VW]) {
     return v_add(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
 }
 
-VINL void v_widen_half(const void *src, float *dst, int n) {
-    const uint16_t *s = src;
-    int c = 0;
-    for (; c + 8 <= n; c += 8) _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + c))));
-    for (; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
-}
-
 VINL vf v_load_half(const uint16_t *p, int e) {
     if (e == VW) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
     uint16_t h[VW] = {0};
@@ -88,11 +81,8 @@ VINL vf v_load_half(const uint16_t *p, int e) {
     return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h));
 }
 
-OPS_TARGET static void to_half(const float *x, int n, uint16_t *y) {
-    int c = 0;
-    for (; c + 8 <= n; c += 8)
-        _mm_storeu_si128((__m128i *)(y + c), _mm256_cvtps_ph(_mm256_loadu_ps(x + c), _MM_FROUND_TO_NEAREST_INT));
-    for (; c < n; c++) y[c] = vlm_float_to_half(x[c]);
+VINL void v_store_half(uint16_t *p, vf x) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
 
 #include "ops_impl.h"

@@ -70,22 +70,12 @@ VINL vf v_sum_lanes(const vf p[VW]) {
     return v_add(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
 }
 
-VINL void v_widen_half(const void *src, float *dst, int n) {
-    const uint16_t *s = src;
-    int c = 0;
-    for (; c + 16 <= n; c += 16) _mm512_storeu_ps(dst + c, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + c))));
-    for (; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
-}
-
 VINL vf v_load_half(const uint16_t *p, int e) {
     return _mm512_cvtph_ps(e == VW ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16((__mmask16)((1u << e) - 1), p));
 }
 
-OPS_TARGET static void to_half(const float *x, int n, uint16_t *y) {
-    int c = 0;
-    for (; c + 16 <= n; c += 16)
-        _mm256_storeu_si256((__m256i *)(y + c), _mm512_cvtps_ph(_mm512_loadu_ps(x + c), _MM_FROUND_TO_NEAREST_INT));
-    for (; c < n; c++) y[c] = vlm_float_to_half(x[c]);
+VINL void v_store_half(uint16_t *p, vf x) {
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
 
 #include "ops_impl.h"

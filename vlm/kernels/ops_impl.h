@@ -9,9 +9,8 @@
  *   v_first, v_hmax, v_hsum: lane 0, max and sum of the lanes
  *   v_exp: e^x, exactly 0 below -87.3 (so e^-inf = 0), saturating above 88
  *   v_sum_lanes(p[VW]): the vector whose lane j is the sum of the lanes of p[j]
- *   v_widen_half(src, dst, n): n fp16 values to float32 (an fp16 KV cache);
  *   v_load_half(p, e): the first e of VW fp16 values as a vector (the rest 0)
- * and to_half(x, n, y), the ops table's float32 -> fp16 rounding (see kernels.h).
+ *   v_store_half(p, x): x rounded to fp16 (nearest even, as vlm_float_to_half) at p
  *
  * Two attention kernels, online softmax (flash-attention style: a running max m, sum l and
  * unnormalized output acc per query, rescaled by e^(m_old - m_new) as blocks of keys come),
@@ -39,7 +38,31 @@
 
 static inline int ops_min(int a, int b) { return a < b ? a : b; }
 
+/* The first e lanes (e = VW: a plain load or store). */
+VINL vf load_e(const float *p, int e) { return e == VW ? v_load(p) : v_loadn(p, e); }
+VINL void store_e(float *p, vf x, int e) {
+    if (e == VW)
+        v_store(p, x);
+    else
+        v_storen(p, x, e);
+}
+
 /* ---- the KV cache: float32 rows read in place, fp16 rows widened first ------------------- */
+
+/* n fp16 values to float32. */
+VINL void widen_half(const uint16_t *src, float *dst, int n) {
+    for (int c = 0; c < n; c += VW) {
+        const int e = ops_min(VW, n - c);
+        store_e(dst + c, v_load_half(src + c, e), e);
+    }
+}
+
+/* n float32 values to fp16 (the ops table's to_half: k and v entering a cache). */
+OPS_TARGET static void to_half(const float *x, int n, uint16_t *y) {
+    int c = 0;
+    for (; c + VW <= n; c += VW) v_store_half(y + c, v_load(x + c));
+    for (; c < n; c++) y[c] = vlm_float_to_half(x[c]);
+}
 
 /* Row j of head hk of a cache (k or v; head and row strides in elements). */
 static inline const void *kv_row(const vlm_attn *a, const void *base, ptrdiff_t head, ptrdiff_t row, int hk, int j) {
@@ -56,7 +79,7 @@ VINL const float *kv_rows(const vlm_attn *a, const void *base, ptrdiff_t head, p
     }
     for (int j = 0; j < n; j++) {
         const uint16_t *src = kv_row(a, base, head, row, hk, j0 + j);
-        v_widen_half(src, buf + (size_t)j * a->d, a->d);
+        widen_half(src, buf + (size_t)j * a->d, a->d);
     }
     *stride = a->d;
     return buf;
@@ -164,15 +187,6 @@ OPS_TARGET static void attn_block(const vlm_attn *a, int h, int i0, int i1) {
 
 /* ---- rows kernel ------------------------------------------------------------------------- */
 
-/* The first e lanes (e = VW: a plain load or store). */
-VINL vf load_e(const float *p, int e) { return e == VW ? v_load(p) : v_loadn(p, e); }
-VINL void store_e(float *p, vf x, int e) {
-    if (e == VW)
-        v_store(p, x);
-    else
-        v_storen(p, x, e);
-}
-
 /* The first e values at element i of the values: float32, or fp16 widened on the way in. */
 VINL vf load_v(const void *vv, ptrdiff_t i, int e, const int half) {
     return half ? v_load_half((const uint16_t *)vv + i, e) : load_e((const float *)vv + i, e);
@@ -240,7 +254,7 @@ OPS_TARGET static void attn_rows(const vlm_attn *a, int hk, int r0, int r1, int 
             if (j >= nk)
                 memset(dst, 0, sizeof(float) * d); /* finite: masked below */
             else if (a->kv_half)
-                v_widen_half(src, dst, d);
+                widen_half(src, dst, d);
             else
                 memcpy(dst, src, sizeof(float) * d);
         }

@@ -63,19 +63,14 @@ VINL vf v_exp(vf x) {
 
 VINL vf v_sum_lanes(const vf p[VW]) { return (vf){v_hsum(p[0]), v_hsum(p[1]), v_hsum(p[2]), v_hsum(p[3])}; }
 
-VINL void v_widen_half(const void *src, float *dst, int n) {
-    const uint16_t *s = src;
-    for (int c = 0; c < n; c++) dst[c] = vlm_half_to_float(s[c]);
-}
-
 VINL vf v_load_half(const uint16_t *p, int e) {
     float f[VW] = {0};
     for (int i = 0; i < e; i++) f[i] = vlm_half_to_float(p[i]);
     return v_loadn(f, VW);
 }
 
-static void to_half(const float *x, int n, uint16_t *y) {
-    for (int c = 0; c < n; c++) y[c] = vlm_float_to_half(x[c]);
+VINL void v_store_half(uint16_t *p, vf x) {
+    for (int i = 0; i < VW; i++) p[i] = vlm_float_to_half(x[i]);
 }
 
 #include "ops_impl.h"
