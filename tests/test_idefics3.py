@@ -13,6 +13,7 @@ from PIL import Image
 from vlm.errors import VlmError
 from vlm.models.idefics3 import Idefics3Family, Idefics3ImageProcessor
 from vlm.models.idefics3.vision import pixel_shuffle, position_ids
+from vlm.prompt import TextSegment
 from vlm.quant import HalfWeight, quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -120,13 +121,22 @@ def test_unsplit_image_matches_reference(tiny, reference):
     assert (ours.rows, ours.cols, ours.n_tiles) == (0, 0, 1)
     np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"][0], rtol=0, atol=1e-6)
     text = "User:<image>Hi<end_of_utterance>\nAssistant:"
-    assert fam.expand_prompt(text, [ours]) == _reference_prompt(processor, text, [img], size={"longest_edge": 64})
+    assert _expanded(fam, text, [ours]) == _reference_prompt(processor, text, [img], size={"longest_edge": 64})
 
 
 def _load(path: Path) -> dict:
     from safetensors.numpy import load_file
 
     return load_file(path / "model.safetensors")
+
+
+def _expanded(family: Idefics3Family, text: str, images: list) -> str:
+    """The text form of the family's image slots, to compare with the reference's prompt string."""
+    parts = text.split(family.image_token)
+    out = [parts[0]]
+    for image, part in zip(images, parts[1:], strict=True):
+        out += [p if isinstance(p, str) else family.image_token * p for p in family.image_slot(image)] + [part]
+    return "".join(out)
 
 
 def _reference_prompt(processor, text: str, images: list, **kwargs) -> str:
@@ -141,11 +151,23 @@ def test_expanded_prompt_matches_reference(family, reference):
                                              {"type": "image"}, {"type": "text", "text": " these."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "<|im_start|>User:<image>Compare<image> these.<end_of_utterance>\nAssistant:"
-    ours = family.expand_prompt(text, [family.preprocess(im) for im in imgs])
+    ours = _expanded(family, text, [family.preprocess(im) for im in imgs])
     assert ours == _reference_prompt(processor, text, imgs)
     ids = processor(text=text, images=imgs)["input_ids"][0]
     assert processor.tokenizer(ours)["input_ids"] == list(ids)
     assert sum(i == family.image_token_id for i in ids) == sum(family.preprocess(im).n_tokens for im in imgs)
+
+
+def test_prompt_ids_match_reference(loaded, reference):
+    """Segments tokenized piece by piece give the reference's ids, the image rows where its image tokens are."""
+    processor, _ = reference
+    imgs = [_rng_image(*IMAGES["wide"]), _rng_image(*IMAGES["tall"]), _rng_image(50, 40)]
+    messages = _messages(3, "Compare these.")
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = np.asarray(processor(text=text, images=imgs)["input_ids"][0])
+    inputs = loaded.prepare(messages, images=imgs)
+    np.testing.assert_array_equal(inputs.ids, ids)
+    np.testing.assert_array_equal(inputs.image_rows, np.flatnonzero(ids == loaded.family.image_token_id))
 
 
 def test_max_tiles_caps_the_grid():
@@ -176,12 +198,10 @@ def test_processor_rejects_bad_input():
         Idefics3ImageProcessor(192, 64, 4, resample=99)
 
 
-def test_expand_prompt_rejects_wrong_placeholder_count(family):
-    img = family.preprocess(_rng_image(10, 10))
-    with pytest.raises(VlmError, match="placeholders"):
-        family.expand_prompt("<image><image>", [img])
-    with pytest.raises(VlmError, match="placeholders"):
-        family.expand_prompt("no image here", [img])
+def test_wrong_placeholder_count_is_an_error(loaded):
+    img = _rng_image(10, 10)
+    with pytest.raises(VlmError, match="placeholder"):
+        loaded.prepare("<image><image>", images=[img], raw=True)  # two of its own, one image's
 
 
 # --- vision tower ------------------------------------------------------------------------
@@ -281,9 +301,8 @@ def test_text_config_and_prefixes(tiny, family):
     assert "modality_projection.proj.weight" in vision and "post_layernorm.weight" in vision
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= decoder.keys()
     assert family.image_token_id == 49190 and family.image_seq_len == 4
-    ids = np.arange(7)
-    pos, delta = family.positions(ids, [])
-    np.testing.assert_array_equal(pos, ids)
+    pos, delta = family.positions([TextSegment(np.arange(7))])
+    np.testing.assert_array_equal(pos, np.arange(7))
     assert delta == 0
 
 

@@ -270,27 +270,31 @@ TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "
 
 
 @pytest.mark.torch
-def test_expand_prompt_and_positions_match_reference(family, reference, tiny_dir):
+def test_prompt_ids_and_positions_match_reference(tiny_model, reference, tiny_dir):
     import torch
 
-    images = [family.preprocess(_rng_image(90, 130, seed=1)), family.preprocess(_rng_image(260, 60, seed=2))]
+    images = [_rng_image(90, 130, seed=1), _rng_image(260, 60, seed=2)]
+    processed = [tiny_model.preprocess(im) for im in images]
     _, text = _chat_ids(tiny_dir, TWO_IMAGES, images)
-    expanded = family.expand_prompt(text, images)
-    assert expanded.count(family.image_token) == sum(p.n_tokens for p in images)
+    expanded = text
+    for p in processed:
+        expanded = expanded.replace("<|image_pad|>", "<|placeholder|>" * p.n_tokens, 1)
     from transformers import AutoTokenizer
 
+    expanded = expanded.replace("<|placeholder|>", "<|image_pad|>")
     ids = np.asarray(AutoTokenizer.from_pretrained(tiny_dir)(expanded).input_ids, dtype=np.int64)
-    positions, delta = family.positions(ids, images)
+    inputs = tiny_model.prepare(TWO_IMAGES, images=images)
+    np.testing.assert_array_equal(inputs.ids, ids)
+    family = tiny_model.family
+    np.testing.assert_array_equal(inputs.image_rows, np.flatnonzero(ids == family.image_token_id))
     t_ids = torch.from_numpy(ids)[None]
     expected, expected_delta = reference.model.get_rope_index(
         t_ids, mm_token_type_ids=(t_ids == family.image_token_id).int(),
-        image_grid_thw=torch.tensor([p.grid_thw for p in images]))
-    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
-    assert delta == int(expected_delta[0, 0])
-    with pytest.raises(VlmError, match="placeholder"):
-        family.expand_prompt(text, images[:1])
-    with pytest.raises(VlmError):
-        family.positions(ids, images[:1])
+        image_grid_thw=torch.tensor([p.grid_thw for p in processed]))
+    np.testing.assert_array_equal(inputs.positions, expected[:, 0].numpy())
+    assert inputs.rope_delta == int(expected_delta[0, 0])
+    with pytest.raises(VlmError, match="placeholder"):  # the text's own placeholders and the image's
+        tiny_model.prepare(text, images=images[:1], raw=True)
 
 
 # --- end to end through vlm.load ----------------------------------------------------------------

@@ -22,7 +22,7 @@ def f32(smollm2_gguf):
 @pytest.fixture(scope="module")
 def sequence(f32):
     """A chat prompt plus the float model's greedy continuation: realistic positions to score."""
-    ids = f32.tokens(MESSAGES)[0].tolist()
+    ids = f32.prepare(MESSAGES).ids.tolist()
     return ids + f32.generate(ids, max_new_tokens=40).tokens
 
 

@@ -49,11 +49,12 @@ class Chat:
         """Drop the oldest turns until the prompt and a reply of max_new_tokens fit the context."""
         budget = self.model.context - min(max_new_tokens, self.model.context // 2)
         while True:
-            ids, _ = self.model.tokens(self.messages(pending), self._all_images(images))
-            if ids.size <= budget:
+            segments, _ = self.model.segments(self.messages(pending), self._all_images(images))
+            n = sum(len(s) for s in segments)
+            if n <= budget:
                 return
             if not self.turns:
-                raise VlmError(f"this message alone is {ids.size} tokens; the context holds {self.model.context}")
+                raise VlmError(f"this message alone is {n} tokens; the context holds {self.model.context}")
             self.turns.pop(0)
             self.images.pop(0)
             self.dropped_turns += 1

@@ -29,6 +29,16 @@ from vlm.generation import (
 )
 from vlm.image import ImageInput, load_image
 from vlm.models.llama import LlamaModel
+from vlm.prompt import (
+    ImageSegment,
+    ImageSlot,
+    Segment,
+    TextSegment,
+    image_rows,
+    prompt_ids,
+    prompt_keys,
+    segment_text,
+)
 from vlm.session import PromptInputs, Session
 from vlm.tokenizer import StreamDecoder, Tokenizer
 
@@ -46,8 +56,8 @@ class VisionFamily(Protocol):
 
     def preprocess(self, image, **options) -> Any: ...  # -> object with .n_tokens and .digest
     def encode(self, images: list) -> list[np.ndarray]: ...  # one batched pass; [n_tokens_i, hidden] each
-    def expand_prompt(self, text: str, images: list) -> str: ...
-    def positions(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, int]: ...
+    def image_slot(self, image) -> ImageSlot: ...  # marker text and runs of embedding rows
+    def positions(self, segments: list[Segment]) -> tuple[np.ndarray, int]: ...
 
 
 class Model:
@@ -107,9 +117,9 @@ class Model:
 
     # --- preparing a request -----------------------------------------------------------------
 
-    def tokens(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
-               **image_options) -> tuple[np.ndarray, list]:
-        """Token ids of a prompt with image placeholders expanded, and the preprocessed images.
+    def segments(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
+                 **image_options) -> tuple[list[Segment], list]:
+        """A prompt as segments (text token ids, image rows), and its preprocessed images.
 
         `prompt` is a string (one user turn, or tokenized as-is with raw=True), a list of chat
         messages, or a list of token ids (used exactly as given).
@@ -121,7 +131,7 @@ class Model:
         processed = [self.preprocess(im, **image_options) for im in images]
         if isinstance(prompt, str) and (raw or not self.tokenizer.chat_template):
             text, add_bos = prompt, None
-            if processed:
+            if processed:  # no template to place them: the images go first
                 text = self.family.image_token * len(processed) + text
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             if processed:
@@ -131,17 +141,22 @@ class Model:
             text, add_bos = self.render(prompt, len(processed)), False
         else:
             raise VlmError("prompt must be a string, a list of chat messages or a list of token ids")
-        if text is not None:
-            if processed:
-                text = self.family.expand_prompt(text, processed)
-            ids = np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64)
+        if text is None:
+            segments: list[Segment] = [TextSegment(np.asarray(prompt, dtype=np.int64))]
+        elif processed:
+            f = self.family
+            segments = segment_text(text, processed, f.image_token, f.image_slot, f.image_token_id,
+                                    self.tokenizer.encode, add_bos)
         else:
-            ids = np.asarray(prompt, dtype=np.int64)
-        if ids.size == 0:
+            segments = [TextSegment(np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64))]
+        text_ids = [s.ids for s in segments if isinstance(s, TextSegment) and s.ids.size]
+        if not any(len(s) for s in segments):
             raise VlmError("the prompt is empty")
-        if ids.min() < 0 or ids.max() >= self.decoder.config.vocab_size:
-            raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
-        return ids, processed
+        if text_ids:
+            every = np.concatenate(text_ids)
+            if every.min() < 0 or every.max() >= self.decoder.config.vocab_size:
+                raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
+        return segments, processed
 
     def _check_image_options(self, options: dict) -> None:
         """Extra keyword arguments are the family's image options; anything else is a typo."""
@@ -164,29 +179,24 @@ class Model:
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
                 **image_options) -> PromptInputs:
         """Everything the decoder needs for a prompt: ids, positions, image embeddings, cache keys."""
-        ids, processed = self.tokens(prompt, images, raw, **image_options)
+        segments, processed = self.segments(prompt, images, raw, **image_options)
+        ids, keys = prompt_ids(segments), prompt_keys(segments)
         if ids.size >= self.context:
             raise VlmError(f"the prompt is {ids.size} tokens but the context holds {self.context}; "
                            "shorten it or load the model with a larger context")
-        keys: list = ids.tolist()
         if not processed:
             return PromptInputs(ids, np.arange(ids.size, dtype=np.int64), 0, keys)
-
-        rows = np.flatnonzero(ids == self.family.image_token_id)
-        expected = sum(p.n_tokens for p in processed)
-        if rows.size != expected:
-            raise VlmError(f"prompt has {rows.size} image tokens but the images need {expected}")
         t0 = time.perf_counter()
         embeds, encoded = self._encode_images(processed)
         vision_s = time.perf_counter() - t0
-        k = 0
-        for p in processed:
-            for j in range(p.n_tokens):
-                keys[rows[k]] = (p.digest, j)
-                k += 1
-        positions, rope_delta = self.family.positions(ids, processed)
-        return PromptInputs(ids, positions, rope_delta, keys, np.concatenate(embeds), rows, len(processed), encoded,
-                            vision_s)
+        by_digest = {p.digest: e for p, e in zip(processed, embeds, strict=True)}
+        runs = [s for s in segments if isinstance(s, ImageSegment)]
+        if sum(s.rows for s in runs) != sum(e.shape[0] for e in embeds):  # a family's slot is wrong
+            raise VlmError("the image slots' rows do not match the images' embedding rows")
+        image_embeds = np.concatenate([by_digest[s.image.digest][s.start:s.start + s.rows] for s in runs])
+        positions, rope_delta = self.family.positions(segments)
+        return PromptInputs(ids, positions, rope_delta, keys, image_embeds, image_rows(segments), len(processed),
+                            encoded, vision_s)
 
     def _encode_images(self, processed: list) -> tuple[list[np.ndarray], int]:
         """Embeddings of each image (new ones through the encoder together, in one batch) and

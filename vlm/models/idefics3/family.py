@@ -19,6 +19,7 @@ from vlm.errors import VlmError
 from vlm.models.idefics3.processor import DEFAULT_MAX_TILES, Idefics3ImageProcessor, ProcessedImage
 from vlm.models.idefics3.vision import DEFAULT_CHUNK_TOKENS, Idefics3VisionConfig, Idefics3VisionModel
 from vlm.models.layers import Weight
+from vlm.prompt import ImageSlot, Segment, text_positions
 
 # Defaults of transformers' LlamaConfig, except rms_norm_eps, which Idefics3Config sets to 1e-5.
 _LLAMA_DEFAULTS = {
@@ -121,29 +122,19 @@ class Idefics3Family:
             start += im.n_tiles
         return out
 
-    def image_prompt(self, image: ProcessedImage) -> str:
-        """What one `<image>` placeholder expands to (`Idefics3Processor.replace_image_token`)."""
-        run = self.image_token * self.image_seq_len
-        whole = f"{self.fake_image_token}{self.global_image_token}{run}{self.fake_image_token}"
-        if image.rows == 0 and image.cols == 0:
-            return whole
-        grid = "".join(
-            "".join(f"{self.fake_image_token}<row_{r}_col_{c}>{run}" for c in range(1, image.cols + 1)) + "\n"
-            for r in range(1, image.rows + 1)
-        )
-        return f"{grid}\n{whole}"
+    def image_slot(self, image: ProcessedImage) -> ImageSlot:
+        """What one `<image>` placeholder stands for (`Idefics3Processor.replace_image_token`):
+        each tile's rows after a row/column marker, then the global view's."""
+        fake, rows = self.fake_image_token, self.image_seq_len
+        slot: ImageSlot = []
+        for r in range(1, image.rows + 1):
+            for c in range(1, image.cols + 1):
+                slot += [f"{fake}<row_{r}_col_{c}>", rows]
+            slot.append("\n")
+        if image.rows:
+            slot.append("\n")
+        return slot + [f"{fake}{self.global_image_token}", rows, fake]
 
-    def expand_prompt(self, text: str, images: Sequence[ProcessedImage]) -> str:
-        """Replace the i-th `<image>` of `text` by image i's expansion, as Idefics3Processor does."""
-        parts = text.split(self.image_token)
-        if len(parts) - 1 != len(images):
-            raise VlmError(f"the prompt has {len(parts) - 1} {self.image_token} placeholders "
-                           f"but {len(images)} images were given")
-        out = [parts[0]]
-        for image, part in zip(images, parts[1:], strict=True):
-            out += [self.image_prompt(image), part]
-        return "".join(out)
-
-    def positions(self, ids: np.ndarray, images: Sequence[ProcessedImage]) -> tuple[np.ndarray, int]:
+    def positions(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
         """Decoder positions for a prompt: plain 0..n-1, and rope_delta 0 (no multimodal RoPE)."""
-        return np.arange(len(ids), dtype=np.int64), 0
+        return text_positions(segments)

@@ -20,6 +20,7 @@ from vlm.models.qwen2_vl.processor import (
     preprocess_image,
 )
 from vlm.models.qwen2_vl.vision import DEFAULT_MAX_SCORE_BYTES, Qwen2VisionTransformer, VisionConfig
+from vlm.prompt import ImageSlot, Segment, TextSegment
 
 # Hub defaults (Qwen2-VL-2B-Instruct), used when config.json leaves an id out.
 IMAGE_TOKEN_ID = 151655
@@ -113,50 +114,30 @@ class Qwen2VLFamily:
         out = self.vision(np.concatenate([im.pixel_values for im in images]), [im.grid_thw for im in images])
         return np.split(out, np.cumsum([im.n_tokens for im in images])[:-1])
 
-    def expand_prompt(self, text: str, images: Sequence[ProcessedImage]) -> str:
-        """Replace the i-th image placeholder by n_tokens_i copies of it, as the Qwen2-VL processor does."""
-        parts = text.split(self.image_token)
-        if len(parts) - 1 != len(images):
-            raise VlmError(f"the prompt has {len(parts) - 1} image placeholder(s) but {len(images)} image(s) "
-                           "were given")
-        out = [parts[0]]
-        for im, part in zip(images, parts[1:], strict=True):
-            out += [self.image_token * im.n_tokens, part]
-        return "".join(out)
+    def image_slot(self, image: ProcessedImage) -> ImageSlot:
+        """One run of n_tokens rows in place of the placeholder (the template writes
+        <|vision_start|> and <|vision_end|> around it), as the Qwen2-VL processor does."""
+        return [image.n_tokens]
 
-    def positions(self, ids: np.ndarray, images: Sequence[ProcessedImage]) -> tuple[np.ndarray, int]:
+    def positions(self, segments: Sequence[Segment]) -> tuple[np.ndarray, int]:
         """M-RoPE position ids [3, n] and rope_delta, as transformers' `get_rope_index` computes them.
 
         Text token: (p, p, p), p counting on from the previous token. An image's tokens:
         (s, s + row, s + col) on its merged grid, s being where the image starts; the text after it
         resumes at s + max(rows, cols). During decode every axis is cache index + rope_delta.
         """
-        ids = np.asarray(ids)
-        n = ids.size
+        n = sum(len(s) for s in segments)
         pos = np.empty((3, n), dtype=np.int64)
         m = self.vision_config.spatial_merge_size
-        is_image = ids == self.image_token_id
-        queue = list(images)
         i = cur = 0
-        while i < n:
-            if not is_image[i]:
-                rest = is_image[i:]
-                j = i + int(rest.argmax()) if rest.any() else n
-                pos[:, i:j] = cur + np.arange(j - i)
-                cur += j - i
-                i = j
-                continue
-            if not queue:
-                raise VlmError("the prompt has more image tokens than the images provide")
-            t, h, w = queue.pop(0).grid_thw
-            gh, gw = h // m, w // m
-            size = t * gh * gw
-            if i + size > n or not is_image[i:i + size].all():
-                raise VlmError("the image tokens in the prompt do not match the images' sizes")
-            tt, hh, ww = np.meshgrid(np.arange(t), np.arange(gh), np.arange(gw), indexing="ij")
-            pos[:, i:i + size] = cur + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
-            cur += max(h, w) // m
-            i += size
-        if queue:
-            raise VlmError(f"{len(queue)} image(s) have no image tokens in the prompt")
+        for s in segments:
+            if isinstance(s, TextSegment):
+                pos[:, i:i + len(s)] = cur + np.arange(len(s))
+                cur += len(s)
+            else:  # the whole image in one run (see image_slot)
+                t, h, w = s.image.grid_thw
+                tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // m), np.arange(w // m), indexing="ij")
+                pos[:, i:i + len(s)] = cur + np.stack([tt.ravel(), hh.ravel(), ww.ravel()])
+                cur += max(h, w) // m
+            i += len(s)
         return pos, int(pos.max()) + 1 - n if n else 0
