@@ -101,11 +101,11 @@ def test_processor_matches_reference(family, reference, name):
     img = _rng_image(*IMAGES[name])
     ref = processor.image_processor(img, return_row_col_info=True, return_tensors="np")
     ours = family.preprocess(img)
-    assert ours.pixel_values.shape == ref["pixel_values"][0].shape
-    assert (ours.rows, ours.cols) == (ref["rows"][0][0], ref["cols"][0][0])
-    assert ours.rows * ours.cols > 0
-    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"][0], rtol=0, atol=1e-6)
-    assert ours.n_tokens == ours.n_tiles * processor.image_seq_len
+    assert ours.pixels.shape == ref["pixel_values"][0].shape
+    assert ours.grid == (ref["rows"][0][0], ref["cols"][0][0])
+    assert ours.grid[0] * ours.grid[1] > 0
+    np.testing.assert_allclose(ours.pixels, ref["pixel_values"][0], rtol=0, atol=1e-6)
+    assert ours.rows == len(ours.pixels) * processor.image_seq_len
 
 
 def test_unsplit_image_matches_reference(tiny, reference):
@@ -118,8 +118,8 @@ def test_unsplit_image_matches_reference(tiny, reference):
     img = _rng_image(50, 40)
     ref = processor.image_processor(img, size={"longest_edge": 64}, return_row_col_info=True, return_tensors="np")
     ours = fam.preprocess(img)
-    assert (ours.rows, ours.cols, ours.n_tiles) == (0, 0, 1)
-    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"][0], rtol=0, atol=1e-6)
+    assert (ours.grid, len(ours.pixels)) == ((0, 0), 1)
+    np.testing.assert_allclose(ours.pixels, ref["pixel_values"][0], rtol=0, atol=1e-6)
     text = "User:<image>Hi<end_of_utterance>\nAssistant:"
     assert _expanded(fam, text, [ours]) == _reference_prompt(processor, text, [img], size={"longest_edge": 64})
 
@@ -155,7 +155,7 @@ def test_expanded_prompt_matches_reference(family, reference):
     assert ours == _reference_prompt(processor, text, imgs)
     ids = processor(text=text, images=imgs)["input_ids"][0]
     assert processor.tokenizer(ours)["input_ids"] == list(ids)
-    assert sum(i == family.image_token_id for i in ids) == sum(family.preprocess(im).n_tokens for im in imgs)
+    assert sum(i == family.image_token_id for i in ids) == sum(family.preprocess(im).rows for im in imgs)
 
 
 def test_prompt_ids_match_reference(loaded, reference):
@@ -174,11 +174,11 @@ def test_max_tiles_caps_the_grid():
     processor = Idefics3ImageProcessor(192, 64, 4)  # the tiny model's settings
     img = _rng_image(200, 180)  # 3 x 3 tiles + global by default
     full = processor(img)
-    assert full.n_tiles == 10
+    assert len(full.pixels) == 10
     capped = processor(img, max_tiles=5)
-    assert (capped.rows, capped.cols, capped.n_tiles, capped.n_tokens) == (2, 2, 5, 20)
+    assert (capped.grid, len(capped.pixels), capped.rows) == ((2, 2), 5, 20)
     single = processor(img, max_tiles=1)
-    assert (single.rows, single.cols, single.n_tiles) == (0, 0, 1)
+    assert (single.grid, len(single.pixels)) == ((0, 0), 1)
     assert len({full.digest, capped.digest, single.digest}) == 3
     assert processor(img).digest == full.digest
     assert processor(_rng_image(200, 180, seed=1)).digest != full.digest
@@ -237,8 +237,8 @@ def test_vision_matches_reference_one_image(family, reference):
     _, model = reference
     im = family.preprocess(_rng_image(*IMAGES["wide"]))
     (ours,) = family.encode([im])
-    ref = _reference_features(model, im.pixel_values)
-    assert ours.shape == (im.n_tokens, 64) == ref.shape
+    ref = _reference_features(model, im.pixels)
+    assert ours.shape == (im.rows, 64) == ref.shape
     assert _rel(ours, ref) < 1e-4
 
 
@@ -248,9 +248,9 @@ def test_vision_batched_equals_separate(family, reference):
     batched = family.encode(ims)
     for im, feats in zip(ims, batched, strict=True):
         (alone,) = family.encode([im])
-        assert feats.shape == (im.n_tokens, 64)
+        assert feats.shape == (im.rows, 64)
         np.testing.assert_allclose(feats, alone, rtol=1e-5, atol=1e-6)
-        assert _rel(feats, _reference_features(model, im.pixel_values)) < 1e-4
+        assert _rel(feats, _reference_features(model, im.pixels)) < 1e-4
 
 
 def test_chunked_equals_unchunked(tiny, family):
@@ -266,7 +266,7 @@ def test_vision_mixed_precision(tiny, family, reference, kind, tol):
     fam = _family(tiny, convert=convert)
     assert all(layer.mlp.fc1.kind == kind for layer in fam.vision.layers)
     im = family.preprocess(_rng_image(*IMAGES["odd"]))
-    assert _rel(fam.encode([im])[0], _reference_features(model, im.pixel_values)) < tol
+    assert _rel(fam.encode([im])[0], _reference_features(model, im.pixels)) < tol
 
 
 def test_vision_rejects_bad_tensors_and_tiles(tiny, family):

@@ -8,12 +8,10 @@ prefix -> decode one token at a time -> stream text, stop on EOS / stop strings 
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
 
 import numpy as np
 
@@ -28,10 +26,10 @@ from vlm.generation import (
     peak_memory_mb,
 )
 from vlm.image import ImageInput, load_image
+from vlm.models import ProcessedImage, VisionFamily
 from vlm.models.llama import LlamaModel
 from vlm.prompt import (
     ImageSegment,
-    ImageSlot,
     Segment,
     TextSegment,
     image_rows,
@@ -46,18 +44,6 @@ Prompt = str | Sequence[dict] | Sequence[int]
 
 # Decoded image embeddings kept for reuse (a chat shows the same image every turn).
 IMAGE_CACHE_ENTRIES = 16
-
-
-class VisionFamily(Protocol):
-    """What a vision-language family (models/<family>/family.py) provides to the shared glue."""
-
-    image_token: str  # placeholder the chat template writes once per image
-    image_token_id: int
-
-    def preprocess(self, image, **options) -> Any: ...  # -> object with .n_tokens and .digest
-    def encode(self, images: list) -> list[np.ndarray]: ...  # one batched pass; [n_tokens_i, hidden] each
-    def image_slot(self, image) -> ImageSlot: ...  # marker text and runs of embedding rows
-    def positions(self, segments: list[Segment]) -> tuple[np.ndarray, int]: ...
 
 
 class Model:
@@ -160,7 +146,7 @@ class Model:
 
     def _check_image_options(self, options: dict) -> None:
         """Extra keyword arguments are the family's image options; anything else is a typo."""
-        allowed = set(inspect.signature(self.family.preprocess).parameters) - {"image"} if self.family else set()
+        allowed = set(self.family.image_options) if self.family else set()
         unknown = sorted(set(options) - allowed)
         if unknown:
             takes = f"; this model's image options: {', '.join(sorted(allowed))}" if allowed else ""
@@ -168,7 +154,7 @@ class Model:
 
     def preprocess(self, image, **image_options):
         """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
-        if hasattr(image, "digest") and hasattr(image, "n_tokens"):
+        if isinstance(image, ProcessedImage):
             return image
         return self.family.preprocess(load_image(image), **image_options)
 
