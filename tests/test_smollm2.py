@@ -6,8 +6,7 @@ import pytest
 import vlm
 from vlm.formats.checkpoint import read_checkpoint
 from vlm.loader import build_model, quantize_decoder
-from vlm.models.layers import dequantize
-from vlm.quant import QuantizedWeight
+from vlm.quant import QuantizedWeight, dequantize
 
 pytestmark = pytest.mark.slow
 

@@ -13,17 +13,18 @@ from vlm import kernels
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
 from vlm.formats.lazy import LazyTensors
-from vlm.formats.safetensors import release_pages
+from vlm.memory import release_pages
 from vlm.model import Model
 from vlm.models import FAMILIES
-from vlm.models.layers import Weight, dequantize
 from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
 from vlm.models.llama import LlamaModel, TextConfig
 from vlm.quant import (
     GROUP_SIZES,
     HalfWeight,
     QuantizedWeight,
+    Weight,
     can_quantize,
+    dequantize,
     quantize,
     relative_rms_error,
     stored_arrays,

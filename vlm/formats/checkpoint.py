@@ -3,9 +3,7 @@ our own converted directories all become a `Checkpoint` (HF config keys, HF tens
 
 from __future__ import annotations
 
-import contextlib
 import json
-import mmap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +12,8 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from vlm.errors import VlmError
 from vlm.formats.safetensors import read_checkpoint_tensors
-from vlm.models.layers import Weight
+from vlm.memory import release_mappings
+from vlm.quant import Weight
 from vlm.tokenizer import Tokenizer
 
 NATIVE_CONFIG = "vlm_config.json"  # marks a directory written by `vlm convert`
@@ -39,9 +38,7 @@ class Checkpoint:
         They are clean file pages: whatever is still used faults back in on demand, so the
         resident set stays close to the weights actually held.
         """
-        for m in self.mappings:
-            with contextlib.suppress(OSError, ValueError):
-                m.madvise(mmap.MADV_DONTNEED)
+        release_mappings(self.mappings)
 
 
 def _read_json(path: Path) -> dict:

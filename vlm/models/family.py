@@ -37,9 +37,9 @@ import numpy as np
 
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX
-from vlm.models.layers import Weight
 from vlm.models.llama import TextConfig
 from vlm.prompt import ImageSlot, Segment, text_positions
+from vlm.quant import Weight
 
 
 @dataclass

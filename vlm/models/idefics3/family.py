@@ -20,8 +20,8 @@ from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.models.family import ProcessedImage, VisionFamily
 from vlm.models.idefics3.processor import DEFAULT_MAX_TILES, Idefics3ImageProcessor
 from vlm.models.idefics3.vision import DEFAULT_CHUNK_TOKENS, Idefics3VisionConfig, Idefics3VisionModel
-from vlm.models.layers import Weight
 from vlm.prompt import ImageSlot
+from vlm.quant import Weight
 
 
 class Idefics3Family(VisionFamily):

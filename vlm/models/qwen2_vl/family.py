@@ -14,10 +14,10 @@ from PIL import Image
 from vlm.errors import VlmError
 from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.models.family import ProcessedImage, VisionFamily
-from vlm.models.layers import Weight
 from vlm.models.qwen2_vl.processor import DEFAULT_MAX_IMAGE_TOKENS, ProcessorSettings, preprocess_image
 from vlm.models.qwen2_vl.vision import DEFAULT_MAX_SCORE_BYTES, Qwen2VisionTransformer, VisionConfig
 from vlm.prompt import Segment, TextSegment
+from vlm.quant import Weight
 
 
 class Qwen2VLFamily(VisionFamily):
