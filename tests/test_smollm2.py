@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import vlm
-from vlm.formats.checkpoint import read_checkpoint
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import build_model, quantize_decoder
 from vlm.quant import QuantizedWeight, dequantize
 

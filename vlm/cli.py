@@ -175,7 +175,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vlm.formats.checkpoint import read_checkpoint
+    from vlm.formats.reader import read_checkpoint
     from vlm.registry import resolve
 
     ckpt = read_checkpoint(resolve(args.model))

@@ -10,8 +10,9 @@ import numpy as np
 from tqdm import tqdm
 
 from vlm.errors import VlmError
-from vlm.formats.checkpoint import VISION_PREFIX, read_checkpoint
+from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.formats.native import write_native
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.registry import resolve
 

@@ -11,8 +11,9 @@ import numpy as np
 
 from vlm import kernels
 from vlm.errors import VlmError
-from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
+from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint
 from vlm.formats.lazy import LazyTensors
+from vlm.formats.reader import read_checkpoint
 from vlm.memory import release_pages
 from vlm.model import Model
 from vlm.models import FAMILIES
