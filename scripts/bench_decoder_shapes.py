@@ -90,8 +90,8 @@ def main() -> None:
     from tokenizers import Tokenizer as HFTokenizer
 
     from vlm import bench, kernels
-    from vlm.model import Model
     from vlm.models.llama import LlamaModel, TextConfig
+    from vlm.runtime import Model
     from vlm.tokenizer import Tokenizer
 
     kernels.set_threads(args.threads)

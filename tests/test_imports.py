@@ -20,7 +20,7 @@ LAYERS = [
     ["vlm.formats"],
     ["vlm.models"],
     ["vlm.session"],
-    ["vlm.model"],
+    ["vlm.runtime"],
     ["vlm.loader", "vlm.chat", "vlm.caption", "vlm.bench", "vlm.convert"],
     ["vlm.cli", "vlm.__main__", "vlm"],
 ]
@@ -95,7 +95,7 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_what_it_should():
     graph = _graph()
-    assert "vlm.session" in graph["vlm.model"]  # a plain from-import
-    assert "vlm.kernels" in graph["vlm.model"]  # `from vlm import kernels`
+    assert "vlm.session" in graph["vlm.runtime"]  # a plain from-import
+    assert "vlm.kernels" in graph["vlm.runtime"]  # `from vlm import kernels`
     assert "vlm.caption" in graph["vlm.cli"]  # an import inside a function
     assert _layer("vlm.models.qwen2_vl.vision") == _layer("vlm.models") > _layer("vlm.formats.gguf")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm.generation import peak_memory_mb
-from vlm.model import Model
+from vlm.runtime import Model
 from vlm.session import PromptInputs
 
 

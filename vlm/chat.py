@@ -10,8 +10,8 @@ from collections.abc import Iterator, Sequence
 from vlm.errors import VlmError
 from vlm.generation import GenerationResult, TextStream
 from vlm.image import ImageInput
-from vlm.model import Model
 from vlm.models import ProcessedImage
+from vlm.runtime import Model
 
 
 class Chat:

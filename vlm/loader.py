@@ -15,7 +15,6 @@ from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint
 from vlm.formats.lazy import LazyTensors
 from vlm.formats.reader import read_checkpoint
 from vlm.memory import release_pages
-from vlm.model import Model
 from vlm.models import FAMILIES
 from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
 from vlm.models.llama import LlamaModel, TextConfig
@@ -31,6 +30,7 @@ from vlm.quant import (
     stored_arrays,
 )
 from vlm.registry import resolve
+from vlm.runtime import Model
 
 QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
 VISION_MODES = (None, "f32", "f16", "q8")

@@ -1,6 +1,6 @@
 """Qwen2-VL as a vision family: preprocessing, batched vision encoding, M-RoPE positions.
 
-The text half is a Qwen2 decoder with M-RoPE (see `text_config`); the shared glue in vlm/model.py
+The text half is a Qwen2 decoder with M-RoPE (see `text_config`); the shared runtime in vlm/runtime.py
 runs it. This class provides everything image-specific, matching transformers' Qwen2-VL.
 """
 
