@@ -15,11 +15,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlm"
 # its own layer (without a cycle) and every layer below.
 LAYERS = [
     ["vlm.errors"],
-    ["vlm.quant", "vlm.memory", "vlm.image", "vlm.tokenizer", "vlm.prompt", "vlm.generation", "vlm.registry"],
+    ["vlm.quant", "vlm.memory", "vlm.image", "vlm.tokenizer", "vlm.prompt", "vlm.registry"],
     ["vlm.kernels"],
     ["vlm.formats"],
     ["vlm.models"],
     ["vlm.session"],
+    ["vlm.generation"],
     ["vlm.runtime"],
     ["vlm.loader", "vlm.chat", "vlm.caption", "vlm.bench", "vlm.convert"],
     ["vlm.cli", "vlm.__main__", "vlm"],

@@ -1,9 +1,10 @@
-"""A loaded model: tokenizer + decoder (+ a vision family), with the generation loop.
+"""The runtime: a loaded model (tokenizer + decoder + a vision family) and its request path.
 
-The model glue is ready: families plug in through the interface below (see `VisionFamily`).
-The whole request path reads top to bottom:
-prepare (template, images, token ids, positions) -> prefill in chunks, reusing the cached
-prefix -> decode one token at a time -> stream text, stop on EOS / stop strings / length.
+A request reads top to bottom: render the chat template -> segments (text ids, image slots;
+vlm/prompt.py) -> `prepare` (image embeddings, cache keys, positions) -> a `Session` prefills it
+in chunks, reusing the cached prefix -> the generation loop (vlm/generation.py) samples and steps
+one token at a time and streams text. Families plug in through `vlm.models.family.VisionFamily`;
+see docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from vlm.generation import (
     Sampler,
     SamplingParams,
     TextStream,
-    peak_memory_mb,
+    generation_loop,
 )
 from vlm.image import ImageInput, load_image
 from vlm.models import ProcessedImage, VisionFamily
@@ -38,7 +39,7 @@ from vlm.prompt import (
     segment_text,
 )
 from vlm.session import PromptInputs, Session
-from vlm.tokenizer import StreamDecoder, Tokenizer
+from vlm.tokenizer import Tokenizer
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -254,61 +255,13 @@ class Model:
         result = GenerationResult("", [], GenerationStats(
             prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
             image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s))
-        pieces = self._run(session or self.session, inputs, sampler, max_new_tokens, list(stop), result, t0)
+        pieces = generation_loop(session or self.session, inputs, sampler, self.tokenizer, max_new_tokens,
+                                 list(stop), result, t0)
         if stream:
             return TextStream(pieces, result)
         for _ in pieces:
             pass
         return result
-
-    def _run(self, session: Session, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int,
-             stop: list[str], result: GenerationResult, t0: float) -> Iterator[str]:
-        stats = result.stats
-        stats.finish_reason = "interrupted"  # until the loop ends on its own
-        detok = StreamDecoder(self.tokenizer, stop)
-        eos = self.tokenizer.eos_ids
-        history = inputs.ids.tolist()
-        n_prompt = len(history)
-        t_prefill = t_decode = time.perf_counter()
-        try:
-            with session.lock:
-                logits, stats.cached_tokens = session.prefill(inputs)
-                seen = session.version  # the session as this stream left it
-            t_decode = time.perf_counter()
-            stats.prefill_s = t_decode - t_prefill
-            stats.ttft_s = t_decode - t0
-            while True:
-                token = sampler(logits, history)
-                if token in eos:
-                    stats.finish_reason = "stop"
-                    break
-                result.tokens.append(token)
-                history.append(token)
-                piece = detok.push(token)
-                if piece:
-                    yield piece
-                if detok.stopped:
-                    stats.finish_reason = "stop"
-                    break
-                if len(result.tokens) >= max_new_tokens or len(history) > session.context:  # the token would not fit
-                    stats.finish_reason = "length"
-                    break
-                with session.lock:
-                    if session.version == seen:
-                        logits = session.step(token)
-                    else:  # another call used the session since our last step
-                        logits = session.resume(inputs, history[n_prompt:])
-                    seen = session.version
-                stats.decode_steps += 1
-            if not detok.stopped:
-                tail = detok.flush()
-                if tail:
-                    yield tail
-        finally:
-            stats.decode_s = time.perf_counter() - t_decode if stats.decode_steps else 0.0
-            stats.generated_tokens = len(result.tokens)
-            stats.peak_memory_mb = peak_memory_mb()
-            result.text = detok.text
 
     def set_threads(self, threads: int | None) -> None:
         kernels.set_threads(threads)
