@@ -20,6 +20,8 @@ from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
 from vlm.models.llama import LlamaModel, TextConfig
 from vlm.quant import (
     GROUP_SIZES,
+    QUANTIZE_MODES,
+    VISION_MODES,
     HalfWeight,
     QuantizedWeight,
     Weight,
@@ -31,9 +33,6 @@ from vlm.quant import (
 )
 from vlm.registry import resolve
 from vlm.runtime import Model
-
-QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
-VISION_MODES = (None, "f32", "f16", "q8")
 
 _DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 

@@ -24,6 +24,10 @@ import numpy as np
 
 BLOCK = 32  # nibble-packing run; every group size is a multiple of it
 GROUP_SIZES = (32, 64, 128)
+# Precision modes on load (None: as the file holds it). q4: 4-bit scale+min (like Q4_1); q4_sym:
+# 4-bit scale only (like Q4_0); q8: 8-bit; f32: everything widened (exact math).
+QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
+VISION_MODES = (None, "f32", "f16", "q8")
 
 
 @dataclass
