@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ from vlm.models.idefics3 import Idefics3Family, Idefics3ImageProcessor
 from vlm.models.idefics3.vision import pixel_shuffle, position_ids
 from vlm.prompt import TextSegment
 from vlm.quant import HalfWeight, quantize
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 def _rng_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:

@@ -23,7 +23,7 @@ LAYERS = [
     ["vlm.generation"],
     ["vlm.runtime"],
     ["vlm.loader", "vlm.chat", "vlm.caption", "vlm.bench", "vlm.convert"],
-    ["vlm.cli", "vlm.__main__", "vlm"],
+    ["vlm.cli", "vlm.__main__", "vlm.testing", "vlm"],
 ]
 
 

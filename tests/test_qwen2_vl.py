@@ -1,12 +1,11 @@
 """Qwen2-VL against transformers: preprocessing, vision tower, M-RoPE positions, end to end.
 
-The reference model is a tiny random Qwen2-VL built once per module by scripts/make_tiny_qwen2vl.py.
+The reference model is a tiny random Qwen2-VL built once per module by vlm/testing/tiny_qwen2vl.py.
 Tests that need no reference (errors, chunking, precision) run without torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,11 +17,7 @@ from vlm.errors import VlmError
 from vlm.models.qwen2_vl import ProcessorSettings, Qwen2VisionTransformer, Qwen2VLFamily, VisionConfig, smart_resize
 from vlm.models.qwen2_vl.processor import preprocess_image
 from vlm.quant import HalfWeight, quantize
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("make_tiny_qwen2vl", ROOT / "scripts" / "make_tiny_qwen2vl.py")
-make_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_tiny)
+from vlm.testing import tiny_qwen2vl as make_tiny
 
 SETTINGS = ProcessorSettings.from_config(make_tiny.PREPROCESSOR_CONFIG)
 TINY_VISION = {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4, "hidden_size": 48}
