@@ -13,11 +13,10 @@ Qwen2.5-VL's template and preprocessor config are Qwen2-VL's.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
-from make_tiny_qwen2vl import GGUF, SPECIAL_TOKENS, make_tokenizer
+from make_tiny_qwen2vl import GGUF, save_tiny
 from make_tiny_qwen2vl import PREPROCESSOR_CONFIG as QWEN2VL_PREPROCESSOR_CONFIG
 
 # Qwen2.5-VL-3B-Instruct's preprocessor_config.json: Qwen2-VL's image processor and settings.
@@ -30,37 +29,10 @@ TINY_VISION = {"depth": 3, "hidden_size": 64, "intermediate_size": 96, "num_head
 def make_tiny_qwen2_5_vl(out_dir: str | os.PathLike, seed: int = 0, std: float = 0.08,
                          gguf_path: str | os.PathLike = GGUF) -> Path:
     """Write config.json, model.safetensors, preprocessor_config.json and the tokenizer to out_dir."""
-    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out, gguf_path)
-    ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS), strict=True))
-    vocab = (len(tok) + 63) // 64 * 64
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
-        ),
-        vision_config=TINY_VISION,
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith(".weight"):  # norm scales: near 1, not exactly (catches a dropped one)
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, std)
-    model.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
-    return out
+    return save_tiny(out_dir, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, TINY_VISION,
+                     PREPROCESSOR_CONFIG, seed, std, gguf_path)
 
 
 def main() -> None:

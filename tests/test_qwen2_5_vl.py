@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from make_tiny_qwen2_5_vl import PREPROCESSOR_CONFIG, TINY_VISION
+from make_tiny_qwen2vl import randomize
 from test_qwen2_vl import ONE_IMAGE, TWO_IMAGES, _reference_inputs, _rel, _rng_image
 
 from vlm.errors import VlmError
@@ -36,16 +37,6 @@ IMAGES = {"odd": (90, 130), "tall": (200, 60), "small": (50, 50)}
 def _images(seed: int = 0):
     return [_rng_image(h, w, seed=seed + i) for i, (h, w) in enumerate(IMAGES.values())] + [
         _rng_image(70, 100, "P", seed=seed)]
-
-
-def _randomize(model, std: float = 0.08) -> None:
-    import torch
-
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.ndim == 1 and name.endswith(".weight")
-                    else std * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("grids", [[(1, 6, 10)], [(1, 14, 4), (1, 4, 4), (2, 6, 10)], [(1, 16, 16)]])
@@ -85,7 +76,8 @@ def test_vision_tower_matches_reference(case):
 
     vision = TOWER_CONFIGS[case]
     ref = Qwen2_5_VisionTransformerPretrainedModel(Qwen2_5_VLConfig(vision_config=vision).vision_config).eval()
-    _randomize(ref)
+    torch.manual_seed(0)
+    randomize(ref)
     tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     config = {"vision_config": vision, "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
               "num_hidden_layers": 1, "num_attention_heads": 4}
@@ -124,6 +116,27 @@ def test_loads_as_qwen2_5_vl(tiny_model, tiny_qwen2_5_vl):
     assert isinstance(tiny_model.family, Qwen2_5_VLFamily)
     assert json.loads((Path(tiny_qwen2_5_vl) / "config.json").read_text())["model_type"] == "qwen2_5_vl"
     assert tiny_model.family.vision_config.fullatt_block_indexes == (1,)
+
+
+def test_hub_layout_config_loads_the_same_model(tiny_model, tiny_qwen2_5_vl, tmp_path):
+    """The hub's config.json (text keys at the top, rope_scaling, in_chans) gives the same model as
+    transformers 5's (nested text_config, rope_parameters, in_channels)."""
+    import vlm
+
+    v5 = json.loads((Path(tiny_qwen2_5_vl) / "config.json").read_text())
+    text = {k: v for k, v in v5.pop("text_config").items() if k != "model_type"}
+    rope = text.pop("rope_parameters")
+    vision = {k: v for k, v in v5.pop("vision_config").items() if k not in ("in_channels", "rope_parameters")}
+    hub = {**v5, **text, "rope_theta": rope["rope_theta"],
+           "rope_scaling": {"type": "mrope", "mrope_section": rope["mrope_section"]},
+           "vision_config": {**vision, "in_chans": 3, "spatial_patch_size": 14}}
+    for f in Path(tiny_qwen2_5_vl).iterdir():
+        (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps(hub))
+    image = _rng_image(90, 130)
+    np.testing.assert_array_equal(vlm.load(tmp_path, quantize="f32").logits(ONE_IMAGE, images=[image]),
+                                  tiny_model.logits(ONE_IMAGE, images=[image]))
 
 
 def test_positions_match_reference(tiny_model, reference, tiny_qwen2_5_vl):
