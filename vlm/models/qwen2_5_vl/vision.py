@@ -103,9 +103,11 @@ class Qwen2_5_VisionTransformer(Qwen2VisionTransformer):
     config: VisionConfig
 
     def norm(self, tensors: Mapping[str, Weight], name: str) -> RMSNorm:
+        """RMSNorm, no bias (blocks and merger alike)."""
         return RMSNorm(lookup(tensors, name + ".weight"), LAYER_NORM_EPS)
 
     def mlp(self, tensors: Mapping[str, Weight], prefix: str) -> GatedMLP:
+        """down(act(gate(x)) * up(x)), all three with biases."""
         return GatedMLP(vision_linear(tensors, prefix + "gate_proj"), vision_linear(tensors, prefix + "up_proj"),
                         vision_linear(tensors, prefix + "down_proj"), self.config.hidden_act)
 

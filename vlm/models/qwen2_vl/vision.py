@@ -153,9 +153,11 @@ class Qwen2VisionTransformer:
 
     # The two parts a derived tower (Qwen2.5-VL) builds differently.
     def norm(self, tensors: Mapping[str, Weight], name: str) -> Norm:
+        """The norm stored under `name` (blocks' norm1/norm2, the merger's ln_q)."""
         return LayerNorm(lookup(tensors, name + ".weight"), lookup(tensors, name + ".bias"), LAYER_NORM_EPS)
 
     def mlp(self, tensors: Mapping[str, Weight], prefix: str) -> MLP | GatedMLP:
+        """A block's feed-forward, its layers stored under `prefix`."""
         return MLP(vision_linear(tensors, prefix + "fc1"), vision_linear(tensors, prefix + "fc2"),
                    self.config.hidden_act)
 
