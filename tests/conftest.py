@@ -87,3 +87,14 @@ def tiny_qwen2vl(tmp_path_factory, smollm2_gguf) -> Path:
     from make_tiny_qwen2vl import make_tiny_qwen2vl
 
     return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint (uneven windows, a full-attention block); tokenizer from SmolLM2's GGUF."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from make_tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), gguf_path=smollm2_gguf)

@@ -36,6 +36,7 @@ VISION_MODES = (None, "f32", "f16", "q8")
 # Vision-language families: config model_type -> (module, class). Adding a family adds a line.
 FAMILIES = {
     "qwen2_vl": ("vlm.models.qwen2_vl", "Qwen2VLFamily"),
+    "qwen2_5_vl": ("vlm.models.qwen2_5_vl", "Qwen2_5_VLFamily"),
     "idefics3": ("vlm.models.idefics3", "Idefics3Family"),
     "smolvlm": ("vlm.models.idefics3", "Idefics3Family"),
 }

@@ -28,7 +28,11 @@ IMAGE_TOKEN_ID = 151655
 class Qwen2VLFamily:
     """Qwen2-VL's image side, plugged into the shared model glue."""
 
+    name = "Qwen2-VL"
     image_token = "<|image_pad|>"
+    # The vision tower and its config reader: what Qwen2.5-VL replaces.
+    vision_config_class = VisionConfig
+    vision_tower_class = Qwen2VisionTransformer
     # Where the checkpoint keeps each half. Hub names: `visual.*`, `model.*`, `lm_head.*`;
     # transformers 5 module names: `model.visual.*`, `model.language_model.*`, `lm_head.*`.
     # "vision": prefixes stripped to give the tower's names; "text": checkpoint prefix -> decoder prefix.
@@ -40,8 +44,8 @@ class Qwen2VLFamily:
     def __init__(self, config: Mapping, vision_tensors: Mapping[str, Weight], preprocessor_config: Mapping,
                  max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES):
         if "vision_config" not in config:
-            raise VlmError("config.json has no vision_config: not a Qwen2-VL checkpoint")
-        self.vision_config = VisionConfig.from_dict(config["vision_config"])
+            raise VlmError(f"config.json has no vision_config: not a {self.name} checkpoint")
+        self.vision_config = self.vision_config_class.from_dict(config["vision_config"])
         text = self.text_config(config)
         if self.vision_config.hidden_size != text["hidden_size"]:
             raise VlmError(f"vision output width {self.vision_config.hidden_size} does not match the text "
@@ -52,7 +56,7 @@ class Qwen2VLFamily:
                                                                     self.vision_config.spatial_merge_size):
             raise VlmError("preprocessor_config.json and config.json disagree on patch or merge size")
         self.max_image_tokens = max_image_tokens
-        self.vision = Qwen2VisionTransformer(self.vision_config, vision_tensors, max_score_bytes)
+        self.vision = self.vision_tower_class(self.vision_config, vision_tensors, max_score_bytes)
 
     @staticmethod
     def text_config(config: Mapping) -> dict:
