@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from vlm import kernels
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
 from vlm.formats.lazy import LazyTensors, shapes_of
 from vlm.formats.safetensors import release_pages
@@ -104,12 +104,14 @@ def convert_vision(tensors: Mapping[str, Weight], mode: str | None) -> LazyTenso
 def family_class(config: dict, path) -> type | None:
     """The vision family of a config, None for a text-only decoder; unsupported -> VlmError."""
     model_type = config.get("model_type")
+    if not isinstance(model_type, str | None):
+        raise VlmError(f"bad model config in {path}: model_type is {shown(repr(model_type))}")
     if model_type in FAMILIES:
         module, name = FAMILIES[model_type]
         return getattr(importlib.import_module(module), name)
     if model_type not in TEXT_ARCHITECTURES:
         known = ", ".join(sorted([*TEXT_ARCHITECTURES, *FAMILIES]))
-        raise VlmError(f"unsupported architecture {model_type!r} in {path}; supported: {known}")
+        raise VlmError(f"unsupported architecture {shown(repr(model_type))} in {path}; supported: {known}")
     return None
 
 

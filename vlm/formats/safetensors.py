@@ -61,7 +61,7 @@ def _entry(info: object, data_size: int, where: str) -> tuple[int, int, tuple[in
     """(begin, end, shape) of one header entry, checked: a crafted header must not reach numpy."""
     if not isinstance(info, dict):
         raise VlmError(f"{where}: the entry is not a JSON object")
-    if info.get("dtype") not in DTYPES:
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
         raise VlmError(f"{where}: unsupported dtype {shown(repr(info.get('dtype')))}")
     offsets, shape = info.get("data_offsets"), info.get("shape")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(v) for v in offsets)

@@ -82,7 +82,7 @@ class TextConfig:
         if rope:
             d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
             if rope.get("mrope_section"):
-                d["mrope_section"] = list(rope["mrope_section"])
+                d["mrope_section"] = rope["mrope_section"]
             kind = rope.get("rope_type", rope.get("type", "default"))
             d["rope_scaling"] = rope if kind not in ("default", "mrope") else None
         names = {f.name for f in fields(cls)}
@@ -106,18 +106,18 @@ class TextConfig:
                            f"{self.num_key_value_heads} key/value heads")
         if self.head_dim % 2:
             raise VlmError(f"bad model config: head_dim {self.head_dim} is odd (rotary needs pairs)")
-        if self.hidden_act not in ACTIVATIONS:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             raise VlmError(f"unsupported hidden_act {shown(repr(self.hidden_act))}; supported: "
                            f"{', '.join(ACTIVATIONS)}")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
-            if kind not in ROPE_SCALINGS:
+            if not isinstance(kind, str) or kind not in ROPE_SCALINGS:
                 raise VlmError(f"unsupported rope scaling {shown(repr(kind))}; supported: {', '.join(ROPE_SCALINGS)}")
             missing = [k for k in ROPE_SCALINGS[kind] if not isinstance(self.rope_scaling.get(k), int | float)]
             if missing:
                 raise VlmError(f"bad model config: {kind} rope scaling lacks a number for {missing[0]}")
-        if self.mrope_section is not None and (
-                not all(_positive_int(n) for n in self.mrope_section) or sum(self.mrope_section) != self.head_dim // 2):
+        if self.mrope_section is not None and (not isinstance(self.mrope_section, list) or not all(
+                _positive_int(n) for n in self.mrope_section) or sum(self.mrope_section) != self.head_dim // 2):
             raise VlmError(f"bad model config: mrope_section {shown(self.mrope_section)} does not split "
                            f"head_dim {self.head_dim} / 2")
         layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
