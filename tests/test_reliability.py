@@ -4,7 +4,6 @@ nothing hangs, allocates without bound, prints junk or reaches the terminal raw.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import math
 import resource
@@ -14,14 +13,14 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fuzz_mutate import run_mutants
-from PIL import Image, ImageFile
+from PIL import Image
 from safetensors.numpy import load_file, save_file
+from test_image import crafted_dds, huge_png_header
 
 import vlm
 from vlm.caption import caption
@@ -29,7 +28,6 @@ from vlm.cli import main
 from vlm.errors import VlmError
 from vlm.formats.gguf import GGUFFile
 from vlm.formats.safetensors import read_safetensors
-from vlm.image import load_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,66 +50,19 @@ def copy_model(src: Path, dst: Path) -> Path:
 
 # --- images -----------------------------------------------------------------------------------------
 
-def _dds_png(path: Path) -> Path:
-    """The issue's crafted file: a DDS with its pixel-format flags zeroed, named .png (Pillow
-    raises NotImplementedError while decoding it)."""
-    b = io.BytesIO()
-    Image.new("RGBA", (64, 48)).save(b, "DDS")
-    data = bytearray(b.getvalue())
-    data[80:84] = bytes(4)
-    path.write_bytes(bytes(data))
-    return path
-
-
-def _png_header(path: Path, width: int, height: int) -> Path:
-    """A PNG that declares width x height RGBA but holds one row: only its header is sound."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)
-    idat = zlib.compress(bytes(1 + 4 * width))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
-
-
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hostile_images")
     good = root / "good.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(good)
-    return {"good": good, "evil": _dds_png(root / "evil.png"), "huge": _png_header(root / "huge.png", 14000, 14000)}
+    (root / "evil.png").write_bytes(crafted_dds())
+    (root / "huge.png").write_bytes(huge_png_header(14000, 14000))
+    return {"good": good, "evil": root / "evil.png", "huge": root / "huge.png"}
 
 
 @pytest.fixture(scope="module")
 def vision_model(tiny_smolvlm):
     return vlm.load(tiny_smolvlm)
-
-
-def test_any_decoder_exception_is_one_vlm_error(images):
-    with pytest.raises(VlmError, match="NotImplementedError"):
-        load_image(images["evil"])
-
-
-def test_huge_image_refused_from_its_header_before_decoding(images, monkeypatch):
-    def no_decoding(self):
-        raise AssertionError("the image was decoded")
-
-    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
-    with pytest.raises(VlmError, match="image too large"):
-        load_image(images["huge"])
-
-
-@pytest.mark.parametrize("bad", [None, 123, 4.5, object()])
-def test_image_of_a_wrong_type(bad):
-    with pytest.raises(VlmError, match="an image must be"):
-        load_image(bad)
-
-
-def test_lazily_opened_truncated_pil_image(images):
-    data = images["good"].read_bytes()
-    lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # opened, not decoded
-    with pytest.raises(VlmError, match="cannot read image"):
-        load_image(lazy)
 
 
 def test_images_as_a_bare_string_is_one_image(vision_model, images):

@@ -206,7 +206,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         kinds[kind] = kinds.get(kind, 0) + 1
         total += int(w.nbytes)
     c = ckpt.config
-    text = c.get("text_config") or c
+    text = c["text_config"] if isinstance(c.get("text_config"), dict) else c
     tok = ckpt.tokenizer
     info = {
         "path": str(ckpt.path), "format": ckpt.format, "architecture": c.get("model_type"),

@@ -60,20 +60,21 @@ def load_image(src: ImageInput) -> Image.Image:
 
 
 @contextlib.contextmanager
-def image_errors(name: str = "image") -> Iterator[None]:
+def image_errors(name: str = "") -> Iterator[None]:
     """Turns any exception raised while decoding or preprocessing an image into one VlmError."""
+    what = f"image {name}" if name else "image"
     try:
         yield
     except VlmError:
         raise
     except Image.DecompressionBombError:
-        raise VlmError(f"image too large: {name} (limit {MAX_IMAGE_PIXELS:,} pixels)") from None
+        raise VlmError(f"{what} too large (limit {MAX_IMAGE_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
-        raise VlmError(f"not an image file: {name}") from None
+        raise VlmError(f"not an image file: {name or 'image bytes'}") from None
     except MemoryError:
-        raise VlmError(f"out of memory decoding image {name}") from None
+        raise VlmError(f"out of memory decoding {what}") from None
     except Exception as e:
-        raise VlmError(f"cannot read image {name}: {type(e).__name__}: {shown(e)}") from None
+        raise VlmError(f"cannot read {what}: {type(e).__name__}: {shown(e)}") from None
 
 
 def _decoded(src: ImageInput, name: str) -> Image.Image:
