@@ -121,7 +121,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             elif cmd == "/image":
                 if not arg:
                     print("usage: /image PATH")
-                elif model.family is None:
+                elif model.family is None and Path(arg).expanduser().is_file():
                     print("error: this model has no vision encoder; it cannot take images")
                 else:
                     path = str(Path(arg).expanduser())
