@@ -3,7 +3,8 @@
 The architecture is Qwen2-VL's at toy sizes (vision depth 2 / width 64 / 4 heads; text 2 layers,
 width 64, 4 heads, 2 KV heads, head_dim 16, mrope_section [2, 3, 3]) with weights ~N(0, 0.08) so
 logits are far from flat. The tokenizer is SmolLM2's byte-level BPE (read from its GGUF) plus
-Qwen2-VL's special tokens, with Qwen2-VL-2B-Instruct's chat template.
+Qwen2-VL's special tokens, with Qwen2-VL-2B-Instruct's chat template. Needs torch, transformers
+and gguf (transformers reads SmolLM2's tokenizer from the GGUF with it).
 
     python scripts/make_tiny_qwen2vl.py OUT_DIR [--seed 0]
 """

@@ -98,3 +98,22 @@ def tiny_qwen2_5_vl(tmp_path_factory, smollm2_gguf) -> Path:
     from make_tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), gguf_path=smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llm) -> Path:
+    """The tiny Llama as a GGUF file (Q4_1 matrices, Q8_0 embedding), written with gguf-py."""
+    pytest.importorskip("gguf")
+    from make_tiny_gguf import make_tiny_gguf
+
+    return make_tiny_gguf(tiny_llm("llama"), tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory, tiny_llm) -> Path:
+    """The tiny Llama converted by `vlm convert` (4-bit, groups of 32)."""
+    from vlm.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny_converted") / "q4"
+    convert(str(tiny_llm("llama")), str(out), bits=4, group_size=32)
+    return out

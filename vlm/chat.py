@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 from vlm.errors import VlmError
 from vlm.generation import GenerationResult, TextStream
-from vlm.image import ImageInput
+from vlm.image import ImageInput, image_list
 from vlm.model import Model
 
 
@@ -61,7 +61,7 @@ class Chat:
     def send(self, text: str, images: Sequence[ImageInput] | None = None, stream: bool = False,
              **options) -> GenerationResult | TextStream:
         """Add a user turn and generate the reply (streamed with stream=True)."""
-        images = list(images or [])
+        images = image_list(images)
         opts = {"max_new_tokens": 512, **self.options, **options}
         pending = self._user_message(text, len(images))
         self._fit(pending, images, opts["max_new_tokens"])

@@ -25,11 +25,13 @@ from vlm.generation import (
     Sampler,
     SamplingParams,
     TextStream,
+    check_logits,
     peak_memory_mb,
+    stop_strings,
 )
-from vlm.image import ImageInput, load_image
+from vlm.image import ImageInput, image_errors, image_list, load_image
 from vlm.models.llama import LlamaModel
-from vlm.tokenizer import StreamDecoder, Tokenizer
+from vlm.tokenizer import StreamDecoder, Tokenizer, check_message
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -107,8 +109,7 @@ class Model:
             messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
         n_parts = 0
         for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise VlmError("each message must be a dict with 'role' and 'content'")
+            check_message(m)
             if isinstance(m["content"], list):
                 parts = m["content"]
                 n_parts += sum(1 for p in parts if p.get("type") == "image")
@@ -130,7 +131,7 @@ class Model:
         messages, or a list of token ids (used exactly as given).
         """
         self._check_image_options(image_options)
-        images = list(images or [])
+        images = image_list(images)
         if images and self.family is None:
             raise VlmError("this model has no vision encoder; it cannot take images")
         processed = [self.preprocess(im, **image_options) for im in images]
@@ -170,7 +171,9 @@ class Model:
         """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
         if hasattr(image, "digest") and hasattr(image, "n_tokens"):
             return image
-        return self.family.preprocess(load_image(image), **image_options)
+        img = load_image(image)
+        with image_errors():
+            return self.family.preprocess(img, **image_options)
 
     def encode_images(self, images: Sequence) -> None:
         """Encode images ahead of use, all new ones in one batched pass (they land in the image cache)."""
@@ -259,7 +262,7 @@ class Model:
                **image_options) -> np.ndarray:
         """Float32 logits [n_tokens, vocab] for every prompt position, through the generate path."""
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        return self._prefill(inputs, all_logits=True)[0]
+        return check_logits(self._prefill(inputs, all_logits=True)[0], 0)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""
@@ -278,8 +281,7 @@ class Model:
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-        if isinstance(stop, str):
-            stop = [stop]
+        stop = stop_strings(stop)
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         t0 = time.perf_counter()
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
