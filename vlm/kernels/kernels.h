@@ -140,6 +140,16 @@ extern const vlm_path vlm_path_avx512;
 extern const vlm_ops vlm_ops_avx2;
 extern const vlm_ops vlm_ops_avx512;
 #endif
+#if defined(__aarch64__)
+#define VLM_ARM64 1
+extern const vlm_path vlm_path_neon;
+extern const vlm_path vlm_path_dotprod;
+extern const vlm_path vlm_path_i8mm;
+extern const vlm_ops vlm_ops_neon;
+/* The AArch64 path `name` ("neon", "dotprod", "i8mm") when this CPU has its instructions
+ * (the kernel's feature bits, getauxval), else NULL (kern_neon.c). */
+const vlm_path *vlm_arm_path(const char *name);
+#endif
 
 /* Which quantized weights take int8 activations (vlm.kernels.MODES, in this order). */
 enum { MODE_W4A8, MODE_INT8, MODE_FLOAT, MODE_COUNT };
