@@ -22,20 +22,29 @@
  */
 #include "kernels.h"
 
-#if defined(__aarch64__)
-#include <arm_neon.h>
-#include <string.h>
-
 #ifndef VLM_NEON_LEVEL
 #define VLM_NEON_LEVEL 0
 #endif
 
+#if defined(__aarch64__) && (VLM_NEON_LEVEL == 0 || (VLM_NEON_LEVEL == 1 && defined(VLM_ARM_DOTPROD)) || \
+                             (VLM_NEON_LEVEL == 2 && defined(VLM_ARM_I8MM)))
+#include <arm_neon.h>
+#include <string.h>
+
 #if VLM_NEON_LEVEL == 2
+#if defined(__ARM_FEATURE_MATMUL_INT8) && defined(__ARM_FEATURE_DOTPROD)
+#define TARGET /* the whole build targets such CPUs */
+#else
 #define TARGET __attribute__((target("arch=armv8.2-a+dotprod+i8mm")))
+#endif
 #define PATH vlm_path_i8mm
 #define PATH_NAME "i8mm"
 #elif VLM_NEON_LEVEL == 1
+#if defined(__ARM_FEATURE_DOTPROD)
+#define TARGET
+#else
 #define TARGET __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
 #define PATH vlm_path_dotprod
 #define PATH_NAME "dotprod"
 #else
@@ -506,8 +515,13 @@ const vlm_path *vlm_arm_path(const char *name) {
 #endif
     const int asimd = (hw & ARM_HWCAP_ASIMD) != 0, dot = asimd && (hw & ARM_HWCAP_ASIMDDP);
     if (!strcmp(name, "neon") && asimd) return &vlm_path_neon;
+#ifdef VLM_ARM_DOTPROD
     if (!strcmp(name, "dotprod") && dot) return &vlm_path_dotprod;
+#endif
+#ifdef VLM_ARM_I8MM
     if (!strcmp(name, "i8mm") && dot && (hw2 & ARM_HWCAP2_I8MM)) return &vlm_path_i8mm;
+#endif
+    (void)hw2;
     return NULL;
 }
 #endif
