@@ -365,8 +365,23 @@ static void check_row_ops(const vlm_path *p) {
     }
 }
 
+/* "count PATH FMT MODE N": one product of a 256 x 1024 group-32 matrix with N tokens on PATH,
+ * for scripts/arm_instruction_counts.py to count the instructions the path executes. */
+static int count_run(char **argv) {
+    const vlm_path *p = vlm_arm_path(argv[2]);
+    int fmt = 0;
+    while (fmt < FMT_COUNT && strcmp(fmt_names[fmt], argv[3])) fmt++;
+    if (!p || fmt > FMT_Q8) return 2;
+    weight w = make_quant(fmt, 256, 1024, 32, 0);
+    const int n = atoi(argv[5]);
+    float *x = make_x(n, 1024, 0), *y = malloc(sizeof(float) * 256 * (size_t)n);
+    const int rc = vlm_linear(p, strcmp(argv[4], "int8") ? MODE_FLOAT : MODE_INT8, &w.m, x, n, y);
+    printf("%s %s %s n=%d: done\n", p->name, argv[3], argv[4], n);
+    return rc ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
-    (void)argv;
+    if (argc == 6 && !strcmp(argv[1], "count")) return count_run(argv);
     vlm_pool_set_threads(1);
     static const char *const names[] = {"i8mm", "dotprod", "neon"};
     const vlm_path *paths[3];

@@ -53,26 +53,47 @@
 #define PATH_NAME "neon"
 #endif
 #define INLINE static inline __attribute__((always_inline)) TARGET
+/* The tiles' short loops (chunks, tokens, row quads) unrolled in full, so their sums live in
+ * registers: GCC's own limits leave the larger ones rolled, with the sums in memory (the
+ * instruction counts of scripts/arm_instruction_counts.py showed it). */
+#define UNROLL _Pragma("GCC unroll 32")
 
 /* Token tiles: an int8 tile keeps 2 vectors of int and 2 of float sums per token (8 rows),
- * the SMMLA tile 8 + 8 for 4 tokens; a float tile 2 (+ 2 group sums) per token. */
+ * the SMMLA tile (I8MM) 16 + 16 for 8 tokens; a float tile 2 (+ 2 group sums) per token. */
+#if VLM_NEON_LEVEL >= 2
+#define TQ 8
+#else
 #define TQ 4
+#endif
 #define TF 4
 
 /* Independent accumulator chains per token, as in kern_avx2.c. */
 #define CHAINS(T) ((T) >= 4 ? 1 : 4 / (T))
 
-/* Four int8 activations (one word) in every 32-bit lane. LD1R from memory: no lane
- * immediates, so the tile loops need not be unrolled for the code to compile. */
-INLINE int8x16_t bcast4(const int32_t *p) { return vreinterpretq_s8_s32(vld1q_dup_s32(p)); }
-
-/* acc[i] += the dot product of bytes 4i .. 4i + 3 of w and x. Without SDOT: widening
- * products and two pairwise adds; |w x| <= 128 * 127, so a pair's sum fits int16. */
-INLINE int32x4_t dot4(int32x4_t acc, int8x16_t w, int8x16_t x) {
+/* acc[i] += the dot product of bytes 4i .. 4i + 3 of w with word `lane` of x (4 int8
+ * activations of one token): SDOT by element. Without it: the word broadcast, widening
+ * products and two pairwise adds (|w x| <= 128 * 127, so a pair's sum fits int16). The
+ * lanes are spelled out because the instruction takes an immediate; `lane` is a constant
+ * once the tile's token loop is unrolled, so the switch folds away. */
+INLINE int32x4_t dot4_lane(int32x4_t acc, int8x16_t w, int32x4_t x, int lane) {
 #if VLM_NEON_LEVEL >= 1
-    return vdotq_s32(acc, w, x);
+    const int8x16_t xb = vreinterpretq_s8_s32(x);
+    switch (lane) {
+    case 0: return vdotq_laneq_s32(acc, w, xb, 0);
+    case 1: return vdotq_laneq_s32(acc, w, xb, 1);
+    case 2: return vdotq_laneq_s32(acc, w, xb, 2);
+    default: return vdotq_laneq_s32(acc, w, xb, 3);
+    }
 #else
-    const int16x8_t pairs = vpaddq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(x)), vmull_high_s8(w, x));
+    int32x4_t b;
+    switch (lane) {
+    case 0: b = vdupq_laneq_s32(x, 0); break;
+    case 1: b = vdupq_laneq_s32(x, 1); break;
+    case 2: b = vdupq_laneq_s32(x, 2); break;
+    default: b = vdupq_laneq_s32(x, 3); break;
+    }
+    const int8x16_t xb = vreinterpretq_s8_s32(b);
+    const int16x8_t pairs = vpaddq_s16(vmull_s8(vget_low_s8(w), vget_low_s8(xb)), vmull_high_s8(w, xb));
     return vpadalq_s16(acc, pairs);
 #endif
 }
@@ -139,6 +160,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
     const float *xd = a->d + (size_t)(sp.t0 / TQ) * NB * TQ, *xs = a->s + (size_t)(sp.t0 / TQ) * NG * TQ;
     float32x4_t acc[TQ][2];
+    UNROLL
     for (int t = 0; t < T; t++) start_rows(m, a, sp, h, t, acc[t]);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
@@ -148,22 +170,32 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         for (int r = 0; r < R; r++) {
             const int b = g * R + r;
             int32x4_t isum[CHAINS(1)][TQ][2];
+            UNROLL
             for (int j = 0; j < C; j++)
+                UNROLL
                 for (int t = 0; t < T; t++) isum[j][t][0] = isum[j][t][1] = vdupq_n_s32(0);
+            UNROLL
             for (int c = 0; c < 4; c++, qs += step) {
                 vlm_prefetch(qs, sp.pf);
                 if (fmt == FMT_Q8) vlm_prefetch(qs + 64, sp.pf);
                 int8x16_t lo[2], hi[2];
+                UNROLL
                 for (int i = 0; i < 2; i++) chunk_weights(qs, i, fmt, &lo[i], &hi[i]);
-                for (int t = 0; t < T; t++) {
-                    const int8x16_t xlo = bcast4(xq + (size_t)(b * 8 + 2 * c) * TQ + t);
-                    const int8x16_t xhi = bcast4(xq + (size_t)(b * 8 + 2 * c + 1) * TQ + t);
-                    for (int i = 0; i < 2; i++) isum[c % C][t][i] = dot4(dot4(isum[c % C][t][i], lo[i], xlo), hi[i], xhi);
-                }
+                /* words 2c and 2c + 1 of the tile's first 4 tokens (T <= 4) */
+                const int32x4_t xlo = vld1q_s32(xq + (size_t)(b * 8 + 2 * c) * TQ);
+                const int32x4_t xhi = vld1q_s32(xq + (size_t)(b * 8 + 2 * c + 1) * TQ);
+                UNROLL
+                for (int t = 0; t < T; t++)
+                    UNROLL
+                    for (int i = 0; i < 2; i++)
+                        isum[c % C][t][i] = dot4_lane(dot4_lane(isum[c % C][t][i], lo[i], xlo, t), hi[i], xhi, t);
             }
+            UNROLL
             for (int t = 0; t < T; t++) {
                 const float dx = xd[b * TQ + t];
+                UNROLL
                 for (int i = 0; i < 2; i++) {
+                    UNROLL
                     for (int j = 1; j < C; j++) isum[0][t][i] = vaddq_s32(isum[0][t][i], isum[j][t][i]);
                     acc[t][i] = vfmaq_f32(acc[t][i], vcvtq_f32_s32(isum[0][t][i]), vmulq_n_f32(d[i], dx));
                 }
@@ -174,20 +206,40 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
             if (fmt == FMT_Q4A)
                 load_half8(mn + g * PANEL, mv);
             else
+                UNROLL
                 for (int i = 0; i < 2; i++) mv[i] = vmulq_n_f32(d[i], -8.0f);
+            UNROLL
             for (int t = 0; t < T; t++)
+                UNROLL
                 for (int i = 0; i < 2; i++) acc[t][i] = vfmaq_n_f32(acc[t][i], mv[i], xs[g * TQ + t]);
         }
     }
+    UNROLL
     for (int t = 0; t < T; t++) store_rows(m, a, sp, h, t, acc[t]);
 }
 
 #if VLM_NEON_LEVEL >= 2
 /* --- int8 activations, 8-bit matrix multiply (prefill) ---------------------------------
- * All 4 tokens of a tile (activations are padded to whole tiles; a padding token's lanes
- * hold garbage that never reaches y). Tile [rp][tp]: rows 2rp, 2rp + 1 by tokens 2tp,
- * 2tp + 1, lanes (r0 t0, r0 t1, r1 t0, r1 t1): 8 int and 8 float accumulators. Per run
- * its scale is d of the row times dx of the token, the 2x2 of [d0 d0 d1 d1] * [x0 x1 x0 x1]. */
+ * All TQ = 8 tokens of a tile (activations are padded to whole tiles; a padding token's
+ * lanes hold garbage that never reaches y), so the weights' decode is shared by 4 token
+ * pairs. Tile [rp][tp]: rows 2rp, 2rp + 1 by tokens 2tp, 2tp + 1, lanes (r0 t0, r0 t1, r1 t0,
+ * r1 t1): 16 int accumulators in registers, the 16 float ones touched once per run. Per run
+ * the scale is d of the row times dx of the token: [d0 d0 d1 d1] * [x0 x1 x0 x1]. */
+#define PAIRS (TQ / 2)
+
+/* 4 floats of 4 tokens as the [x0 x1 x0 x1] and [x2 x3 x2 x3] of two token pairs. */
+INLINE void token_pairs(const float *p, float32x4_t out[2]) {
+    const float32x4_t v = vld1q_f32(p);
+    out[0] = vcombine_f32(vget_low_f32(v), vget_low_f32(v));
+    out[1] = vcombine_f32(vget_high_f32(v), vget_high_f32(v));
+}
+
+/* 4 floats of 4 rows as the [d0 d0 d1 d1] and [d2 d2 d3 d3] of two row pairs. */
+INLINE void row_pairs(float32x4_t v, float32x4_t out[2]) {
+    out[0] = vzip1q_f32(v, v);
+    out[1] = vzip2q_f32(v, v);
+}
+
 INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, int n, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
     const int step = fmt == FMT_Q8 ? 128 : 64;
@@ -197,11 +249,13 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
     const float *xd = a->d + (size_t)(sp.t0 / TQ) * NB * TQ, *xs = a->s + (size_t)(sp.t0 / TQ) * NG * TQ;
-    float32x4_t acc[4][2];
-    for (int tp = 0; tp < 2; tp++) {
-        float32x4_t y0[2], y1[2]; /* rows 0-3, 4-7 of tokens 2tp and 2tp + 1 */
-        start_rows(m, a, sp, h, 2 * tp, y0);
-        start_rows(m, a, sp, h, 2 * tp + 1, y1);
+    float32x4_t acc[4][PAIRS];
+    UNROLL
+    for (int tp = 0; tp < PAIRS; tp++) {
+        float32x4_t y0[2] = {vdupq_n_f32(0.0f), vdupq_n_f32(0.0f)}, y1[2] = {y0[0], y0[1]};
+        if (2 * tp < n) start_rows(m, a, sp, h, 2 * tp, y0); /* rows 0-3, 4-7 of the pair's tokens */
+        if (2 * tp + 1 < n) start_rows(m, a, sp, h, 2 * tp + 1, y1);
+        UNROLL
         for (int i = 0; i < 2; i++) {
             acc[2 * i][tp] = vzip1q_f32(y0[i], y1[i]);
             acc[2 * i + 1][tp] = vzip2q_f32(y0[i], y1[i]);
@@ -212,18 +266,21 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
         float32x4_t d[2], d2[4];
         load_half8(sc + g * PANEL, d);
-        for (int i = 0; i < 2; i++) {
-            d2[2 * i] = vzip1q_f32(d[i], d[i]);
-            d2[2 * i + 1] = vzip2q_f32(d[i], d[i]);
-        }
+        UNROLL
+        for (int i = 0; i < 2; i++) row_pairs(d[i], d2 + 2 * i);
         for (int r = 0; r < R; r++) {
             const int b = g * R + r;
-            int32x4_t isum[4][2];
-            for (int rp = 0; rp < 4; rp++) isum[rp][0] = isum[rp][1] = vdupq_n_s32(0);
+            int32x4_t isum[4][PAIRS];
+            UNROLL
+            for (int rp = 0; rp < 4; rp++)
+                UNROLL
+                for (int tp = 0; tp < PAIRS; tp++) isum[rp][tp] = vdupq_n_s32(0);
+            UNROLL
             for (int c = 0; c < 4; c++, qs += step) {
                 vlm_prefetch(qs, sp.pf);
                 if (fmt == FMT_Q8) vlm_prefetch(qs + 64, sp.pf);
                 int8x16_t w[4]; /* row pairs: 2 rows x values 8c .. 8c + 7 */
+                UNROLL
                 for (int i = 0; i < 2; i++) {
                     int8x16_t lo, hi;
                     chunk_weights(qs, i, fmt, &lo, &hi);
@@ -231,38 +288,47 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                     w[2 * i] = vreinterpretq_s8_s32(vzip1q_s32(l, u));
                     w[2 * i + 1] = vreinterpretq_s8_s32(vzip2q_s32(l, u));
                 }
-                const int32x4_t xl = vld1q_s32(xq + (size_t)(b * 8 + 2 * c) * TQ);
-                const int32x4_t xh = vld1q_s32(xq + (size_t)(b * 8 + 2 * c + 1) * TQ);
-                const int8x16_t x[2] = {vreinterpretq_s8_s32(vzip1q_s32(xl, xh)), vreinterpretq_s8_s32(vzip2q_s32(xl, xh))};
-                for (int rp = 0; rp < 4; rp++)
-                    for (int tp = 0; tp < 2; tp++) isum[rp][tp] = vmmlaq_s32(isum[rp][tp], w[rp], x[tp]);
+                const int32_t *xw = xq + (size_t)(b * 8 + 2 * c) * TQ; /* words 2c, 2c + 1 of the tokens */
+                UNROLL
+                for (int q = 0; q < TQ / 4; q++) {
+                    const int32x4_t xl = vld1q_s32(xw + 4 * q), xh = vld1q_s32(xw + TQ + 4 * q);
+                    const int8x16_t x[2] = {vreinterpretq_s8_s32(vzip1q_s32(xl, xh)),
+                                            vreinterpretq_s8_s32(vzip2q_s32(xl, xh))};
+                    UNROLL
+                    for (int rp = 0; rp < 4; rp++)
+                        UNROLL
+                        for (int j = 0; j < 2; j++) isum[rp][2 * q + j] = vmmlaq_s32(isum[rp][2 * q + j], w[rp], x[j]);
+                }
             }
-            const float32x4_t dx = vld1q_f32(xd + (size_t)b * TQ);
-            const float32x4_t dx2[2] = {vcombine_f32(vget_low_f32(dx), vget_low_f32(dx)),
-                                        vcombine_f32(vget_high_f32(dx), vget_high_f32(dx))};
+            float32x4_t dx2[PAIRS];
+            UNROLL
+            for (int q = 0; q < TQ / 4; q++) token_pairs(xd + (size_t)b * TQ + 4 * q, dx2 + 2 * q);
+            UNROLL
             for (int rp = 0; rp < 4; rp++)
-                for (int tp = 0; tp < 2; tp++)
+                UNROLL
+                for (int tp = 0; tp < PAIRS; tp++)
                     acc[rp][tp] = vfmaq_f32(acc[rp][tp], vcvtq_f32_s32(isum[rp][tp]), vmulq_f32(d2[rp], dx2[tp]));
         }
         if (fmt != FMT_Q8) {
-            float32x4_t mv[2];
+            float32x4_t mv[2], m2[4], s2[PAIRS];
             if (fmt == FMT_Q4A)
                 load_half8(mn + g * PANEL, mv);
             else
+                UNROLL
                 for (int i = 0; i < 2; i++) mv[i] = vmulq_n_f32(d[i], -8.0f);
-            const float32x4_t s = vld1q_f32(xs + (size_t)g * TQ);
-            const float32x4_t s2[2] = {vcombine_f32(vget_low_f32(s), vget_low_f32(s)),
-                                       vcombine_f32(vget_high_f32(s), vget_high_f32(s))};
-            for (int i = 0; i < 2; i++) {
-                const float32x4_t m2[2] = {vzip1q_f32(mv[i], mv[i]), vzip2q_f32(mv[i], mv[i])};
-                for (int j = 0; j < 2; j++)
-                    for (int tp = 0; tp < 2; tp++)
-                        acc[2 * i + j][tp] = vfmaq_f32(acc[2 * i + j][tp], m2[j], s2[tp]);
-            }
+            UNROLL
+            for (int i = 0; i < 2; i++) row_pairs(mv[i], m2 + 2 * i);
+            UNROLL
+            for (int q = 0; q < TQ / 4; q++) token_pairs(xs + (size_t)g * TQ + 4 * q, s2 + 2 * q);
+            UNROLL
+            for (int rp = 0; rp < 4; rp++)
+                UNROLL
+                for (int tp = 0; tp < PAIRS; tp++) acc[rp][tp] = vfmaq_f32(acc[rp][tp], m2[rp], s2[tp]);
         }
     }
-    for (int tp = 0; tp < 2 && 2 * tp < n; tp++) {
+    for (int tp = 0; tp < PAIRS && 2 * tp < n; tp++) {
         float32x4_t y0[2], y1[2];
+        UNROLL
         for (int i = 0; i < 2; i++) {
             y0[i] = vuzp1q_f32(acc[2 * i][tp], acc[2 * i + 1][tp]);
             y1[i] = vuzp2q_f32(acc[2 * i][tp], acc[2 * i + 1][tp]);
@@ -293,41 +359,54 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
     const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF;
     float32x4_t acc[TF][2];
+    UNROLL
     for (int t = 0; t < T; t++) start_rows(m, a, sp, h, t, acc[t]);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
         if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
         float32x4_t gs[CHAINS(1)][TF][2];
+        UNROLL
         for (int j = 0; j < C; j++)
+            UNROLL
             for (int t = 0; t < T; t++) gs[j][t][0] = gs[j][t][1] = vdupq_n_f32(0.0f);
         for (int r = 0; r < R; r++) {
             const int k0 = (g * R + r) * RUN;
             if (fmt == FMT_Q8) {
+                UNROLL
                 for (int j = 0; j < 8; j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
                     uint32x4_t v[2];
+                    UNROLL
                     for (int i = 0; i < 2; i++) v[i] = veorq_u32(vld1q_u32((const uint32_t *)(qs + 16 * i)), flip);
+                    UNROLL
                     for (int e = 0; e < 4; e++) {
                         const float32x4_t w[2] = {field(v[0], 8 * e, 8, 1), field(v[1], 8 * e, 8, 1)};
+                        UNROLL
                         for (int t = 0; t < T; t++) {
                             const float xv = x[(size_t)(k0 + 4 * j + e) * TF + t];
+                            UNROLL
                             for (int i = 0; i < 2; i++) gs[j % C][t][i] = vfmaq_n_f32(gs[j % C][t][i], w[i], xv);
                         }
                     }
                 }
             } else {
+                UNROLL
                 for (int c = 0; c < 4; c++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
                     uint32x4_t v[2];
+                    UNROLL
                     for (int i = 0; i < 2; i++) {
                         v[i] = vld1q_u32((const uint32_t *)(qs + 16 * i));
                         if (fmt == FMT_Q4S) v[i] = veorq_u32(v[i], flip);
                     }
+                    UNROLL
                     for (int e = 0; e < 8; e++) {
                         const int sign = fmt == FMT_Q4S;
                         const float32x4_t w[2] = {field(v[0], 4 * e, 4, sign), field(v[1], 4 * e, 4, sign)};
                         const int k = k0 + 8 * c + (e & 1) * 4 + e / 2;
+                        UNROLL
                         for (int t = 0; t < T; t++)
+                            UNROLL
                             for (int i = 0; i < 2; i++)
                                 gs[c % C][t][i] = vfmaq_n_f32(gs[c % C][t][i], w[i], x[(size_t)k * TF + t]);
                     }
@@ -337,14 +416,18 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
         float32x4_t d[2], mv[2];
         load_half8(sc + g * PANEL, d);
         if (fmt == FMT_Q4A) load_half8(mn + g * PANEL, mv);
+        UNROLL
         for (int t = 0; t < T; t++) {
+            UNROLL
             for (int i = 0; i < 2; i++) {
+                UNROLL
                 for (int j = 1; j < C; j++) gs[0][t][i] = vaddq_f32(gs[0][t][i], gs[j][t][i]);
                 acc[t][i] = vfmaq_f32(acc[t][i], d[i], gs[0][t][i]);
                 if (fmt == FMT_Q4A) acc[t][i] = vfmaq_n_f32(acc[t][i], mv[i], xs[g * TF + t]);
             }
         }
     }
+    UNROLL
     for (int t = 0; t < T; t++) store_rows(m, a, sp, h, t, acc[t]);
 }
 
@@ -368,18 +451,23 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     const uint16_t *panel = (const uint16_t *)(m->data + (size_t)sp.p * m->panel_bytes);
     const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF; /* value k of token t: x[k * TF + t] */
     float32x4_t acc[CHAINS(1)][TF][2];
+    UNROLL
     for (int t = 0; t < T; t++) {
         start_rows(m, a, sp, h, t, acc[0][t]);
+        UNROLL
         for (int j = 1; j < C; j++) acc[j][t][0] = acc[j][t][1] = vdupq_n_f32(0.0f);
     }
     int k = sp.k0;
     for (; k + HALF_STEP <= sp.k1; k += HALF_STEP) {
         vlm_prefetch(panel + (size_t)k * PANEL, sp.pf);
         vlm_prefetch(panel + (size_t)(k + 2) * PANEL, sp.pf);
+        UNROLL
         for (int s = 0; s < HALF_STEP; s++) {
             float32x4_t w[2];
             load_column(panel, k + s, h, fmt, w);
+            UNROLL
             for (int t = 0; t < T; t++)
+                UNROLL
                 for (int i = 0; i < 2; i++)
                     acc[s % C][t][i] = vfmaq_n_f32(acc[s % C][t][i], w[i], x[(size_t)(k + s) * TF + t]);
         }
@@ -387,17 +475,22 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     for (; k < sp.k1; k++) { /* the last columns */
         float32x4_t w[2];
         load_column(panel, k, h, fmt, w);
+        UNROLL
         for (int t = 0; t < T; t++)
+            UNROLL
             for (int i = 0; i < 2; i++) acc[0][t][i] = vfmaq_n_f32(acc[0][t][i], w[i], x[(size_t)k * TF + t]);
     }
+    UNROLL
     for (int t = 0; t < T; t++) {
+        UNROLL
         for (int j = 1; j < C; j++)
+            UNROLL
             for (int i = 0; i < 2; i++) acc[0][t][i] = vaddq_f32(acc[0][t][i], acc[j][t][i]);
         store_rows(m, a, sp, h, t, acc[0][t]);
     }
 }
 
-/* Instantiate a tile for every (format, T), as in kern_avx2.c (TQ = TF = 4). */
+/* Instantiate a tile for every (format, T), as in kern_avx2.c (T <= 4). */
 #define CASE_T(tile, fmt, T)       \
     case T:                        \
         tile(m, a, sp, h, T, fmt); \
