@@ -27,7 +27,17 @@ from test_arm_kernels import KERNELS, SOURCES  # noqa: E402  (the harness's buil
 ROWS, COLS = 256, 1024
 # the kernel files in link order: their static gemm_* functions appear in this order
 LINKED = ["portable", "neon", "dotprod", "i8mm"]
-MAC = {"sdot", "smmla", "smull", "smull2", "sadalp", "fmla"}
+# the multiply instructions: the int8 ones (SDOT / SMMLA, or the four that stand in for an SDOT
+# on plain NEON) and FMLA for float activations (where it also applies the scales)
+MAC = {"int8": ("sdot", "smmla", "smull", "smull2", "addp", "sadalp"), "float": ("fmla",)}
+
+
+def mnemonic(line: str) -> str:
+    """The instruction of a log line; qemu 7's disassembler prints SDOT and SMMLA as .byte."""
+    fields = line.split()
+    if fields[2] != ".byte":
+        return fields[2]
+    return "smmla" if int(fields[1], 16) & 0xFFE0FC00 == 0x4E80A400 else "sdot"
 LOAD, STORE = ("ld",), ("st",)
 
 
@@ -63,7 +73,7 @@ def count(exe: Path, fn: tuple[int, int], args: list[str], log: Path) -> collect
             elif line.startswith("0x") and current is not None:
                 if not current:
                     blocks[int(line.split(":")[0], 16)] = current
-                current.append(line.split()[2])
+                current.append(mnemonic(line))
             elif line.startswith("Trace"):
                 current = None
                 pc = int(line.split("[")[1].split("/")[1], 16)
@@ -85,22 +95,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         exe = build(Path(tmp))
         fns = {"int8": functions(exe, "gemm_int8"), "float": functions(exe, "gemm_float")}
-        print("| path | format | activations | tokens | instructions | MAC instructions | loads | stores |")
+        print("| path | format | activations | tokens | instructions | multiply instructions | loads | stores |")
         print("|---|---|---|---|---|---|---|---|")
         for mode in args.modes.split(","):
             for fmt in args.formats.split(","):
                 for path in ("neon", "dotprod", "i8mm"):
                     if mode == "float" and path != "neon":
-                        continue  # one float kernel for every path
+                        continue  # the float kernels are the same source on every path
                     for n in map(int, args.tokens.split(",")):
                         mix = count(exe, fns[mode][path], [path, fmt, mode, str(n)], Path(tmp) / "log")
                         per = ROWS * COLS // 32 * n
                         total = sum(mix.values())
-                        macs = sum(v for k, v in mix.items() if k in MAC)
+                        macs = sum(v for k, v in mix.items() if k in MAC[mode])
                         loads = sum(v for k, v in mix.items() if k.startswith(LOAD))
                         stores = sum(v for k, v in mix.items() if k.startswith(STORE))
-                        top = ", ".join(f"{k} {v / per:.2f}" for k, v in mix.items() if k in MAC)
-                        print(f"| {path} | {fmt} | {mode} | {n} | {total / per:.2f} | {macs / per:.2f} ({top}) | "
+                        top = ", ".join(f"{k} {v / per:.2f}" for k, v in mix.items() if k in MAC[mode])
+                        who = "all" if mode == "float" else path
+                        print(f"| {who} | {fmt} | {mode} | {n} | {total / per:.2f} | {macs / per:.2f} ({top}) | "
                               f"{loads / per:.2f} | {stores / per:.2f} |")
 
 
