@@ -57,6 +57,29 @@ def test_store_half_rounds_as_numpy(kernel_path, d):
     assert np.isnan(out).all()
 
 
+@pytest.mark.parametrize("n,offset", [(1, 40), (7, 34)])  # a decode step (rows kernel), a prefill chunk (block kernel)
+def test_attention_reads_halves_as_numpy_widens_them(kernel_path, n, offset):
+    """Attention over float16 k/v against numpy's attention over numpy's widening of them,
+    element by element: head 0's values are all subnormal halves, head 1's are normal."""
+    from vlm.models.layers import attend_numpy
+
+    rng = np.random.default_rng(1)
+    t, d = offset + n, 40  # d: two vectors of 16 and a tail
+    q = rng.standard_normal((4, n, d)).astype(np.float32)
+    k = rng.standard_normal((2, t, d)).astype(np.float16)
+    v = np.stack([rng.integers(1, 1024, (t, d)) * 2.0 ** -24,  # every value a subnormal half
+                  rng.standard_normal((t, d))]).astype(np.float16)
+    cache_k = np.zeros((2, t + 9, d), np.float16)
+    cache_v = np.zeros((2, t + 9, d), np.float16)
+    cache_k[:, :t], cache_v[:, :t] = k, v
+    got = kernels.attention(q, cache_k[:, :t], cache_v[:, :t], offset)
+    want = attend_numpy(q, k.astype(np.float32), v.astype(np.float32), offset)
+    # Query heads 0-1 read kv head 0: positive averages of subnormals, compared value by value
+    # (a widening that flushes them to zero is off by 100%); heads 2-3 against their largest.
+    np.testing.assert_allclose(got[:2], want[:2], rtol=2e-5, atol=0)
+    np.testing.assert_allclose(got[2:], want[2:], rtol=0, atol=2e-6 * np.abs(want[2:]).max())
+
+
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def tiny(request, tiny_llm):
     return tiny_llm(request.param)
