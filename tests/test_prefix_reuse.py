@@ -30,12 +30,11 @@ def assert_same_logits(reused: np.ndarray, fresh: np.ndarray) -> None:
     assert np.abs(reused - fresh).max() <= 1e-5 * np.abs(fresh).max()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_second_turn_reuses_the_first_and_equals_fresh_prefill(family, tiny_model_dir):
+@pytest.mark.parametrize("family,n_images", [(f, 0) for f in FAMILIES] + [(f, 1) for f in VISION])
+def test_second_turn_reuses_the_first_and_equals_fresh_prefill(family, n_images, tiny_model_dir):
     """Turn two reuses turn one (its prompt prefilled, its reply written by the fused decode
     step) and gives the logits a fresh model computes for the whole conversation."""
     path = tiny_model_dir(family)
-    n_images = 1 if family in VISION else 0
     images = [image(1)] * n_images
     model = default_model(path)
     first = [user("Describe it, please.", n_images)]
@@ -44,9 +43,13 @@ def test_second_turn_reuses_the_first_and_equals_fresh_prefill(family, tiny_mode
     conversation = first + [{"role": "assistant", "content": reply.text}, user("Why?")]
     reused, cached = next_logits(model, conversation, images)
     assert cached >= reply.stats.prompt_tokens  # all of turn one came from the cache
-    fresh, none = next_logits(default_model(path), conversation, images)
+    fresh_model = default_model(path)
+    fresh, none = next_logits(fresh_model, conversation, images)
     assert none == 0
     assert_same_logits(reused, fresh)
+    # The rows turn one left (its reply's written by the decode step, at the positions it
+    # computed: M-RoPE's offset after images) are the rows a fresh prefill writes.
+    np.testing.assert_array_equal(model.cache.k[0, :, :cached], fresh_model.cache.k[0, :, :cached])
 
 
 @pytest.mark.parametrize("family", VISION)

@@ -205,6 +205,7 @@ class MLP:
 
 
 def rope_type(scaling: dict | None) -> str:
+    """The kind of a rope scaling dict (either key transformers has used), "default" for none."""
     return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
 
 
