@@ -17,18 +17,16 @@ pytestmark = pytest.mark.torch
 
 def default_path_logits(model: vlm.Model, prompt, images: list, steps: int) -> tuple[list[int], np.ndarray]:
     """Token ids and logits at every position: the prompt prefilled, then `steps` greedy tokens
-    through the fused decode step over the float16 cache."""
+    through the decode step `generate` runs (the fused C step over the float16 cache, at the
+    positions the model computes; transformers computes its own)."""
     inputs = model.prepare(prompt, images)
     rows = [model.logits(prompt, images)]
     ids = inputs.ids.tolist()
-    decoder = model.decoder
-    assert model.cache.k.dtype == np.float16 and decoder.decode_plan(model.cache) is not None
+    assert model.cache.k.dtype == np.float16 and model.decoder.decode_plan(model.cache) is not None
     for _ in range(steps):
-        token, pos = int(rows[-1][-1].argmax()), len(ids)
-        h = decoder.decode_step(decoder.embed_tokens(np.array([token])), np.array([pos + inputs.rope_delta]),
-                                model.cache, pos)
+        token = int(rows[-1][-1].argmax())
         ids.append(token)
-        rows.append(decoder.lm_head(h))
+        rows.append(model._decode_step(token, inputs.rope_delta)[None])  # generate's own step
     return ids, np.concatenate(rows)
 
 

@@ -47,8 +47,8 @@ def test_second_turn_reuses_the_first_and_equals_fresh_prefill(family, n_images,
     fresh, none = next_logits(fresh_model, conversation, images)
     assert none == 0
     assert_same_logits(reused, fresh)
-    # The rows turn one left (its reply's written by the decode step, at the positions it
-    # computed: M-RoPE's offset after images) are the rows a fresh prefill writes.
+    # The reused rows (the prompt's, and the reply's as far as its text tokenizes back to the
+    # same ids: those written by the decode step) are the rows a fresh prefill writes.
     np.testing.assert_array_equal(model.cache.k[0, :, :cached], fresh_model.cache.k[0, :, :cached])
 
 
