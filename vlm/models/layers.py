@@ -204,6 +204,13 @@ class MLP:
 # --- rotary embedding --------------------------------------------------------------------
 
 
+# Rope scalings we compute, with the numbers each needs (checked when a config is read).
+ROPE_SCALINGS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
+
 def rope_type(scaling: dict | None) -> str:
     """The kind of a rope scaling dict (either key transformers has used), "default" for none."""
     return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
@@ -227,9 +234,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.nda
         # YaRN (as transformers computes it): frequencies that turn fewer than beta_slow times
         # over the original context are slowed by `factor`, those turning more than beta_fast
         # times are kept, a linear ramp over the feature index between.
-        factor, old_ctx = scaling["factor"], scaling.get("original_max_position_embeddings")
-        if old_ctx is None:
-            raise VlmError("YaRN rope scaling needs original_max_position_embeddings")
+        factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
 
         def feature(rotations: float) -> float:
             return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
@@ -241,7 +246,7 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.nda
         ramp = np.clip((np.arange(dim // 2) - lo) / (hi - lo if hi != lo else 0.001), 0, 1)
         inv = inv / factor * ramp + inv * (1 - ramp)
     elif kind != "default":
-        raise VlmError(f"unsupported rope scaling {kind!r}; supported: llama3, yarn")
+        raise VlmError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_SCALINGS)}")
     return inv
 
 

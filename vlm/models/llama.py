@@ -22,6 +22,7 @@ from vlm import kernels
 from vlm.errors import VlmError, shown
 from vlm.models.layers import (
     ACTIVATIONS,
+    ROPE_SCALINGS,
     Attention,
     Embedding,
     GatedMLP,
@@ -163,9 +164,6 @@ class TextConfig:
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Rope scalings `rope_inv_freq` implements, with the settings each needs.
-ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
 def _positive_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
