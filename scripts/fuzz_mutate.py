@@ -1,7 +1,7 @@
 """Seeded mutants of model files, and a runner that loads each one in a memory-limited subprocess.
 
 Three seeds are mutated: a tiny GGUF, a tiny Hugging Face safetensors directory and its
-`vlm convert` directory (scripts/make_tiny_llm.py, make_tiny_gguf.py). Mutations aim where a
+`vlm convert` directory (vlm/testing/tiny_llm.py, tiny_gguf.py). Mutations aim where a
 hostile or damaged file hurts: GGUF header fields (counts, lengths, types, dims, offsets)
 set to boundary values, random bytes in the header, NaN/inf in float tensors; JSON values of
 config.json, tokenizer_config.json, vlm_config.json and safetensors headers replaced by values
@@ -317,12 +317,10 @@ def table(results: list[tuple[str, str]]) -> str:
 
 
 def make_seeds(out: Path) -> dict[str, Path]:
-    """The three seed models, built from scratch (scripts/make_tiny_llm.py and make_tiny_gguf.py)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from make_tiny_gguf import make_tiny_gguf
-    from make_tiny_llm import make_tiny_llm
-
+    """The three seed models, built from scratch (vlm/testing's tiny_llm and tiny_gguf)."""
     from vlm.convert import convert
+    from vlm.testing.tiny_gguf import make_tiny_gguf
+    from vlm.testing.tiny_llm import make_tiny_llm
 
     hf = make_tiny_llm(out / "hf", "llama")
     gguf_path = make_tiny_gguf(hf, out / "tiny.gguf")

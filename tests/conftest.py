@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
+# The fuzz test drives scripts/fuzz_mutate.py (the tiny-model makers are in vlm.testing).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # Skip reasons that mean a missing model or tool (pytest.importorskip's "could not import"),
@@ -52,7 +52,7 @@ def kernel_path(request):
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory):
     """Factory: path of a tiny random HF checkpoint of the given architecture (built once)."""
-    from make_tiny_llm import make_tiny_llm
+    from vlm.testing.tiny_llm import make_tiny_llm
 
     made: dict[str, Path] = {}
 
@@ -126,7 +126,8 @@ def tiny_smolvlm(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")  # transformers reads SmolLM2's tokenizer from the GGUF with it
     import torch
-    from make_tiny_smolvlm import make_tiny_smolvlm
+
+    from vlm.testing.tiny_smolvlm import make_tiny_smolvlm
 
     torch.set_num_threads(1)
     return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm"))
@@ -138,7 +139,7 @@ def tiny_smolvlm2(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from make_tiny_smolvlm import make_tiny_smolvlm
+    from vlm.testing.tiny_smolvlm import make_tiny_smolvlm
 
     return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm2"), arch="smolvlm")
 
@@ -149,7 +150,7 @@ def tiny_qwen2vl(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from make_tiny_qwen2vl import make_tiny_qwen2vl
+    from vlm.testing.tiny_qwen2vl import make_tiny_qwen2vl
 
     return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
 
@@ -160,7 +161,7 @@ def tiny_qwen2_5_vl(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from make_tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+    from vlm.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
 
     return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), gguf_path=smollm2_gguf)
 
@@ -169,7 +170,7 @@ def tiny_qwen2_5_vl(tmp_path_factory, smollm2_gguf) -> Path:
 def tiny_gguf(tmp_path_factory, tiny_llm) -> Path:
     """The tiny Llama as a GGUF file (Q4_1 matrices, Q8_0 embedding), written with gguf-py."""
     pytest.importorskip("gguf")
-    from make_tiny_gguf import make_tiny_gguf
+    from vlm.testing.tiny_gguf import make_tiny_gguf
 
     return make_tiny_gguf(tiny_llm("llama"), tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
 

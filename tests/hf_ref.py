@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from vlm import kernels
-from vlm.formats.checkpoint import read_checkpoint
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.quant import QuantizedWeight
 

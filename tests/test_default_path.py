@@ -26,7 +26,7 @@ def default_path_logits(model: vlm.Model, prompt, images: list, steps: int) -> t
     for _ in range(steps):
         token = int(rows[-1][-1].argmax())
         ids.append(token)
-        rows.append(model._decode_step(token, inputs.rope_delta)[None])  # generate's own step
+        rows.append(model.session.step(token)[None])  # generate's own step
     return ids, np.concatenate(rows)
 
 

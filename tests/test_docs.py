@@ -32,4 +32,4 @@ def test_api_examples_run(smollm2_gguf):
     assert ns["stream"].stats.finish_reason in ("stop", "length") and ns["stream"].result.tokens
     assert ns["reply"].text and len(ns["chat"].messages()) == 5  # system + two (user, assistant) turns
     assert ns["logits"].dtype == np.float32 and np.isfinite(ns["logits"]).all()
-    assert ns["chat_logits"].shape[0] == len(ns["model"].tokens([{"role": "user", "content": "Hi"}])[0])
+    assert ns["chat_logits"].shape[0] == ns["model"].prepare([{"role": "user", "content": "Hi"}]).ids.size

@@ -96,9 +96,9 @@ def test_cache_writes_round_as_numpy(kernel_path, tiny):
     assert half.cache.k.dtype == np.float16 and half.decoder.decode_plan(half.cache) is not None
     result = half.generate(PROMPT, max_new_tokens=12)
     assert result.stats.decode_steps >= 4  # rows past the prompt came from the fused step
-    n = len(half.cache.keys)
+    n = half.session.length
     full = vlm.load(tiny, quantize="q4", kv_cache="f32")
-    full.logits(list(half.cache.keys))  # every position prefilled into a float32 cache
+    full.logits(list(half.session.held()))  # every position prefilled into a float32 cache
     for name in ("k", "v"):
         got = getattr(half.cache, name)[0, :, :n]
         assert_same_halves(got, getattr(full.cache, name)[0, :, :n])

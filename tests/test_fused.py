@@ -16,7 +16,7 @@ import pytest
 
 import vlm
 from vlm import kernels
-from vlm.formats.checkpoint import read_checkpoint
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.models import layers
 from vlm.models.llama import LlamaModel, TextConfig
@@ -83,15 +83,15 @@ def layer_by_layer(model: vlm.Model) -> vlm.Model:
 
 def run(model: vlm.Model, ids: list[int], steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prefill ids, then `steps` greedy decode steps: their logits, and the KV cache after."""
-    model.reset()
-    inputs = model.prepare(ids)
-    logits, _ = model._prefill(inputs)
+    session = model.session
+    session.reset()
+    logits, _ = session.prefill(model.prepare(ids))
     out = []
     for _ in range(steps):
-        logits = model._decode_step(int(np.argmax(logits)), inputs.rope_delta)
+        logits = session.step(int(np.argmax(logits)))
         out.append(logits)
-    end = len(model.cache.keys)
-    return np.array(out), model.cache.k[:, :, :end].copy(), model.cache.v[:, :, :end].copy()
+    end = session.length
+    return np.array(out), session.cache.k[:, :, :end].copy(), session.cache.v[:, :, :end].copy()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -69,7 +69,7 @@ def test_max_new_tokens_and_stats(model):
     s = r.stats
     assert s.finish_reason == "length" and len(r.tokens) == s.generated_tokens == 7
     assert s.decode_steps == 6  # the first token comes from the prefill's logits
-    assert s.prompt_tokens == len(model.tokens("Hello")[0]) and s.cached_tokens == 0
+    assert s.prompt_tokens == model.prepare("Hello").ids.size and s.cached_tokens == 0
     assert s.ttft_s > 0 and s.prefill_tps > 0 and s.decode_tps > 0 and s.peak_memory_mb > 0
     with pytest.raises(vlm.VlmError):
         model.generate("Hello", max_new_tokens=0)

@@ -13,9 +13,8 @@ import vlm
 def next_logits(model: vlm.Model, prompt, images=()) -> tuple[np.ndarray, int]:
     """The next-token logits `generate` starts from, and how many positions came from the cache.
 
-    The one private call of these tests (the public session API that exposes it is on its way).
     """
-    return model._prefill(model.prepare(prompt, list(images)))
+    return model.session.prefill(model.prepare(prompt, list(images)))
 
 
 def default_model(path) -> vlm.Model:

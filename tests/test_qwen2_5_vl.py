@@ -2,7 +2,7 @@
 
 Qwen2.5-VL shares Qwen2-VL's processor, decoder and image positions, so this file checks what
 differs (the windowed ViT) on its own and the whole model on the tiny checkpoint built by
-scripts/make_tiny_qwen2_5_vl.py (uneven windows, a full-attention block). The 4-bit / q8 / f16
+vlm/testing/tiny_qwen2_5_vl.py (uneven windows, a full-attention block). The 4-bit / q8 / f16
 bounds and the chat-cache checks of every family run in tests/test_vlm_quantized.py.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from make_tiny_qwen2_5_vl import PREPROCESSOR_CONFIG, TINY_VISION
-from make_tiny_qwen2vl import randomize
 from test_qwen2_vl import ONE_IMAGE, TWO_IMAGES, _reference_inputs, _rel, _rng_image
 
 from vlm.errors import VlmError
 from vlm.models.qwen2_5_vl import Qwen2_5_VLFamily, VisionConfig, window_order
+from vlm.testing.tiny_qwen2_5_vl import PREPROCESSOR_CONFIG, TINY_VISION
+from vlm.testing.tiny_qwen2vl import randomize
 
 pytestmark = pytest.mark.torch
 
@@ -87,9 +87,9 @@ def test_vision_tower_matches_reference(case):
     images = [family.preprocess(im) for im in _images()]
     ours = family.encode(images)
     with torch.no_grad():
-        expected = ref(torch.from_numpy(np.concatenate([p.pixel_values for p in images])),
-                       grid_thw=torch.tensor([p.grid_thw for p in images])).pooler_output.numpy()
-    expected = np.split(expected, np.cumsum([p.n_tokens for p in images])[:-1])
+        expected = ref(torch.from_numpy(np.concatenate([p.pixels for p in images])),
+                       grid_thw=torch.tensor([p.grid for p in images])).pooler_output.numpy()
+    expected = np.split(expected, np.cumsum([p.rows for p in images])[:-1])
     for o, e in zip(ours, expected, strict=True):
         assert o.shape == e.shape and _rel(o, e) < 1e-4
     assert _rel(family.encode(images[1:2])[0], ours[1]) < 1e-5  # alone == in the batch
@@ -148,9 +148,11 @@ def test_positions_match_reference(tiny_model, reference, tiny_qwen2_5_vl):
     images = [family.preprocess(im) for im in _images()[:2]]
     inputs = _reference_inputs(tiny_qwen2_5_vl, TWO_IMAGES, _images()[:2])
     ids = inputs["input_ids"]
-    positions, delta = family.positions(ids[0].numpy(), images)
+    ours = tiny_model.prepare(TWO_IMAGES, images=_images()[:2])
+    np.testing.assert_array_equal(ours.ids, ids[0].numpy())
+    positions, delta = ours.positions, ours.rope_delta
     expected, expected_delta = reference.model.get_rope_index(
-        ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=torch.tensor([p.grid_thw for p in images]))
+        ids, mm_token_type_ids=inputs["mm_token_type_ids"], image_grid_thw=torch.tensor([p.grid for p in images]))
     np.testing.assert_array_equal(positions, expected[:, 0].numpy())
     assert delta == int(expected_delta[0, 0])
 

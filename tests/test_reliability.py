@@ -66,12 +66,12 @@ def vision_model(tiny_smolvlm):
 
 
 def test_images_as_a_bare_string_is_one_image(vision_model, images):
-    one, _ = vision_model.tokens("Describe.", images=str(images["good"]))
-    listed, _ = vision_model.tokens("Describe.", images=[str(images["good"])])
+    one = vision_model.prepare("Describe.", images=str(images["good"])).ids
+    listed = vision_model.prepare("Describe.", images=[str(images["good"])]).ids
     np.testing.assert_array_equal(one, listed)
     for bad in ([None], [123]):
         with pytest.raises(VlmError, match="an image must be"):
-            vision_model.tokens("Describe.", images=bad)
+            vision_model.segments("Describe.", images=bad)
 
 
 def test_generate_with_a_crafted_image_is_one_line(tiny_smolvlm, images):

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 import vlm
-from vlm.formats.checkpoint import read_checkpoint
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import build_model, quantize_decoder
-from vlm.models.layers import dequantize
-from vlm.quant import QuantizedWeight
+from vlm.quant import QuantizedWeight, dequantize
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +21,7 @@ def f32(smollm2_gguf):
 @pytest.fixture(scope="module")
 def sequence(f32):
     """A chat prompt plus the float model's greedy continuation: realistic positions to score."""
-    ids = f32.tokens(MESSAGES)[0].tolist()
+    ids = f32.prepare(MESSAGES).ids.tolist()
     return ids + f32.generate(ids, max_new_tokens=40).tokens
 
 
@@ -70,7 +69,7 @@ def test_agreement_with_llama_cpp(smollm2_gguf):
     seqs = agreement.sequences(llm, model, 32)[:3]
     # Scored where llama.cpp generated: the positions that predict its greedy continuation
     # (the prompt's positions are easy and would dilute a regression).
-    starts = [len(model.tokens([{"role": "user", "content": p}])[0]) - 1 for p in agreement.PROMPTS[:3]]
+    starts = [model.prepare([{"role": "user", "content": p}]).ids.size - 1 for p in agreement.PROMPTS[:3]]
     ours = [model.logits(s)[a:-1] for s, a in zip(seqs, starts, strict=True)]
     theirs = [agreement.llama_cpp_logits(llm, s)[a:-1] for s, a in zip(seqs, starts, strict=True)]
     assert sum(len(x) for x in ours) >= 80

@@ -19,7 +19,8 @@ import numpy as np
 
 from vlm.errors import VlmError
 from vlm.generation import peak_memory_mb
-from vlm.model import Model, PromptInputs
+from vlm.runtime import Model
+from vlm.session import PromptInputs
 
 
 @dataclass
@@ -34,8 +35,7 @@ class BenchRow:
 
 def _inputs(model: Model, n: int, seed: int = 0) -> PromptInputs:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(100, min(model.decoder.config.vocab_size, 30000), size=n)
-    return PromptInputs(ids, np.arange(n, dtype=np.int64), 0, ids.tolist())
+    return PromptInputs.from_ids(rng.integers(100, min(model.decoder.config.vocab_size, 30000), size=n))
 
 
 def _measure(fn, reps: int) -> list[float]:
@@ -45,10 +45,12 @@ def _measure(fn, reps: int) -> list[float]:
 def bench_prefill(model: Model, n: int, reps: int) -> BenchRow:
     inputs = _inputs(model, n)
 
+    session = model.session
+
     def once() -> float:
-        model.reset()
+        session.reset()
         t = time.perf_counter()
-        model._prefill(inputs)
+        session.prefill(inputs)
         return n / (time.perf_counter() - t)
 
     return _row(f"pp{n}", "tok/s", _measure(once, reps))
@@ -57,12 +59,14 @@ def bench_prefill(model: Model, n: int, reps: int) -> BenchRow:
 def bench_decode(model: Model, n: int, depth: int, reps: int) -> BenchRow:
     inputs = _inputs(model, max(depth, 1), seed=1)
 
+    session = model.session
+
     def once() -> float:
-        model.reset()
-        logits, _ = model._prefill(inputs)
+        session.reset()
+        logits, _ = session.prefill(inputs)
         t = time.perf_counter()
         for _ in range(n):
-            logits = model._decode_step(int(np.argmax(logits)), 0)
+            logits = session.step(int(np.argmax(logits)))
         return n / (time.perf_counter() - t)
 
     return _row(f"tg{n}" + (f"@d{depth}" if depth else ""), "tok/s", _measure(once, reps))
@@ -80,7 +84,7 @@ def bench_vision(model: Model, width: int, height: int, reps: int) -> BenchRow:
         model.family.encode([processed])
         return time.perf_counter() - t
 
-    return _row(f"vision {width}x{height} ({processed.n_tokens} tok)", "s", _measure(once, reps))
+    return _row(f"vision {width}x{height} ({processed.rows} tok)", "s", _measure(once, reps))
 
 
 def _row(test: str, unit: str, values: list[float]) -> BenchRow:

@@ -1,16 +1,19 @@
-"""Sampling, generation statistics and the streaming result object."""
+"""The generation loop: sampling, stepping a session, streaming text, and what it cost."""
 
 from __future__ import annotations
 
 import math
 import resource
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from vlm.errors import VlmError
+from vlm.session import PromptInputs, Session
+from vlm.tokenizer import StreamDecoder, Tokenizer
 
 
 @dataclass
@@ -186,3 +189,58 @@ class TextStream:
     def close(self) -> None:
         """Stop generating early (the cache stays consistent)."""
         self._pieces.close()
+
+
+def generation_loop(session: Session, inputs: PromptInputs, sampler: Sampler, tokenizer: Tokenizer,
+                    max_new_tokens: int, stop: list[str], result: GenerationResult, t0: float) -> Iterator[str]:
+    """Prefill `inputs` in `session`, then sample and step until EOS, a stop string or a limit,
+    yielding text pieces; `result` is filled in as it goes (and when the stream is closed).
+
+    The model's lock is taken per step, never across the stream. If another call used the session
+    between two steps (another thread, another open stream), the stream restores its own
+    history first (`Session.resume`), so it still produces exactly its solo output.
+    """
+    stats = result.stats
+    stats.finish_reason = "interrupted"  # until the loop ends on its own
+    detok = StreamDecoder(tokenizer, stop)
+    eos = tokenizer.eos_ids
+    history = inputs.ids.tolist()
+    n_prompt = len(history)
+    t_prefill = t_decode = time.perf_counter()
+    try:
+        with session.lock:
+            logits, stats.cached_tokens = session.prefill(inputs)
+            seen = session.version  # the session as this stream left it
+        t_decode = time.perf_counter()
+        stats.prefill_s = t_decode - t_prefill
+        stats.ttft_s = t_decode - t0
+        while True:
+            token = sampler(logits, history)
+            if token in eos:
+                stats.finish_reason = "stop"
+                break
+            result.tokens.append(token)
+            history.append(token)
+            piece = detok.push(token)
+            if piece:
+                yield piece
+            if detok.stopped:
+                stats.finish_reason = "stop"
+                break
+            if len(result.tokens) >= max_new_tokens or len(history) > session.context:  # the token would not fit
+                stats.finish_reason = "length"
+                break
+            with session.lock:
+                # A moved version: another call used the session since our last step.
+                logits = session.step(token) if session.version == seen else session.resume(inputs, history[n_prompt:])
+                seen = session.version
+            stats.decode_steps += 1
+        if not detok.stopped:
+            tail = detok.flush()
+            if tail:
+                yield tail
+    finally:
+        stats.decode_s = time.perf_counter() - t_decode if stats.decode_steps else 0.0
+        stats.generated_tokens = len(result.tokens)
+        stats.peak_memory_mb = peak_memory_mb()
+        result.text = detok.text

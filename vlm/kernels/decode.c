@@ -50,7 +50,7 @@ static void project(const vlm_path *p, int mode, const vlm_layer *l, const int *
     for (int i = 0; i < count; i++) add_bias(ys[i], l->bias[ws[i]], l->w[ws[i]]->rows);
 }
 
-int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const float *x_in, const float *cos,
+int vlm_decode_step(const vlm_path *p, int mode, vlm_decoder *dec, const float *x_in, const float *cos,
                     const float *sin, int pos, float *out) {
     const int H = dec->hidden, D = dec->head_dim, QD = dec->n_heads * D, KD = dec->n_kv * D, FF = dec->inter;
     size_t act = 0; /* scratch for the activations of the largest job */
@@ -65,8 +65,14 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const f
         act = s[W_DOWN] > act ? s[W_DOWN] : act;
     }
     const size_t floats = (size_t)3 * H + QD + 2 * KD + QD + 2 * (size_t)FF;
-    float *buf = malloc(sizeof(float) * floats + act);
-    if (!buf) return -1;
+    const size_t need = sizeof(float) * floats + act;
+    if (need > dec->scratch_bytes) { /* once per plan, unless a later path or mode needs more */
+        void *grown = realloc(dec->scratch, need);
+        if (!grown) return -1;
+        dec->scratch = grown;
+        dec->scratch_bytes = need;
+    }
+    float *buf = dec->scratch;
     float *x = buf, *xn = x + H, *y = xn + H, *q = y + H, *k = q + QD, *v = k + KD, *att = v + KD, *gate = att + QD,
           *up = gate + FF;
     unsigned char *scratch = (unsigned char *)(up + FF);
@@ -91,10 +97,7 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const f
                             .kv_half = dec->kv_half, .o = att,
                             .qh = D, .qn = QD, .kh = (ptrdiff_t)head_stride, .kt = D,
                             .vh = (ptrdiff_t)head_stride, .vt = D, .oh = D, .on = QD};
-        if (vlm_attention(p, &a)) {
-            free(buf);
-            return -1;
-        }
+        if (vlm_attention(p, &a)) return -1;
         static const int o[] = {W_O};
         project(p, mode, l, o, 1, att, (float *const[]){y}, scratch);
         add(x, y, H);
@@ -108,6 +111,5 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const f
         add(x, y, H);
     }
     p->ops->rms_norm(x, dec->norm, dec->eps, H, out);
-    free(buf);
     return 0;
 }

@@ -211,11 +211,15 @@ typedef struct {
     const float *norm; /* the final norm */
     void *k_cache, *v_cache; /* [n_layers][n_kv][max_len][head_dim], float32 or (kv_half) fp16 */
     int kv_half;
+    /* The step's working memory, owned by the plan: allocated on its first step, grown only if a
+     * later path or activation mode needs more, freed with the plan. */
+    void *scratch;
+    size_t scratch_bytes;
 } vlm_decoder;
 
 /* One token at cache slot pos: x [hidden] embedded, cos/sin [head_dim] of its position;
  * writes the final-normed hidden state to out [hidden]. -1 when out of memory. */
-int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, const float *x, const float *cos,
+int vlm_decode_step(const vlm_path *p, int mode, vlm_decoder *dec, const float *x, const float *cos,
                     const float *sin, int pos, float *out);
 
 /* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed.

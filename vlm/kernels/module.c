@@ -465,6 +465,7 @@ typedef struct {
 } PlanObject;
 
 static void plan_dealloc(PlanObject *self) {
+    free(self->dec.scratch);
     free(self->layers);
     Py_XDECREF(self->refs);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -586,7 +587,7 @@ static PyObject *plan_step(PlanObject *self, PyObject *args) {
     PyObject *xo, *co, *so;
     int pos;
     if (!PyArg_ParseTuple(args, "OOOi", &xo, &co, &so, &pos)) return NULL;
-    const vlm_decoder *dec = &self->dec;
+    vlm_decoder *dec = &self->dec;
     PyArrayObject *x = as_contiguous(xo), *c = x ? as_contiguous(co) : NULL, *s = c ? as_contiguous(so) : NULL;
     PyArrayObject *out = NULL;
     if (!s) goto done;

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -29,11 +30,11 @@ from vlm.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
-    Weight,
     lookup,
     rope_attention_factor,
     rope_inv_freq,
 )
+from vlm.quant import Weight
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 
@@ -234,7 +235,7 @@ class LlamaModel:
         # M-RoPE: which position axis (t, h, w) drives each rotary frequency.
         section = c.mrope_section or [c.head_dim // 2]
         self.rope_axis = np.repeat(np.arange(len(section)), section)
-        self._plan: tuple[KVCache, object] | None = None  # (cache, its DecoderPlan or None)
+        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> DecoderPlan or None
 
     def new_cache(self, max_len: int, dtype=np.float32) -> KVCache:
         c = self.config
@@ -273,9 +274,9 @@ class LlamaModel:
         """The C-side plan of every layer (packed weights, norms, biases, cache) for `cache`:
         built once, or None when the fused step cannot run (no kernels, a weight the kernels
         do not hold, an activation other than SiLU)."""
-        if self._plan is None or self._plan[0] is not cache:
-            self._plan = (cache, self._build_plan(cache))
-        return self._plan[1]
+        if cache not in self._plans:  # one per cache: each session keeps its own
+            self._plans[cache] = self._build_plan(cache)
+        return self._plans[cache]
 
     def _build_plan(self, cache: KVCache):
         c = self.config

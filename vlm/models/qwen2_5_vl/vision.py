@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlm.errors import VlmError
-from vlm.models.layers import GatedMLP, RMSNorm, Weight, lookup
+from vlm.models.layers import GatedMLP, RMSNorm, lookup
 from vlm.models.qwen2_vl.vision import (
     LAYER_NORM_EPS,
     Qwen2VisionTransformer,
@@ -31,6 +31,7 @@ from vlm.models.qwen2_vl.vision import (
     vision_linear,
 )
 from vlm.models.qwen2_vl.vision import VisionConfig as Qwen2VisionConfig
+from vlm.quant import Weight
 
 
 @dataclass

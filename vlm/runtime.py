@@ -1,19 +1,18 @@
-"""A loaded model: tokenizer + decoder (+ a vision family), with the generation loop.
+"""The runtime: a loaded model (tokenizer + decoder + a vision family) and its request path.
 
-The model glue is ready: families plug in through the interface below (see `VisionFamily`).
-The whole request path reads top to bottom:
-prepare (template, images, token ids, positions) -> prefill in chunks, reusing the cached
-prefix -> decode one token at a time -> stream text, stop on EOS / stop strings / length.
+A request reads top to bottom: render the chat template -> segments (text ids, image slots;
+vlm/prompt.py) -> `prepare` (image embeddings, cache keys, positions) -> a `Session` prefills it
+in chunks, reusing the cached prefix -> the generation loop (vlm/generation.py) samples and steps
+one token at a time and streams text. Families plug in through `vlm.models.family.VisionFamily`;
+see docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import inspect
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -26,47 +25,28 @@ from vlm.generation import (
     SamplingParams,
     TextStream,
     check_logits,
-    peak_memory_mb,
+    generation_loop,
     stop_strings,
 )
 from vlm.image import ImageInput, image_errors, image_list, load_image
+from vlm.models import ProcessedImage, VisionFamily
 from vlm.models.llama import LlamaModel
-from vlm.tokenizer import StreamDecoder, Tokenizer, check_message
+from vlm.prompt import (
+    ImageSegment,
+    Segment,
+    TextSegment,
+    image_rows,
+    prompt_ids,
+    prompt_keys,
+    segment_text,
+)
+from vlm.session import PromptInputs, Session
+from vlm.tokenizer import Tokenizer, check_message
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
 # Decoded image embeddings kept for reuse (a chat shows the same image every turn).
 IMAGE_CACHE_ENTRIES = 16
-
-
-class VisionFamily(Protocol):
-    """What a vision-language family (models/<family>/family.py) provides to the shared glue."""
-
-    image_token: str  # placeholder the chat template writes once per image
-    image_token_id: int
-
-    def preprocess(self, image, **options) -> Any: ...  # -> object with .n_tokens and .digest
-    def encode(self, images: list) -> list[np.ndarray]: ...  # one batched pass; [n_tokens_i, hidden] each
-    def expand_prompt(self, text: str, images: list) -> str: ...
-    def positions(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, int]: ...
-
-
-@dataclass
-class PromptInputs:
-    """A prompt made ready for the decoder."""
-
-    ids: np.ndarray  # int64 [n]
-    positions: np.ndarray  # [n], or [3, n] for M-RoPE
-    rope_delta: int  # decode position = cache index + rope_delta
-    keys: list  # what each position holds, for prefix reuse: token id or (image digest, index)
-    image_embeds: np.ndarray | None = None  # [n_image_tokens, hidden] in prompt order
-    image_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    images: int = 0
-    images_encoded: int = 0  # images that went through the encoder (others came from the image cache)
-    vision_encode_s: float = 0.0
-
-
-KV_CACHE_DTYPES = {"f16": np.float16, "f32": np.float32}
 
 
 class Model:
@@ -78,15 +58,17 @@ class Model:
             raise VlmError(f"context must be at least 16 tokens, got {context}")
         if prefill_chunk < 1:
             raise VlmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        if kv_cache not in KV_CACHE_DTYPES:
-            raise VlmError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache!r}")
+        # One lock for everything that runs kernels or touches shared state (the kernels' thread
+        # pool, the fused plans, the image cache), held per step so no stream can block the model.
+        self.lock = threading.RLock()
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.family = family
         self.context = context
         self.prefill_chunk = prefill_chunk
         self.info = info or {}
-        self.cache = decoder.new_cache(context, KV_CACHE_DTYPES[kv_cache])
+        self.kv_cache = kv_cache
+        self.session = self.new_session()
         self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # --- text ------------------------------------------------------------------------------
@@ -123,9 +105,9 @@ class Model:
 
     # --- preparing a request -----------------------------------------------------------------
 
-    def tokens(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
-               **image_options) -> tuple[np.ndarray, list]:
-        """Token ids of a prompt with image placeholders expanded, and the preprocessed images.
+    def segments(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
+                 **image_options) -> tuple[list[Segment], list]:
+        """A prompt as segments (text token ids, image rows), and its preprocessed images.
 
         `prompt` is a string (one user turn, or tokenized as-is with raw=True), a list of chat
         messages, or a list of token ids (used exactly as given).
@@ -137,7 +119,7 @@ class Model:
         processed = [self.preprocess(im, **image_options) for im in images]
         if isinstance(prompt, str) and (raw or not self.tokenizer.chat_template):
             text, add_bos = prompt, None
-            if processed:
+            if processed:  # no template to place them: the images go first
                 text = self.family.image_token * len(processed) + text
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             if processed:
@@ -147,21 +129,26 @@ class Model:
             text, add_bos = self.render(prompt, len(processed)), False
         else:
             raise VlmError("prompt must be a string, a list of chat messages or a list of token ids")
-        if text is not None:
-            if processed:
-                text = self.family.expand_prompt(text, processed)
-            ids = np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64)
+        if text is None:
+            segments: list[Segment] = [TextSegment(np.asarray(prompt, dtype=np.int64))]
+        elif processed:
+            f = self.family
+            segments = segment_text(text, processed, f.image_token, f.image_slot, f.image_token_id,
+                                    self.tokenizer.encode, add_bos)
         else:
-            ids = np.asarray(prompt, dtype=np.int64)
-        if ids.size == 0:
+            segments = [TextSegment(np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64))]
+        text_ids = [s.ids for s in segments if isinstance(s, TextSegment) and s.ids.size]
+        if not any(len(s) for s in segments):
             raise VlmError("the prompt is empty")
-        if ids.min() < 0 or ids.max() >= self.decoder.config.vocab_size:
-            raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
-        return ids, processed
+        if text_ids:
+            every = np.concatenate(text_ids)
+            if every.min() < 0 or every.max() >= self.decoder.config.vocab_size:
+                raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
+        return segments, processed
 
     def _check_image_options(self, options: dict) -> None:
         """Extra keyword arguments are the family's image options; anything else is a typo."""
-        allowed = set(inspect.signature(self.family.preprocess).parameters) - {"image"} if self.family else set()
+        allowed = set(self.family.image_options) if self.family else set()
         unknown = sorted(set(options) - allowed)
         if unknown:
             takes = f"; this model's image options: {', '.join(sorted(allowed))}" if allowed else ""
@@ -169,7 +156,7 @@ class Model:
 
     def preprocess(self, image, **image_options):
         """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
-        if hasattr(image, "digest") and hasattr(image, "n_tokens"):
+        if isinstance(image, ProcessedImage):
             return image
         img = load_image(image)
         with image_errors():
@@ -182,102 +169,84 @@ class Model:
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
                 **image_options) -> PromptInputs:
         """Everything the decoder needs for a prompt: ids, positions, image embeddings, cache keys."""
-        ids, processed = self.tokens(prompt, images, raw, **image_options)
+        segments, processed = self.segments(prompt, images, raw, **image_options)
+        ids, keys = prompt_ids(segments), prompt_keys(segments)
         if ids.size >= self.context:
             raise VlmError(f"the prompt is {ids.size} tokens but the context holds {self.context}; "
                            "shorten it or load the model with a larger context")
-        keys: list = ids.tolist()
         if not processed:
             return PromptInputs(ids, np.arange(ids.size, dtype=np.int64), 0, keys)
-
-        rows = np.flatnonzero(ids == self.family.image_token_id)
-        expected = sum(p.n_tokens for p in processed)
-        if rows.size != expected:
-            raise VlmError(f"prompt has {rows.size} image tokens but the images need {expected}")
         t0 = time.perf_counter()
         embeds, encoded = self._encode_images(processed)
         vision_s = time.perf_counter() - t0
-        k = 0
-        for p in processed:
-            for j in range(p.n_tokens):
-                keys[rows[k]] = (p.digest, j)
-                k += 1
-        positions, rope_delta = self.family.positions(ids, processed)
-        return PromptInputs(ids, positions, rope_delta, keys, np.concatenate(embeds), rows, len(processed), encoded,
-                            vision_s)
+        by_digest = {p.digest: e for p, e in zip(processed, embeds, strict=True)}
+        runs = [s for s in segments if isinstance(s, ImageSegment)]
+        if sum(s.rows for s in runs) != sum(e.shape[0] for e in embeds):  # a family's slot is wrong
+            raise VlmError("the image slots' rows do not match the images' embedding rows")
+        image_embeds = np.concatenate([by_digest[s.image.digest][s.start:s.start + s.rows] for s in runs])
+        positions, rope_delta = self.family.positions(segments)
+        return PromptInputs(ids, positions, rope_delta, keys, image_embeds, image_rows(segments), len(processed),
+                            encoded, vision_s)
 
     def _encode_images(self, processed: list) -> tuple[list[np.ndarray], int]:
         """Embeddings of each image (new ones through the encoder together, in one batch) and
         how many were encoded."""
-        todo = [p for p in processed if p.digest not in self._image_cache]
-        unique = list({p.digest: p for p in todo}.values())
-        if unique:
-            for p, e in zip(unique, self.family.encode(unique), strict=True):
-                self._image_cache[p.digest] = e
-        out = []
-        for p in processed:
-            self._image_cache.move_to_end(p.digest)
-            out.append(self._image_cache[p.digest])
-        while len(self._image_cache) > IMAGE_CACHE_ENTRIES:
-            self._image_cache.popitem(last=False)
-        return out, len(unique)
+        with self.lock:  # the image cache is shared, and the encoder runs the kernels
+            todo = [p for p in processed if p.digest not in self._image_cache]
+            unique = list({p.digest: p for p in todo}.values())
+            if unique:
+                for p, e in zip(unique, self.family.encode(unique), strict=True):
+                    self._image_cache[p.digest] = e
+            out = []
+            for p in processed:
+                self._image_cache.move_to_end(p.digest)
+                out.append(self._image_cache[p.digest])
+            while len(self._image_cache) > IMAGE_CACHE_ENTRIES:
+                self._image_cache.popitem(last=False)
+            return out, len(unique)
 
     # --- running the decoder -----------------------------------------------------------------
 
-    def _prefill(self, inputs: PromptInputs, all_logits: bool = False) -> tuple[np.ndarray, int]:
-        """Run the prompt through the decoder in chunks, reusing the cached prefix.
+    def new_session(self, context: int | None = None) -> Session:
+        """A sequence of its own (a KV cache and its bookkeeping) sharing this model's weights.
 
-        Returns the logits (every position if `all_logits`, else only the last) and how many
-        positions were reused from the cache.
+        `generate(..., session=s)` and `logits(..., session=s)` run in it; without one they use
+        the model's default session (`model.session`).
         """
-        cache = self.cache
-        start = 0 if all_logits else cache.reusable_prefix(inputs.keys)
-        cache.truncate(start)
-        n = inputs.ids.size
-        out = np.empty((n, self.decoder.config.vocab_size), dtype=np.float32) if all_logits else None
-        last = None
-        for a in range(start, n, self.prefill_chunk):
-            b = min(n, a + self.prefill_chunk)
-            x = self.decoder.embed_tokens(inputs.ids[a:b])
-            if inputs.image_embeds is not None:
-                sel = (inputs.image_rows >= a) & (inputs.image_rows < b)
-                x[inputs.image_rows[sel] - a] = inputs.image_embeds[sel]
-            h = self.decoder.forward(x, inputs.positions[..., a:b], cache, a)
-            cache.keys.extend(inputs.keys[a:b])
-            if all_logits:
-                out[a:b] = self.decoder.lm_head(h)
-            elif b == n:
-                last = self.decoder.lm_head(h[-1:])[0]
-        return (out if all_logits else last), start
+        context = self.context if context is None else context
+        if not isinstance(context, int) or context < 16:
+            raise VlmError(f"context must be at least 16 tokens, got {context}")
+        return Session(self.decoder, context, self.kv_cache, self.prefill_chunk, self.lock)
 
-    def _decode_step(self, token: int, rope_delta: int) -> np.ndarray:
-        """Feed one token at the next cache slot; returns the next-token logits."""
-        pos = len(self.cache.keys)
-        h = self.decoder.decode_step(self.decoder.embed_tokens(np.array([token])),
-                                     np.array([pos + rope_delta], dtype=np.int64), self.cache, pos)
-        self.cache.keys.append(token)
-        return self.decoder.lm_head(h)[0]
+    @property
+    def cache(self):
+        """The default session's KV cache."""
+        return self.session.cache
 
     def logits(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
-               **image_options) -> np.ndarray:
+               session: Session | None = None, **image_options) -> np.ndarray:
         """Float32 logits [n_tokens, vocab] for every prompt position, through the generate path."""
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        return check_logits(self._prefill(inputs, all_logits=True)[0], 0)
+        return check_logits((session or self.session).prefill(inputs, all_logits=True)[0], 0)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""
-        self.cache.truncate(0)
+        self.session.reset()
 
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 stream: bool = False, raw: bool = False, **image_options) -> GenerationResult | TextStream:
+                 stream: bool = False, raw: bool = False, session: Session | None = None,
+                 **image_options) -> GenerationResult | TextStream:
         """Generate a continuation of `prompt` (a string, chat messages or token ids).
 
         Returns a `GenerationResult` (.text, .tokens, .stats), or with stream=True a `TextStream`
         that yields text pieces and holds the result once exhausted. temperature 0 is greedy.
+        Runs in `session` (default: the model's own); calls from several threads, or several
+        open streams, may share one session: each finds its own history again when another
+        call used the session in between.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -288,53 +257,13 @@ class Model:
         result = GenerationResult("", [], GenerationStats(
             prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
             image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s))
-        pieces = self._run(inputs, sampler, max_new_tokens, list(stop), result, t0)
+        pieces = generation_loop(session or self.session, inputs, sampler, self.tokenizer, max_new_tokens,
+                                 list(stop), result, t0)
         if stream:
             return TextStream(pieces, result)
         for _ in pieces:
             pass
         return result
-
-    def _run(self, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int, stop: list[str],
-             result: GenerationResult, t0: float) -> Iterator[str]:
-        stats = result.stats
-        stats.finish_reason = "interrupted"  # until the loop ends on its own
-        detok = StreamDecoder(self.tokenizer, stop)
-        eos = self.tokenizer.eos_ids
-        history = inputs.ids.tolist()
-        t_prefill = t_decode = time.perf_counter()
-        try:
-            logits, stats.cached_tokens = self._prefill(inputs)
-            t_decode = time.perf_counter()
-            stats.prefill_s = t_decode - t_prefill
-            stats.ttft_s = t_decode - t0
-            while True:
-                token = sampler(logits, history)
-                if token in eos:
-                    stats.finish_reason = "stop"
-                    break
-                result.tokens.append(token)
-                history.append(token)
-                piece = detok.push(token)
-                if piece:
-                    yield piece
-                if detok.stopped:
-                    stats.finish_reason = "stop"
-                    break
-                if len(result.tokens) >= max_new_tokens or len(self.cache.keys) >= self.context:
-                    stats.finish_reason = "length"
-                    break
-                logits = self._decode_step(token, inputs.rope_delta)
-                stats.decode_steps += 1
-            if not detok.stopped:
-                tail = detok.flush()
-                if tail:
-                    yield tail
-        finally:
-            stats.decode_s = time.perf_counter() - t_decode if stats.decode_steps else 0.0
-            stats.generated_tokens = len(result.tokens)
-            stats.peak_memory_mb = peak_memory_mb()
-            result.text = detok.text
 
     def set_threads(self, threads: int | None) -> None:
         kernels.set_threads(threads)
