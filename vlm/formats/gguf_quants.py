@@ -23,6 +23,8 @@ matrix only, never of the model.
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 
 from vlm.formats.safetensors import release_pages
@@ -31,7 +33,7 @@ from vlm.quant import QuantizedWeight, quantize
 QK_K = 256  # values per K-quant super-block
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
-_CHUNK_VALUES = 1 << 20  # values transcoded at once
+_CHUNK_VALUES = 1 << 16  # values transcoded at once: a few MiB of scratch
 
 
 def _half(b: np.ndarray, at: int) -> np.ndarray:
@@ -149,15 +151,22 @@ _REQUANTIZED = {"Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q2_K": _q2_k, "Q3_
 TRANSCODED = (*_EXACT_Q4, *_EXACT_Q8, *_REQUANTIZED)
 
 
+def _owned(shape: tuple[int, int], dtype: type) -> np.ndarray:
+    """An array in a mapping of its own, unmapped when freed: the heap (whose trim threshold the kernels
+    raise) would keep the hole of the largest transcoded matrix, as unused memory, until the load ends."""
+    count = shape[0] * shape[1]
+    return np.frombuffer(mmap.mmap(-1, max(1, count * np.dtype(dtype).itemsize)), dtype, count).reshape(shape)
+
+
 def transcode(kind: str, blocks: np.ndarray) -> QuantizedWeight:
     """A matrix of `kind` blocks (uint8 [rows, blocks per row, bytes per block], e.g. a view of a
     file map) in the kernels' group-32 form; the source's file pages are dropped as they are read."""
     rows, n_blocks, _ = blocks.shape
     cols = n_blocks * (QK_K if kind.endswith("_K") or kind == "IQ4_XS" else 32)
     bits = 4 if kind in _EXACT_Q4 else 8
-    qweight = np.empty((rows, cols // 2), np.uint8) if bits == 4 else np.empty((rows, cols), np.int8)
-    scales = np.empty((rows, cols // 32), np.float16)
-    mins = np.empty((rows, cols // 32), np.float16) if bits == 4 else None
+    qweight = _owned((rows, cols // 2), np.uint8) if bits == 4 else _owned((rows, cols), np.int8)
+    scales = _owned((rows, cols // 32), np.float16)
+    mins = _owned((rows, cols // 32), np.float16) if bits == 4 else None
     step = max(1, _CHUNK_VALUES // cols)
     for r in range(0, rows, step):
         chunk = blocks[r : r + step]
