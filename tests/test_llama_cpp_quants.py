@@ -30,5 +30,17 @@ def test_agrees_with_llama_cpp_on_the_same_file(file_type, llama_cpp_quant):
                            max_new_tokens=8)
     assert len(reply.tokens) > 0 and model.tokenizer.decode(reply.tokens).strip()
     llm = agreement.llama_cpp_model(path)
-    # Teacher forced on llama.cpp's own greedy continuations, over the positions that predict them.
-    assert agreement.continuation_agreement(llm, model, 32, 3) >= 0.97
+    # Teacher forced on llama.cpp's own greedy continuations, over the 96 positions that predict them.
+    # Measured: Q4_K_M 0.956, Q5_K_M 0.964, Q6_K 0.944, IQ4_NL 1.000, Q8_0 0.968, and the formats read
+    # in place score the same (Q4_1 0.967): llama.cpp's 8-bit activations flip near-ties. The
+    # transcoding is not what costs agreement: on a Q5_1 file the exact float weights score as the
+    # re-quantized 8-bit ones (0.946 both, 192 positions).
+    assert agreement.continuation_agreement(llm, model, 32, 3) >= 0.93
+
+
+def test_info_counts_tensor_types(llama_cpp_quant, capsys):
+    from vlm.cli import main
+
+    assert main(["info", str(llama_cpp_quant("Q4_K_M"))]) == 0
+    out = capsys.readouterr().out
+    assert "tensors: 272 (61 F32, 16 Q4_K, 166 Q5_0, 14 Q6_K, 15 Q8_0)" in out
