@@ -211,7 +211,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from vlm import hub
     from vlm.registry import pull
 
-    if args.name in KNOWN_MODELS:
+    if not hub.is_repo_spec(args.name):  # a known name (an unknown one: the error lists them)
         print(pull(args.name))
         return 0
     got = hub.pull(args.name)

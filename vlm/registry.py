@@ -58,7 +58,8 @@ def sha256_of(path: Path) -> str:
 def pull(name: str, dest: Path | None = None, quiet: bool = False) -> Path:
     """Fetch a known model into the weights folder (verified by sha256); returns its path."""
     if name not in KNOWN_MODELS:
-        raise VlmError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+        raise VlmError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)} (or a Hugging Face repo id "
+                       "org/name[:QUANT])")
     known = KNOWN_MODELS[name]
     dest = dest or weights_dir()
     target = dest / known.filename
