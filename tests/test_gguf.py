@@ -97,11 +97,12 @@ def test_float_tensors_are_views_in_numpy_order(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    f = GGUFFile(_write(tmp_path / "q5.gguf", {"blk.0.w": (_rand(2, 64), T.Q5_0)}))
+    f = GGUFFile(_write(tmp_path / "tq2.gguf", {"blk.0.w": (_rand(2, 256), T.TQ2_0)}))
     with pytest.raises(VlmError) as e:
         f.load("blk.0.w")
     assert str(e.value) == (
-        "unsupported GGUF tensor type Q5_0 for blk.0.w; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"
+        "unsupported GGUF tensor type TQ2_0 for blk.0.w; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, "
+        "Q5_0, IQ4_NL, IQ4_XS, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K"
     )
     with pytest.raises(VlmError, match="no tensor named"):
         f.load("nope")

@@ -9,6 +9,7 @@ tensor's de-interleaved copy until the model is built, would each show as 30% or
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,8 +33,10 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reas
 
 def measure(path: Path) -> dict:
     """bench_memory.py's measurement of loading `path`, then a short prefill and decode."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's vlm, whatever is installed
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_memory.py"), "--child", str(path),
-                          "--prompt", "64", "--gen", "4"], capture_output=True, text=True, check=True, timeout=300)
+                          "--prompt", "64", "--gen", "4"], capture_output=True, text=True, check=True, timeout=300,
+                         env=env)
     return json.loads(out.stdout.splitlines()[-1])
 
 
@@ -72,7 +75,21 @@ def _blocks(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.nda
     return b.view(np.uint8).reshape(rows, -1)
 
 
-def test_gguf_model_is_held_once(tmp_path):
+# (embedding type, the linears' types by layer): read in place, or transcoded at load (the embedding
+# re-quantized to 8-bit, the linears into 4-bit or 8-bit), one matrix at a time.
+GGUF_MIXES = {"in place": ("Q8_0", ("Q4_1",)), "transcoded": ("Q6_K", ("Q4_K", "Q5_0", "Q6_K", "IQ4_NL"))}
+
+
+def _random_tensor(rng: np.random.Generator, rows: int, cols: int, kind: str) -> np.ndarray:
+    if kind in ("Q8_0", "Q4_1"):
+        return _blocks(rng, rows, cols, kind)
+    from test_gguf_quants import random_blocks
+
+    return random_blocks(kind, rows, cols, seed=int(rng.integers(1 << 30))).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("mix", GGUF_MIXES)
+def test_gguf_model_is_held_once(tmp_path, mix):
     gguf = pytest.importorskip("gguf")
     if not kernels.AVAILABLE:
         pytest.skip("the numpy path keeps weights as stored")
@@ -89,19 +106,22 @@ def test_gguf_model_is_held_once(tmp_path):
     w.add_string("tokenizer.ggml.model", "gpt2")
     w.add_array("tokenizer.ggml.tokens", [chr(i) for i in range(33, 127)] + ["!!"])
     w.add_array("tokenizer.ggml.merges", ["! !"])
-    Q8, Q41 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_1
-    w.add_tensor("token_embd.weight", _blocks(rng, c["vocab_size"], c["hidden_size"], "Q8_0"), raw_dtype=Q8)
+    embedding, linears = GGUF_MIXES[mix]
+    w.add_tensor("token_embd.weight", _random_tensor(rng, c["vocab_size"], c["hidden_size"], embedding),
+                 raw_dtype=gguf.GGMLQuantizationType[embedding])
     w.add_tensor("output_norm.weight", np.ones(c["hidden_size"], np.float32))
     for i in range(c["num_hidden_layers"]):
         for name in ("attn_norm", "ffn_norm"):
             w.add_tensor(f"blk.{i}.{name}.weight", np.ones(c["hidden_size"], np.float32))
         for name, _, rows, cols in LINEARS:
-            w.add_tensor(f"blk.{i}.{name}.weight", _blocks(rng, rows, cols, "Q4_1"), raw_dtype=Q41)
+            kind = linears[i % len(linears)]
+            w.add_tensor(f"blk.{i}.{name}.weight", _random_tensor(rng, rows, cols, kind),
+                         raw_dtype=gguf.GGMLQuantizationType[kind])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    from vlm.formats.gguf import GGUFFile
+    from bench_memory import _weights_mib
 
-    weights = sum(t.nbytes for t in GGUFFile(path).tensors.values())
-    assert_held_once(measure(path), weights / 2**20)
+    assert_held_once(measure(path), _weights_mib(path))  # as held: transcoded types as transcoded
+

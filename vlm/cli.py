@@ -41,7 +41,8 @@ def _dim(text: str) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
-                   help=f"GGUF file, HF directory, converted directory or known name (default {DEFAULT_MODEL})")
+                   help=f"GGUF file, HF directory, converted directory, known name or Hugging Face repo id "
+                        f"org/name[:QUANT] in the local hub cache (default {DEFAULT_MODEL})")
     p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m], default=None,
                    help="decoder precision on load (default: as the file holds it)")
     p.add_argument("-t", "--threads", type=whole, default=None, help="threads (default: all cores)")
@@ -202,12 +203,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     from vlm.registry import resolve
 
     ckpt = read_checkpoint(resolve(args.model))
+    if ckpt.format == "gguf":  # the file's own tensor types, read from its header (nothing transcoded)
+        from vlm.formats.gguf import GGUFFile
+
+        stored = [(t.type_name, t.nbytes) for t in GGUFFile(ckpt.path).tensors.values()]
+    else:
+        stored = [(getattr(w, "kind", "f32"), int(w.nbytes)) for w in ckpt.tensors.values()]
     kinds: dict[str, int] = {}
-    total = 0
-    for w in ckpt.tensors.values():
-        kind = getattr(w, "kind", "f32")
+    for kind, _ in stored:
         kinds[kind] = kinds.get(kind, 0) + 1
-        total += int(w.nbytes)
+    total = sum(n for _, n in stored)
     c = ckpt.config
     text = c["text_config"] if isinstance(c.get("text_config"), dict) else c
     tok = ckpt.tokenizer
@@ -216,7 +221,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
         "heads": f"{text.get('num_attention_heads')} (kv {text.get('num_key_value_heads')})",
         "vocab": tok.vocab_size, "vision": "vision_config" in c,
-        "tensors": f"{len(ckpt.tensors)} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})",
+        "tensors": f"{len(stored)} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})",
         "weights": f"{total / 2**20:.1f} MiB", "quantization": ckpt.quantization or None,
         "bos/eos": f"{tok.bos_token} / {tok.eos_token}", "chat template": bool(tok.chat_template),
     }
@@ -226,9 +231,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    from vlm import hub
     from vlm.registry import pull
 
-    print(pull(args.name))
+    if not hub.is_repo_spec(args.name):  # a known name (an unknown one: the error lists them)
+        print(pull(args.name))
+        return 0
+    got = hub.pull(args.name)
+    print(got.path)
+    for mmproj in got.mmproj:
+        print(f"mmproj: {mmproj}")
     return 0
 
 
@@ -310,8 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("pull", help="fetch a known model into the weights folder")
-    p.add_argument("name", choices=sorted(KNOWN_MODELS))
+    p = sub.add_parser("pull", help="fetch a known model, or org/name[:QUANT] from the Hugging Face Hub")
+    p.add_argument("name", help=f"{', '.join(sorted(KNOWN_MODELS))}, or a Hugging Face repo id")
     p.set_defaults(func=cmd_pull)
     return ap
 

@@ -13,6 +13,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlm import hub
 from vlm.errors import VlmError
 
 
@@ -57,7 +58,8 @@ def sha256_of(path: Path) -> str:
 def pull(name: str, dest: Path | None = None, quiet: bool = False) -> Path:
     """Fetch a known model into the weights folder (verified by sha256); returns its path."""
     if name not in KNOWN_MODELS:
-        raise VlmError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+        raise VlmError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)} (or a Hugging Face repo id "
+                       "org/name[:QUANT])")
     known = KNOWN_MODELS[name]
     dest = dest or weights_dir()
     target = dest / known.filename
@@ -93,10 +95,14 @@ def pull(name: str, dest: Path | None = None, quiet: bool = False) -> Path:
 
 
 def resolve(model: str | os.PathLike) -> Path:
-    """A path for a model argument: an existing path, or a known name (fetched on first use)."""
+    """A path for a model argument: an existing path, a known name (fetched on first use), or a
+    Hugging Face repo id `org/name[:QUANT]` found in the local hub cache (see vlm.hub)."""
     path = Path(model)
     if path.exists():
         return path
     if str(model) in KNOWN_MODELS:
         return pull(str(model))
-    raise VlmError(f"model not found: {model} (not a file or directory; known names: {', '.join(KNOWN_MODELS)})")
+    if hub.is_repo_spec(str(model)):
+        return hub.find(str(model)).path
+    raise VlmError(f"model not found: {model} (not a file or directory, a Hugging Face repo id, or a known name: "
+                   f"{', '.join(KNOWN_MODELS)})")

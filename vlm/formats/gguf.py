@@ -3,7 +3,8 @@
 The file is memory-mapped: float tensors come back as views on the map, and the quantized
 block formats that `vlm.quant` shares with GGUF (Q8_0, Q4_0, Q4_1) are split into its
 contiguous arrays without re-quantizing, so a GGUF model computes with exactly the weights
-llama.cpp would.
+llama.cpp would. The K-quants, Q5_0/Q5_1 and IQ4 types are transcoded into those formats
+(see vlm.formats.gguf_quants).
 
 Layout (all little-endian): magic "GGUF", u32 version, u64 tensor count, u64 metadata count,
 the metadata key/values, one info record per tensor (name, dims fastest-first, ggml type,
@@ -25,6 +26,7 @@ import numpy as np
 import tokenizers
 
 from vlm.errors import VlmError, shown
+from vlm.formats.gguf_quants import TRANSCODED, transcode
 from vlm.formats.lazy import LazyTensors
 from vlm.formats.tokenizer_gguf import gguf_add_bos, tokenizer_from_gguf
 from vlm.quant import HalfWeight, QuantizedWeight
@@ -70,7 +72,8 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     35: ("TQ2_0", 256, 66),
     39: ("MXFP4", 32, 17),
 }
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+_FLOAT_TYPES = ("F32", "F16", "BF16")
+SUPPORTED_TYPES = (*_FLOAT_TYPES, "Q8_0", "Q4_0", "Q4_1", *TRANSCODED)
 
 # The interleaved block structs of the quantized types we map onto `QuantizedWeight`.
 _BLOCK_DTYPES = {
@@ -275,7 +278,7 @@ class GGUFFile:
             raise VlmError(
                 f"unsupported GGUF tensor type {kind} for {name}; supported: {', '.join(SUPPORTED_TYPES)}"
             )
-        if kind.startswith("Q") and len(info.shape) != 2:
+        if kind not in _FLOAT_TYPES and len(info.shape) != 2:
             raise VlmError(
                 f"{self.path}: quantized tensor {name} has shape {info.shape}; only matrices are supported"
             )
@@ -285,7 +288,8 @@ class GGUFFile:
 
         F32 -> float32 array (a read-only view on the map); F16/BF16 -> HalfWeight (a view);
         Q8_0/Q4_0/Q4_1 -> QuantizedWeight with group size 32 whose arrays are strided views of
-        the blocks (nothing is copied; the kernels repack from them in place).
+        the blocks (nothing is copied; the kernels repack from them in place); the other block
+        types -> a QuantizedWeight transcoded from them (vlm.formats.gguf_quants).
         """
         info = self.tensors.get(name)
         if info is None:
@@ -300,6 +304,9 @@ class GGUFFile:
                 raw.view(np.float16 if kind == "F16" else np.uint16).reshape(info.shape), kind == "BF16"
             )
         rows, cols = info.shape
+        if kind in TRANSCODED:
+            _, per_block, size = GGML_TYPES[info.ggml_type]
+            return transcode(kind, raw.reshape(rows, cols // per_block, size))
         blocks = raw.view(_BLOCK_DTYPES[kind]).reshape(rows, cols // 32)
         mins = blocks["m"] if kind == "Q4_1" else None
         return QuantizedWeight(8 if kind == "Q8_0" else 4, 32, kind != "Q4_1", blocks["qs"], blocks["d"], mins)

@@ -1,0 +1,87 @@
+"""llama.cpp's K-quants, Q5_0/Q5_1 and IQ4 types: transcoded values against gguf-py's dequantizers."""
+
+import numpy as np
+import pytest
+
+from vlm.formats.gguf import GGML_TYPES, GGUFFile
+from vlm.formats.gguf_quants import TRANSCODED, transcode
+
+gguf = pytest.importorskip("gguf")
+
+# Byte offsets of each type's fp16 super-scales inside its block (the rest may be any bytes).
+HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,),
+               "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,), "IQ4_XS": (0,)}
+EXACT = ("Q5_0", "IQ4_NL")  # int8 * the block's own fp16 scale: bit for bit
+FP16_PRODUCTS = ("Q4_K", "IQ4_XS")  # scales are fp16 products of two stored numbers
+
+
+def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Valid blocks of `kind`: random bytes, with sane fp16 scales."""
+    _, per_block, size = next(v for v in GGML_TYPES.values() if v[0] == kind)
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // per_block, size), dtype=np.uint8)
+    for at in HALF_FIELDS[kind]:
+        half = (rng.uniform(0.5, 2.0, size=blocks.shape[:2]) * 1e-3).astype(np.float16)
+        blocks[..., at : at + 2] = half[..., None].view(np.uint8)
+    return blocks
+
+
+def check_against_gguf(kind: str, blocks: np.ndarray) -> None:
+    """transcode(blocks) against gguf-py's dequantization of the same bytes, within what the target
+    format allows: exact, fp16 rounding of scale products, or half an 8-bit step."""
+    rows = blocks.shape[0]
+    ref = gguf.quants.dequantize(blocks.reshape(rows, -1), gguf.GGMLQuantizationType[kind]).astype(np.float32)
+    w = transcode(kind, blocks)
+    cols = ref.shape[1]
+    assert w.shape == (rows, cols) and w.group_size == 32
+    got = w.dequantize()
+    amax = np.abs(ref).reshape(rows, -1, 32).max(axis=-1, keepdims=True)
+    err = np.abs(got - ref).reshape(rows, -1, 32)
+    if kind in EXACT:
+        assert w.bits == 8 and np.array_equal(got, ref)
+    elif kind in FP16_PRODUCTS:
+        # Scale s (and min m) are rounded to fp16, half a unit in the 11th bit: Q4_K's w = s q + m
+        # moves by at most 2^-11 (15 |s| + |m|), IQ4_XS's w = s k (|k| <= 127) by 2^-11 127 |s|.
+        s = np.abs(w.scales.astype(np.float32))[..., None]
+        bound = 2.0**-11 * (15 * s + np.abs(w.mins.astype(np.float32))[..., None] if w.bits == 4 else 127 * s)
+        assert w.bits == (4 if kind == "Q4_K" else 8)
+        assert (err <= bound * 1.001 + amax * 2.0**-22).all()
+        assert err.max() > 0  # the rounding is real: the bound is what the test checks
+    else:
+        # Re-quantized to 8 bits: half an 8-bit step plus the fp16 rounding of its scale.
+        assert w.bits == 8
+        assert (err <= amax / 220).all()
+
+
+@pytest.mark.parametrize("kind", TRANSCODED)
+def test_values_equal_gguf_dequantize(kind):
+    check_against_gguf(kind, random_blocks(kind, 40, 512))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file_type", ["Q4_K_M", "Q5_K_M", "IQ4_NL"])
+def test_real_llama_cpp_files(file_type, llama_cpp_quant):
+    """Every tensor type in SmolLM2 as llama.cpp quantized it (Q4_K_M holds Q4_K, Q5_0, Q6_K, Q8_0;
+    Q5_K_M Q5_K, Q5_1; IQ4_NL IQ4_NL, Q5_K): one matrix of each, checked whole."""
+    f = GGUFFile(llama_cpp_quant(file_type))
+    seen = set()
+    for t in f.tensors.values():
+        if t.type_name in TRANSCODED and t.type_name not in seen:
+            seen.add(t.type_name)
+            _, per_block, size = GGML_TYPES[t.ggml_type]
+            raw = f._data[t.offset : t.offset + t.nbytes]
+            check_against_gguf(t.type_name, raw.reshape(t.shape[0], t.shape[1] // per_block, size))
+    assert seen == {"Q4_K_M": {"Q4_K", "Q5_0", "Q6_K"}, "Q5_K_M": {"Q5_K", "Q5_1", "Q6_K"},
+                    "IQ4_NL": {"IQ4_NL", "Q5_K"}}[file_type]
+
+
+def test_rows_are_transcoded_in_chunks(monkeypatch):
+    from vlm.formats import gguf_quants
+
+    blocks = random_blocks("Q4_K", 24, 1024, seed=1)
+    whole = transcode("Q4_K", blocks)
+    monkeypatch.setattr(gguf_quants, "_CHUNK_VALUES", 5 * 1024)  # 5 rows a chunk: a ragged last one
+    chunked = transcode("Q4_K", blocks)
+    for a, b in zip((whole.qweight, whole.scales, whole.mins), (chunked.qweight, chunked.scales, chunked.mins),
+                    strict=True):
+        assert np.array_equal(a, b)
