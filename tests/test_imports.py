@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "vlm"
 # its own layer (without a cycle) and every layer below.
 LAYERS = [
     ["vlm.errors"],
-    ["vlm.quant", "vlm.memory", "vlm.image", "vlm.tokenizer", "vlm.prompt", "vlm.registry"],
+    ["vlm.quant", "vlm.memory", "vlm.image", "vlm.tokenizer", "vlm.prompt", "vlm.hub", "vlm.registry"],
     ["vlm.kernels"],
     ["vlm.formats"],
     ["vlm.models"],

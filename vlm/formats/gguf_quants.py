@@ -27,7 +27,7 @@ import mmap
 
 import numpy as np
 
-from vlm.formats.safetensors import release_pages
+from vlm.memory import release_pages
 from vlm.quant import QuantizedWeight, quantize
 
 QK_K = 256  # values per K-quant super-block
