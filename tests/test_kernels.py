@@ -180,7 +180,8 @@ def test_rows_of_a_small_batch_equal_their_own_products(kernel_path, mode):
             x = activations(n, w.shape[1])
             batched = kernels.linear(x, handle)
             for r in range(n):
-                np.testing.assert_array_equal(batched[r], kernels.linear(x[r : r + 1], handle)[0], err_msg=f"{w.kind} n={n}")
+                alone = kernels.linear(x[r : r + 1], handle)[0]
+                np.testing.assert_array_equal(batched[r], alone, err_msg=f"{w.kind} n={n}")
 
 
 def test_paths_agree():
