@@ -46,8 +46,8 @@ def main() -> None:
         vision(tiles)
 
     def prefill() -> None:
-        model.reset()
-        model._prefill(text)
+        model.session.reset()
+        model.session.prefill(text)
 
     def timed(fn) -> float:
         t = time.perf_counter()

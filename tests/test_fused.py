@@ -20,6 +20,7 @@ from vlm.formats.checkpoint import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.models import layers
 from vlm.models.llama import LlamaModel, TextConfig
+from vlm.session import step_together
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="native kernels not built")
 
@@ -83,15 +84,15 @@ def layer_by_layer(model: vlm.Model) -> vlm.Model:
 
 def run(model: vlm.Model, ids: list[int], steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prefill ids, then `steps` greedy decode steps: their logits, and the KV cache after."""
-    model.reset()
-    inputs = model.prepare(ids)
-    logits, _ = model._prefill(inputs)
+    session = model.session
+    session.reset()
+    logits, _ = session.prefill(model.prepare(ids))
     out = []
     for _ in range(steps):
-        logits = model._decode_step(int(np.argmax(logits)), inputs.rope_delta)
+        logits = session.step(int(np.argmax(logits)))
         out.append(logits)
-    end = len(model.cache.keys)
-    return np.array(out), model.cache.k[:, :, :end].copy(), model.cache.v[:, :, :end].copy()
+    end = session.length
+    return np.array(out), session.cache.k[:, :, :end].copy(), session.cache.v[:, :, :end].copy()
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -152,22 +153,13 @@ def test_fused_step_with_mrope_positions(tiny_llm):
 
 
 def batched_run(model: vlm.Model, prompts: list[list[int]], steps: int) -> list[np.ndarray]:
-    """Each prompt in its own cache, then `steps` greedy steps of all of them in one
-    `decode_batch` per step: each sequence's logits."""
-    d = model.decoder
-    caches, logits = [], []
-    for ids in prompts:
-        model.cache = d.new_cache(model.context, model.cache.k.dtype)
-        logits.append(model._prefill(model.prepare(ids))[0])
-        caches.append(model.cache)
+    """Each prompt in a session of its own, then `steps` greedy steps of all of them in one
+    batched step each (`step_together`): each sequence's logits."""
+    sessions = [model.new_session() for _ in prompts]
+    logits = np.array([s.prefill(model.prepare(ids))[0] for s, ids in zip(sessions, prompts, strict=True)])
     out = []
     for _ in range(steps):
-        tokens = np.argmax(logits, axis=-1)
-        starts = [len(c.keys) for c in caches]
-        h = d.decode_batch(d.embed_tokens(tokens), [np.array([s]) for s in starts], caches, starts)
-        for c, t in zip(caches, tokens, strict=True):
-            c.keys.append(int(t))
-        logits = d.head(h)
+        logits = step_together(sessions, np.argmax(logits, axis=-1).tolist())
         out.append(logits)
     return list(np.array(out).transpose(1, 0, 2))
 

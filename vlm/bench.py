@@ -18,7 +18,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm.generation import peak_memory_mb
-from vlm.model import Model, PromptInputs
+from vlm.model import Model
+from vlm.session import PromptInputs
 
 
 @dataclass
@@ -33,8 +34,7 @@ class BenchRow:
 
 def _inputs(model: Model, n: int, seed: int = 0) -> PromptInputs:
     rng = np.random.default_rng(seed)
-    ids = rng.integers(100, min(model.decoder.config.vocab_size, 30000), size=n)
-    return PromptInputs(ids, np.arange(n, dtype=np.int64), 0, ids.tolist())
+    return PromptInputs.from_ids(rng.integers(100, min(model.decoder.config.vocab_size, 30000), size=n))
 
 
 def _measure(fn, reps: int) -> list[float]:
@@ -44,10 +44,12 @@ def _measure(fn, reps: int) -> list[float]:
 def bench_prefill(model: Model, n: int, reps: int) -> BenchRow:
     inputs = _inputs(model, n)
 
+    session = model.session
+
     def once() -> float:
-        model.reset()
+        session.reset()
         t = time.perf_counter()
-        model._prefill(inputs)
+        session.prefill(inputs)
         return n / (time.perf_counter() - t)
 
     return _row(f"pp{n}", "tok/s", _measure(once, reps))
@@ -56,12 +58,14 @@ def bench_prefill(model: Model, n: int, reps: int) -> BenchRow:
 def bench_decode(model: Model, n: int, depth: int, reps: int) -> BenchRow:
     inputs = _inputs(model, max(depth, 1), seed=1)
 
+    session = model.session
+
     def once() -> float:
-        model.reset()
-        logits, _ = model._prefill(inputs)
+        session.reset()
+        logits, _ = session.prefill(inputs)
         t = time.perf_counter()
         for _ in range(n):
-            logits = model._decode_step(int(np.argmax(logits)), 0)
+            logits = session.step(int(np.argmax(logits)))
         return n / (time.perf_counter() - t)
 
     return _row(f"tg{n}" + (f"@d{depth}" if depth else ""), "tok/s", _measure(once, reps))

@@ -9,10 +9,10 @@ prefix -> decode one token at a time -> stream text, stop on EOS / stop strings 
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +29,7 @@ from vlm.generation import (
 )
 from vlm.image import ImageInput, load_image
 from vlm.models.llama import LlamaModel
+from vlm.session import PromptInputs, Session
 from vlm.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[dict] | Sequence[int]
@@ -49,24 +50,6 @@ class VisionFamily(Protocol):
     def positions(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, int]: ...
 
 
-@dataclass
-class PromptInputs:
-    """A prompt made ready for the decoder."""
-
-    ids: np.ndarray  # int64 [n]
-    positions: np.ndarray  # [n], or [3, n] for M-RoPE
-    rope_delta: int  # decode position = cache index + rope_delta
-    keys: list  # what each position holds, for prefix reuse: token id or (image digest, index)
-    image_embeds: np.ndarray | None = None  # [n_image_tokens, hidden] in prompt order
-    image_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    images: int = 0
-    images_encoded: int = 0  # images that went through the encoder (others came from the image cache)
-    vision_encode_s: float = 0.0
-
-
-KV_CACHE_DTYPES = {"f16": np.float16, "f32": np.float32}
-
-
 class Model:
     """A ready-to-run model. Create it with `vlm.load`."""
 
@@ -76,15 +59,17 @@ class Model:
             raise VlmError(f"context must be at least 16 tokens, got {context}")
         if prefill_chunk < 1:
             raise VlmError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
-        if kv_cache not in KV_CACHE_DTYPES:
-            raise VlmError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache!r}")
+        # One lock for everything that runs kernels or touches shared state (the kernels' thread
+        # pool, the fused plans, the image cache), held per step so no stream can block the model.
+        self.lock = threading.RLock()
         self.decoder = decoder
         self.tokenizer = tokenizer
         self.family = family
         self.context = context
         self.prefill_chunk = prefill_chunk
         self.info = info or {}
-        self.cache = decoder.new_cache(context, KV_CACHE_DTYPES[kv_cache])
+        self.kv_cache = kv_cache
+        self.session = self.new_session()
         self._image_cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     # --- text ------------------------------------------------------------------------------
@@ -206,75 +191,62 @@ class Model:
     def _encode_images(self, processed: list) -> tuple[list[np.ndarray], int]:
         """Embeddings of each image (new ones through the encoder together, in one batch) and
         how many were encoded."""
-        todo = [p for p in processed if p.digest not in self._image_cache]
-        unique = list({p.digest: p for p in todo}.values())
-        if unique:
-            for p, e in zip(unique, self.family.encode(unique), strict=True):
-                self._image_cache[p.digest] = e
-        out = []
-        for p in processed:
-            self._image_cache.move_to_end(p.digest)
-            out.append(self._image_cache[p.digest])
-        while len(self._image_cache) > IMAGE_CACHE_ENTRIES:
-            self._image_cache.popitem(last=False)
-        return out, len(unique)
+        with self.lock:  # the image cache is shared, and the encoder runs the kernels
+            todo = [p for p in processed if p.digest not in self._image_cache]
+            unique = list({p.digest: p for p in todo}.values())
+            if unique:
+                for p, e in zip(unique, self.family.encode(unique), strict=True):
+                    self._image_cache[p.digest] = e
+            out = []
+            for p in processed:
+                self._image_cache.move_to_end(p.digest)
+                out.append(self._image_cache[p.digest])
+            while len(self._image_cache) > IMAGE_CACHE_ENTRIES:
+                self._image_cache.popitem(last=False)
+            return out, len(unique)
 
     # --- running the decoder -----------------------------------------------------------------
 
-    def _prefill(self, inputs: PromptInputs, all_logits: bool = False) -> tuple[np.ndarray, int]:
-        """Run the prompt through the decoder in chunks, reusing the cached prefix.
+    def new_session(self, context: int | None = None) -> Session:
+        """A sequence of its own (a KV cache and its bookkeeping) sharing this model's weights.
 
-        Returns the logits (every position if `all_logits`, else only the last) and how many
-        positions were reused from the cache.
+        `generate(..., session=s)` and `logits(..., session=s)` run in it; without one they use
+        the model's default session (`model.session`).
         """
-        cache = self.cache
-        start = 0 if all_logits else cache.reusable_prefix(inputs.keys)
-        cache.truncate(start)
-        n = inputs.ids.size
-        out = np.empty((n, self.decoder.config.vocab_size), dtype=np.float32) if all_logits else None
-        last = None
-        for a in range(start, n, self.prefill_chunk):
-            b = min(n, a + self.prefill_chunk)
-            x = self.decoder.embed_tokens(inputs.ids[a:b])
-            if inputs.image_embeds is not None:
-                sel = (inputs.image_rows >= a) & (inputs.image_rows < b)
-                x[inputs.image_rows[sel] - a] = inputs.image_embeds[sel]
-            h = self.decoder.forward(x, inputs.positions[..., a:b], cache, a)
-            cache.keys.extend(inputs.keys[a:b])
-            if all_logits:
-                out[a:b] = self.decoder.lm_head(h)
-            elif b == n:
-                last = self.decoder.lm_head(h[-1:])[0]
-        return (out if all_logits else last), start
+        context = self.context if context is None else context
+        if not isinstance(context, int) or context < 16:
+            raise VlmError(f"context must be at least 16 tokens, got {context}")
+        return Session(self.decoder, context, self.kv_cache, self.prefill_chunk, self.lock)
 
-    def _decode_step(self, token: int, rope_delta: int) -> np.ndarray:
-        """Feed one token at the next cache slot; returns the next-token logits."""
-        pos = len(self.cache.keys)
-        h = self.decoder.decode_step(self.decoder.embed_tokens(np.array([token])),
-                                     np.array([pos + rope_delta], dtype=np.int64), self.cache, pos)
-        self.cache.keys.append(token)
-        return self.decoder.lm_head(h)[0]
+    @property
+    def cache(self):
+        """The default session's KV cache."""
+        return self.session.cache
 
     def logits(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
-               **image_options) -> np.ndarray:
+               session: Session | None = None, **image_options) -> np.ndarray:
         """Float32 logits [n_tokens, vocab] for every prompt position, through the generate path."""
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        return self._prefill(inputs, all_logits=True)[0]
+        return (session or self.session).prefill(inputs, all_logits=True)[0]
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""
-        self.cache.truncate(0)
+        self.session.reset()
 
     # --- generation --------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-                 stream: bool = False, raw: bool = False, **image_options) -> GenerationResult | TextStream:
+                 stream: bool = False, raw: bool = False, session: Session | None = None,
+                 **image_options) -> GenerationResult | TextStream:
         """Generate a continuation of `prompt` (a string, chat messages or token ids).
 
         Returns a `GenerationResult` (.text, .tokens, .stats), or with stream=True a `TextStream`
         that yields text pieces and holds the result once exhausted. temperature 0 is greedy.
+        Runs in `session` (default: the model's own); calls from several threads, or several
+        open streams, may share one session: each finds its own history again when another
+        call used the session in between.
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
@@ -286,23 +258,26 @@ class Model:
         result = GenerationResult("", [], GenerationStats(
             prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
             image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s))
-        pieces = self._run(inputs, sampler, max_new_tokens, list(stop), result, t0)
+        pieces = self._run(session or self.session, inputs, sampler, max_new_tokens, list(stop), result, t0)
         if stream:
             return TextStream(pieces, result)
         for _ in pieces:
             pass
         return result
 
-    def _run(self, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int, stop: list[str],
-             result: GenerationResult, t0: float) -> Iterator[str]:
+    def _run(self, session: Session, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int,
+             stop: list[str], result: GenerationResult, t0: float) -> Iterator[str]:
         stats = result.stats
         stats.finish_reason = "interrupted"  # until the loop ends on its own
         detok = StreamDecoder(self.tokenizer, stop)
         eos = self.tokenizer.eos_ids
         history = inputs.ids.tolist()
+        n_prompt = len(history)
         t_prefill = t_decode = time.perf_counter()
         try:
-            logits, stats.cached_tokens = self._prefill(inputs)
+            with session.lock:
+                logits, stats.cached_tokens = session.prefill(inputs)
+                seen = session.version  # the session as this stream left it
             t_decode = time.perf_counter()
             stats.prefill_s = t_decode - t_prefill
             stats.ttft_s = t_decode - t0
@@ -319,10 +294,15 @@ class Model:
                 if detok.stopped:
                     stats.finish_reason = "stop"
                     break
-                if len(result.tokens) >= max_new_tokens or len(self.cache.keys) >= self.context:
+                if len(result.tokens) >= max_new_tokens or len(history) > session.context:  # the token would not fit
                     stats.finish_reason = "length"
                     break
-                logits = self._decode_step(token, inputs.rope_delta)
+                with session.lock:
+                    if session.version == seen:
+                        logits = session.step(token)
+                    else:  # another call used the session since our last step
+                        logits = session.resume(inputs, history[n_prompt:])
+                    seen = session.version
                 stats.decode_steps += 1
             if not detok.stopped:
                 tail = detok.flush()

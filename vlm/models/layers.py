@@ -337,19 +337,17 @@ def _lazy_zeros(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, plus what the cached positions hold.
+    """Preallocated keys and values for every layer: k and v [n_layers, n_kv_heads, max_len, head_dim].
 
-    `keys` names the content of each cached position (a token id, or an image digest and
-    index), so a new prompt that starts the same way reuses the cached prefix. The values are
-    float32, or float16 (half the memory and the bytes decode reads at depth; llama.cpp's
+    Float32, or float16 (half the memory and the bytes decode reads at depth; llama.cpp's
     default too): k and v are rounded to float16 as they are stored and widened as they are read.
+    What each position holds is the owning `vlm.session.Session`'s business.
     """
 
     def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, dtype=np.float32):
         shape = (n_layers, n_kv_heads, max_len, head_dim)
         self.k, self.v = _lazy_zeros(shape, dtype), _lazy_zeros(shape, dtype)
         self.max_len = max_len
-        self.keys: list = []
 
     def layer(self, i: int) -> LayerKV:
         return LayerKV(self.k[i], self.v[i])
@@ -357,14 +355,3 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
-
-    def reusable_prefix(self, keys: list) -> int:
-        """How many leading positions of `keys` are already cached (at least one is left to run)."""
-        n = 0
-        limit = min(len(self.keys), len(keys) - 1)
-        while n < limit and self.keys[n] == keys[n]:
-            n += 1
-        return n
-
-    def truncate(self, n: int) -> None:
-        del self.keys[n:]
