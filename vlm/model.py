@@ -29,7 +29,7 @@ from vlm.generation import (
 )
 from vlm.image import ImageInput, load_image
 from vlm.models.llama import LlamaModel
-from vlm.session import PromptInputs, Session
+from vlm.session import PromptInputs, Session, step_together
 from vlm.tokenizer import StreamDecoder, Tokenizer
 
 Prompt = str | Sequence[dict] | Sequence[int]
@@ -248,71 +248,161 @@ class Model:
         open streams, may share one session: each finds its own history again when another
         call used the session in between.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-        if isinstance(stop, str):
-            stop = [stop]
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         t0 = time.perf_counter()
-        inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        result = GenerationResult("", [], GenerationStats(
-            prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
-            image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s))
-        pieces = self._run(session or self.session, inputs, sampler, max_new_tokens, list(stop), result, t0)
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        seq = self.start(prompt, images, max_new_tokens, sampling, stop, raw, **image_options)
+        pieces = self._run(session or self.session, seq, t0)
         if stream:
-            return TextStream(pieces, result)
+            return TextStream(pieces, seq.result)
         for _ in pieces:
             pass
-        return result
+        return seq.result
 
-    def _run(self, session: Session, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int,
-             stop: list[str], result: GenerationResult, t0: float) -> Iterator[str]:
-        stats = result.stats
-        stats.finish_reason = "interrupted"  # until the loop ends on its own
-        detok = StreamDecoder(self.tokenizer, stop)
-        eos = self.tokenizer.eos_ids
-        history = inputs.ids.tolist()
-        n_prompt = len(history)
-        t_prefill = t_decode = time.perf_counter()
+    def generate_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[ImageInput] | None] | None = None,
+                       max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                       stop: Sequence[str] = (), raw: bool = False, **image_options) -> list[GenerationResult]:
+        """Generate a continuation of each prompt, decoding them together.
+
+        Each prompt is prefilled in a session of its own; then every step decodes one token of
+        every sequence still running in one batched pass (the weights are read once for all of
+        them), and each sequence finishes on its own. `images`, if given, holds each prompt's
+        images. Each result equals `generate(prompt, ...)` alone: greedy decoding gives the
+        same tokens, and a seed the same draws. Stats' decode rate is per sequence.
+        """
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise VlmError(f"{len(prompts)} prompts but {len(images)} image lists")
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        running = []
+        for prompt, imgs in zip(prompts, images, strict=True):
+            t0 = time.perf_counter()
+            seq = self.start(prompt, imgs, max_new_tokens, sampling, stop, raw, **image_options)
+            seq.prefill(self.new_session(), t0)
+            running.append(seq)
+        results = [seq.result for seq in running]
+        try:
+            while running:
+                for seq in running:
+                    seq.advance()
+                    if seq.done:
+                        seq.close()
+                running = [seq for seq in running if not seq.done]
+                if running:
+                    logits = step_together([seq.session for seq in running], [seq.token for seq in running])
+                    for seq, row in zip(running, logits, strict=True):
+                        seq.stepped(row)
+        finally:
+            for seq in running:
+                seq.close()
+        return results
+
+    def start(self, prompt: Prompt, images: Sequence[ImageInput] | None, max_new_tokens: int,
+              sampling: SamplingParams, stop: Sequence[str] = (), raw: bool = False, **image_options) -> Decoding:
+        """A request made ready to decode (prompt prepared, images encoded): see `Decoding`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        inputs = self.prepare(prompt, images, raw=raw, **image_options)
+        return Decoding(self.tokenizer, inputs, Sampler(sampling), max_new_tokens, [stop] if isinstance(stop, str)
+                        else list(stop))
+
+    def _run(self, session: Session, seq: Decoding, t0: float) -> Iterator[str]:
         try:
             with session.lock:
-                logits, stats.cached_tokens = session.prefill(inputs)
+                seq.prefill(session, t0)
                 seen = session.version  # the session as this stream left it
-            t_decode = time.perf_counter()
-            stats.prefill_s = t_decode - t_prefill
-            stats.ttft_s = t_decode - t0
             while True:
-                token = sampler(logits, history)
-                if token in eos:
-                    stats.finish_reason = "stop"
-                    break
-                result.tokens.append(token)
-                history.append(token)
-                piece = detok.push(token)
+                piece = seq.advance()
                 if piece:
                     yield piece
-                if detok.stopped:
-                    stats.finish_reason = "stop"
-                    break
-                if len(result.tokens) >= max_new_tokens or len(history) > session.context:  # the token would not fit
-                    stats.finish_reason = "length"
+                if seq.done:
                     break
                 with session.lock:
                     if session.version == seen:
-                        logits = session.step(token)
+                        seq.stepped(session.step(seq.token))
                     else:  # another call used the session since our last step
-                        logits = session.resume(inputs, history[n_prompt:])
+                        seq.stepped(session.resume(seq.inputs, seq.generated))
                     seen = session.version
-                stats.decode_steps += 1
-            if not detok.stopped:
-                tail = detok.flush()
-                if tail:
-                    yield tail
         finally:
-            stats.decode_s = time.perf_counter() - t_decode if stats.decode_steps else 0.0
-            stats.generated_tokens = len(result.tokens)
-            stats.peak_memory_mb = peak_memory_mb()
-            result.text = detok.text
+            seq.close()
 
     def set_threads(self, threads: int | None) -> None:
         kernels.set_threads(threads)
+
+
+class Decoding:
+    """One sequence being generated: its prompt, sampler, stop rules, streamed text and stats.
+
+    Driven from outside, one token at a time, so one sequence (`Model.generate`) or many
+    decoded together (`Model.generate_batch`, the server's slots) run the same rules:
+    `prefill(session)`, then repeatedly `advance()` (sample from the logits in hand; returns
+    the text that became final) and, unless `done`, feed `token` to the session (alone or in a
+    batched step) and hand the logits back with `stepped`. `close()` settles the stats.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int,
+                 stop: list[str]):
+        self.inputs, self.sampler, self.max_new_tokens = inputs, sampler, max_new_tokens
+        self.detok = StreamDecoder(tokenizer, stop)
+        self.eos = tokenizer.eos_ids
+        self.history = inputs.ids.tolist()
+        self.session: Session | None = None
+        self.logits: np.ndarray | None = None
+        self.token: int | None = None  # the token to feed next, once sampled
+        self.done = False
+        self.result = GenerationResult("", [], GenerationStats(
+            prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
+            image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s,
+            finish_reason="interrupted"))  # until it ends on its own
+        self._t_decode = 0.0
+
+    @property
+    def generated(self) -> list[int]:
+        return self.result.tokens
+
+    def prefill(self, session: Session, t0: float) -> None:
+        """The prompt through `session` in one go (t0: when the request started)."""
+        t = time.perf_counter()
+        self.prefilled(session, *session.prefill(self.inputs), t0, t)
+
+    def prefilled(self, session: Session, logits: np.ndarray, cached: int, t0: float, t_prefill: float) -> None:
+        """The prompt is in `session` (prefilled from t_prefill on, `cached` positions reused)."""
+        stats = self.result.stats
+        self.session, self.logits, stats.cached_tokens = session, logits, cached
+        self._t_decode = time.perf_counter()
+        stats.prefill_s = self._t_decode - t_prefill
+        stats.ttft_s = self._t_decode - t0
+
+    def advance(self) -> str:
+        """Sample the next token; returns the text it makes final (maybe empty). Sets `done`
+        when the sequence ends (EOS, a stop string, max_new_tokens or a full context)."""
+        token = self.sampler(self.logits, self.history)
+        if token in self.eos:
+            return self._finish("stop")
+        self.result.tokens.append(token)
+        self.history.append(token)
+        piece = self.detok.push(token)
+        if self.detok.stopped:
+            self.done, self.result.stats.finish_reason = True, "stop"
+            return piece
+        if len(self.result.tokens) >= self.max_new_tokens or len(self.history) > self.session.context:
+            return piece + self._finish("length")  # the token would not fit
+        self.token = token
+        return piece
+
+    def stepped(self, logits: np.ndarray) -> None:
+        """The logits after `token` was fed."""
+        self.logits = logits
+        self.result.stats.decode_steps += 1
+
+    def _finish(self, reason: str) -> str:
+        self.done, self.result.stats.finish_reason = True, reason
+        return self.detok.flush()
+
+    def close(self) -> None:
+        """Settle the stats (called once the sequence ended or was abandoned)."""
+        stats = self.result.stats
+        stats.decode_s = time.perf_counter() - self._t_decode if stats.decode_steps else 0.0
+        stats.generated_tokens = len(self.result.tokens)
+        stats.peak_memory_mb = peak_memory_mb()
+        self.result.text = self.detok.text
