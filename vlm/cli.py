@@ -229,7 +229,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     threads = args.threads or info().get("threads", os.cpu_count() or 1)
-    result = bench.run(model, args.prompt_tokens, args.gen_tokens, args.depth, args.image_size, args.reps, threads)
+    result = bench.run(model, args.prompt_tokens, args.gen_tokens, args.depth, args.image_size, args.reps, threads,
+                       args.parallel)
     print(bench.to_json(result) if args.json else bench.to_markdown(result))
     return 0
 
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--gen-tokens", type=_ints, default=[128], help="decode lengths (default 128)")
     p.add_argument("-d", "--depth", type=_ints, default=[0], help="context depths for decode (default 0)")
     p.add_argument("--image-size", type=_sizes, default=[(448, 448)], help="vision sizes (default 448x448)")
+    p.add_argument("--parallel", type=_ints, default=[],
+                   help="numbers of sequences decoded together, e.g. 1,2,4,8 (aggregate decode tok/s)")
     p.add_argument("-r", "--reps", type=int, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
