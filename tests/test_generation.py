@@ -182,3 +182,15 @@ def test_generate_batch_equals_generate_alone(tiny_llm, quantize):
     assert model.generate_batch([]) == []
     with pytest.raises(vlm.VlmError, match="image lists"):
         model.generate_batch(["a", "b"], images=[None])
+
+
+def test_generate_batch_on_the_real_model_gives_each_prompt_its_greedy_answer(smollm2_gguf):
+    """SmolLM2 Q4_1, 8 prompts decoded together: the batched step's rows are bit-identical to
+    single steps (int8 products sum in integers; the 8-bit head's float tiles are "solo"), so
+    greedy answers are the ones each prompt gets alone."""
+    model = vlm.load(smollm2_gguf, context=256)
+    prompts = ["What is the capital of France?", "Name three colors.", "Write a haiku about rain.", "What is 2 + 2?",
+               "Who wrote Hamlet?", "A word that rhymes with cat?", "Describe the sun.", "Say hello in Spanish."]
+    together = model.generate_batch(prompts, max_new_tokens=12)
+    for prompt, got in zip(prompts, together, strict=True):
+        assert got.tokens == model.generate(prompt, max_new_tokens=12, session=model.new_session()).tokens

@@ -123,11 +123,11 @@ def test_streamed_equals_whole_equals_generate(serve, smollm2):
 
 
 def test_concurrent_clients_get_their_sequential_greedy_answers(serve, smollm2):
-    expected = [fresh(smollm2, chat(p), max_new_tokens=20).text for p in PROMPTS]
+    expected = [fresh(smollm2, chat(p), max_new_tokens=16).text for p in PROMPTS]
     running = serve(lambda: smollm2, parallel=8).wait_ready()
 
     def ask(prompt: str) -> str:
-        r = running.client().chat.completions.create(model="m", messages=chat(prompt), max_tokens=20, temperature=0)
+        r = running.client().chat.completions.create(model="m", messages=chat(prompt), max_tokens=16, temperature=0)
         return r.choices[0].message.content
 
     with ThreadPoolExecutor(8) as pool:
@@ -255,3 +255,34 @@ def test_soak_many_requests_from_threads(serve, smollm2):
         assert set(pool.map(ask, range(150, 300))) <= {"stop", "length"}
     assert rss_mib() - middle < 8
     assert running.get("/health")[1]["slots_processing"] == 0
+
+
+def test_vlm_serve_stops_cleanly_on_sigterm(tiny_llm, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-m", "vlm", "serve", "-m", str(tiny_llm("llama")), "--port", str(port)],
+                            cwd=root, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 60
+        while True:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < end and proc.poll() is None, "vlm serve did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert "shutting down" in proc.stderr.read()
+    finally:
+        proc.kill()
