@@ -235,6 +235,10 @@ def sampling_request(body: dict, context: int) -> dict:
             raise ApiError(400, f"'{name}' is not supported with the value {body[name]!r}", name)
     if _number(body, "n", int, 1) != 1:
         raise ApiError(400, "only n = 1 is supported", "n")
+    if not isinstance(body.get("stream", False), bool):
+        raise ApiError(400, "'stream' must be true or false", "stream")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ApiError(400, "'stream_options' must be an object", "stream_options")
     stop = body.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -419,6 +423,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(e.status, e.body())
         except (BrokenPipeError, ConnectionResetError):
             pass
+        except Exception as e:  # a bug: still an answer in the API's shape, and the server goes on
+            self.close_connection = True
+            self._json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
 
     def _check_key(self) -> None:
         key = self.server.api_key
