@@ -37,7 +37,7 @@ def sequences(llm, model, n_tokens: int) -> list[list[int]]:
     """Each prompt (chat-templated by vlm) followed by llama.cpp's greedy continuation."""
     out = []
     for p in PROMPTS:
-        ids = model.tokens([{"role": "user", "content": p}])[0].tolist()
+        ids = model.prepare([{"role": "user", "content": p}]).ids.tolist()
         cont = []
         for t in llm.generate(ids, temp=0.0, reset=True):
             if t == llm.token_eos() or len(cont) >= n_tokens:

@@ -13,12 +13,8 @@ the peak memory against the weights plus the KV cache actually used.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
-import sys
 from pathlib import Path
-
-import numpy as np
 
 SHAPES = {
     "qwen2-vl-2b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
@@ -35,45 +31,6 @@ SHAPES = {
 }
 
 
-def random_q4(seed: int, rows: int, cols: int):
-    from vlm.quant import QuantizedWeight
-
-    rng = np.random.default_rng(seed)
-    groups = cols // 32
-    return QuantizedWeight(4, 32, False, rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
-                           np.full((rows, groups), 0.004, np.float16), np.full((rows, groups), -0.03, np.float16))
-
-
-def random_q8(seed: int, rows: int, cols: int):
-    from vlm.quant import QuantizedWeight
-
-    rng = np.random.default_rng(seed)
-    return QuantizedWeight(8, 32, True, rng.integers(-127, 128, (rows, cols), dtype=np.int8),
-                           np.full((rows, cols // 32), 0.0005, np.float16))
-
-
-def random_decoder_tensors(c: dict, seed: int = 0):
-    """The decoder's tensors, each made when looked up (so the model holds only its packed copy)."""
-    from vlm.formats.lazy import LazyTensors
-
-    h, kv = c["num_attention_heads"] * c["head_dim"], c["num_key_value_heads"] * c["head_dim"]
-    d, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    t = {"model.embed_tokens.weight": functools.partial(random_q8, seed, v, d),
-         "model.norm.weight": functools.partial(np.ones, d, np.float32)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        for j, (name, rows, cols) in enumerate((("self_attn.q_proj", h, d), ("self_attn.k_proj", kv, d),
-                                                ("self_attn.v_proj", kv, d), ("self_attn.o_proj", d, h),
-                                                ("mlp.gate_proj", f, d), ("mlp.up_proj", f, d),
-                                                ("mlp.down_proj", d, f))):
-            t[p + name + ".weight"] = functools.partial(random_q4, (seed, i, j), rows, cols)
-        for name, rows in (("q", h), ("k", kv), ("v", kv)) if c.get("attention_bias") else ():
-            t[p + f"self_attn.{name}_proj.bias"] = functools.partial(np.zeros, rows, np.float32)
-        t[p + "input_layernorm.weight"] = functools.partial(np.ones, d, np.float32)
-        t[p + "post_attention_layernorm.weight"] = functools.partial(np.ones, d, np.float32)
-    return LazyTensors(t)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(SHAPES), default="qwen2-vl-2b")
@@ -86,15 +43,15 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import tempfile
 
-    from make_tiny_llm import make_tokenizer
     from tokenizers import Tokenizer as HFTokenizer
 
     from vlm import bench, kernels
-    from vlm.model import Model
     from vlm.models.llama import LlamaModel, TextConfig
+    from vlm.runtime import Model
+    from vlm.testing.random_decoder import random_decoder_tensors
+    from vlm.testing.tiny_llm import make_tokenizer
     from vlm.tokenizer import Tokenizer
 
     kernels.set_threads(args.threads)

@@ -122,10 +122,11 @@ def _weights_mib(path: Path) -> float:
 
 def _random_converted(name: str, dst: Path) -> Path:
     sys.path.insert(0, str(HERE))
-    from bench_decoder_shapes import SHAPES, random_decoder_tensors
-    from make_tiny_llm import make_tokenizer
+    from bench_decoder_shapes import SHAPES
 
     from vlm.formats.native import write_native
+    from vlm.testing.random_decoder import random_decoder_tensors
+    from vlm.testing.tiny_llm import make_tokenizer
 
     dst.mkdir(parents=True)
     make_tokenizer(dst)

@@ -113,8 +113,8 @@ def main() -> None:
     print(f"{'image':>24} {'weights':>7} {'patches':>8} {'tokens':>7} {'ours s':>8} {'cpu s':>8} {'ours MB':>8} "
           f"{'hf s':>8} {'cpu s':>8} {'hf MB':>8} {'speedup':>8} {'max rel diff':>12}")
     for label, batch in runs:
-        pixels = np.concatenate([p.pixel_values for p in batch])
-        grids = [p.grid_thw for p in batch]
+        pixels = np.concatenate([p.pixels for p in batch])
+        grids = [p.grid for p in batch]
         hf = None
         if torch is not None:
             with torch.no_grad():

@@ -54,7 +54,7 @@ def measure(threads: int, reps: int) -> dict:
         best = float("inf")
         for _ in range(max(1, reps - 1)):
             t = time.perf_counter()
-            out = tower(p.pixel_values, [p.grid_thw])
+            out = tower(p.pixels, [p.grid])
             best = min(best, time.perf_counter() - t)
         vision.append({"side": side, "tokens": int(out.shape[0]), "seconds": best})
     return {"threads": threads, "reps": reps, "kernels": kernels.info()["path"],

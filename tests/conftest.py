@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
 
 
 @pytest.fixture(params=["avx512", "avxvnni", "avx2", "portable"])
@@ -30,7 +26,7 @@ def kernel_path(request):
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory):
     """Factory: path of a tiny random HF checkpoint of the given architecture (built once)."""
-    from make_tiny_llm import make_tiny_llm
+    from vlm.testing.tiny_llm import make_tiny_llm
 
     made: dict[str, Path] = {}
 
@@ -61,7 +57,8 @@ def tiny_smolvlm(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")  # transformers reads SmolLM2's tokenizer from the GGUF with it
     import torch
-    from make_tiny_smolvlm import make_tiny_smolvlm
+
+    from vlm.testing.tiny_smolvlm import make_tiny_smolvlm
 
     torch.set_num_threads(1)
     return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm"))
@@ -73,7 +70,7 @@ def tiny_smolvlm2(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from make_tiny_smolvlm import make_tiny_smolvlm
+    from vlm.testing.tiny_smolvlm import make_tiny_smolvlm
 
     return make_tiny_smolvlm(tmp_path_factory.mktemp("tiny_smolvlm2"), arch="smolvlm")
 
@@ -84,6 +81,6 @@ def tiny_qwen2vl(tmp_path_factory, smollm2_gguf) -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     pytest.importorskip("gguf")
-    from make_tiny_qwen2vl import make_tiny_qwen2vl
+    from vlm.testing.tiny_qwen2vl import make_tiny_qwen2vl
 
     return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))

@@ -116,3 +116,27 @@ def test_image_turns_encode_each_image_once(tiny_smolvlm, tmp_path):
     child.expect("image not found")
     child.sendline("/quit")
     child.expect(pexpect.EOF)
+
+
+def test_chat_preprocesses_each_image_once(tiny_qwen2vl):
+    import numpy as np
+
+    model = vlm.load(tiny_qwen2vl)
+    calls = []
+    real = model.family.preprocess
+
+    def counting(image, **options):
+        calls.append(options)
+        return real(image, **options)
+
+    model.family.preprocess = counting
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (56, 84, 3), dtype=np.uint8) for _ in range(3)]
+    chat = vlm.Chat(model, max_new_tokens=3, max_image_tokens=32)
+    first = chat.send("Compare these.", images=images[:2])
+    assert len(calls) == 2 and first.stats.images_encoded == 2
+    second = chat.send("And this one?", images=images[2:])
+    assert len(calls) == 3 and second.stats.images == 3 and second.stats.images_encoded == 1
+    "".join(chat.send("Which is brightest?", stream=True))
+    assert len(calls) == 3  # no turn preprocessed the history again
+    assert calls[0] == {"max_image_tokens": 32}  # the chat's image options reached preprocessing

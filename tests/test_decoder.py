@@ -98,7 +98,7 @@ def test_converted_model_loads_by_mmap_and_matches_on_load_quantization(arch_dir
     on_load = vlm.load(path, quantize="q4")
     ids = on_load.tokenize(PROMPTS[1])
     assert np.array_equal(converted.logits(ids), on_load.logits(ids))
-    from vlm.formats.checkpoint import read_checkpoint
+    from vlm.formats.reader import read_checkpoint
 
     w = read_checkpoint(tmp_path / "q4").tensors["model.layers.0.mlp.up_proj.weight"]
     assert isinstance(w.qweight, np.memmap) or isinstance(w.qweight.base, np.memmap)  # mapped, not read

@@ -16,7 +16,7 @@ import pytest
 
 import vlm
 from vlm import kernels
-from vlm.formats.checkpoint import read_checkpoint
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.models import layers
 from vlm.models.llama import LlamaModel, TextConfig

@@ -15,7 +15,7 @@ import pytest
 from vlm import kernels
 from vlm.errors import VlmError
 from vlm.formats.gguf import GGUFFile, load_gguf_checkpoint
-from vlm.formats.safetensors import mapping_of
+from vlm.memory import mapping_of
 from vlm.quant import HalfWeight, QuantizedWeight
 
 gguf = pytest.importorskip("gguf")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,8 @@ from PIL import Image
 from vlm.errors import VlmError
 from vlm.models.idefics3 import Idefics3Family, Idefics3ImageProcessor
 from vlm.models.idefics3.vision import pixel_shuffle, position_ids
+from vlm.prompt import TextSegment
 from vlm.quant import HalfWeight, quantize
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 def _rng_image(w: int, h: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -100,11 +98,11 @@ def test_processor_matches_reference(family, reference, name):
     img = _rng_image(*IMAGES[name])
     ref = processor.image_processor(img, return_row_col_info=True, return_tensors="np")
     ours = family.preprocess(img)
-    assert ours.pixel_values.shape == ref["pixel_values"][0].shape
-    assert (ours.rows, ours.cols) == (ref["rows"][0][0], ref["cols"][0][0])
-    assert ours.rows * ours.cols > 0
-    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"][0], rtol=0, atol=1e-6)
-    assert ours.n_tokens == ours.n_tiles * processor.image_seq_len
+    assert ours.pixels.shape == ref["pixel_values"][0].shape
+    assert ours.grid == (ref["rows"][0][0], ref["cols"][0][0])
+    assert ours.grid[0] * ours.grid[1] > 0
+    np.testing.assert_allclose(ours.pixels, ref["pixel_values"][0], rtol=0, atol=1e-6)
+    assert ours.rows == len(ours.pixels) * processor.image_seq_len
 
 
 def test_unsplit_image_matches_reference(tiny, reference):
@@ -117,16 +115,25 @@ def test_unsplit_image_matches_reference(tiny, reference):
     img = _rng_image(50, 40)
     ref = processor.image_processor(img, size={"longest_edge": 64}, return_row_col_info=True, return_tensors="np")
     ours = fam.preprocess(img)
-    assert (ours.rows, ours.cols, ours.n_tiles) == (0, 0, 1)
-    np.testing.assert_allclose(ours.pixel_values, ref["pixel_values"][0], rtol=0, atol=1e-6)
+    assert (ours.grid, len(ours.pixels)) == ((0, 0), 1)
+    np.testing.assert_allclose(ours.pixels, ref["pixel_values"][0], rtol=0, atol=1e-6)
     text = "User:<image>Hi<end_of_utterance>\nAssistant:"
-    assert fam.expand_prompt(text, [ours]) == _reference_prompt(processor, text, [img], size={"longest_edge": 64})
+    assert _expanded(fam, text, [ours]) == _reference_prompt(processor, text, [img], size={"longest_edge": 64})
 
 
 def _load(path: Path) -> dict:
     from safetensors.numpy import load_file
 
     return load_file(path / "model.safetensors")
+
+
+def _expanded(family: Idefics3Family, text: str, images: list) -> str:
+    """The text form of the family's image slots, to compare with the reference's prompt string."""
+    parts = text.split(family.image_token)
+    out = [parts[0]]
+    for image, part in zip(images, parts[1:], strict=True):
+        out += [p if isinstance(p, str) else family.image_token * p for p in family.image_slot(image)] + [part]
+    return "".join(out)
 
 
 def _reference_prompt(processor, text: str, images: list, **kwargs) -> str:
@@ -141,22 +148,34 @@ def test_expanded_prompt_matches_reference(family, reference):
                                              {"type": "image"}, {"type": "text", "text": " these."}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert text == "<|im_start|>User:<image>Compare<image> these.<end_of_utterance>\nAssistant:"
-    ours = family.expand_prompt(text, [family.preprocess(im) for im in imgs])
+    ours = _expanded(family, text, [family.preprocess(im) for im in imgs])
     assert ours == _reference_prompt(processor, text, imgs)
     ids = processor(text=text, images=imgs)["input_ids"][0]
     assert processor.tokenizer(ours)["input_ids"] == list(ids)
-    assert sum(i == family.image_token_id for i in ids) == sum(family.preprocess(im).n_tokens for im in imgs)
+    assert sum(i == family.image_token_id for i in ids) == sum(family.preprocess(im).rows for im in imgs)
+
+
+def test_prompt_ids_match_reference(loaded, reference):
+    """Segments tokenized piece by piece give the reference's ids, the image rows where its image tokens are."""
+    processor, _ = reference
+    imgs = [_rng_image(*IMAGES["wide"]), _rng_image(*IMAGES["tall"]), _rng_image(50, 40)]
+    messages = _messages(3, "Compare these.")
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    ids = np.asarray(processor(text=text, images=imgs)["input_ids"][0])
+    inputs = loaded.prepare(messages, images=imgs)
+    np.testing.assert_array_equal(inputs.ids, ids)
+    np.testing.assert_array_equal(inputs.image_rows, np.flatnonzero(ids == loaded.family.image_token_id))
 
 
 def test_max_tiles_caps_the_grid():
     processor = Idefics3ImageProcessor(192, 64, 4)  # the tiny model's settings
     img = _rng_image(200, 180)  # 3 x 3 tiles + global by default
     full = processor(img)
-    assert full.n_tiles == 10
+    assert len(full.pixels) == 10
     capped = processor(img, max_tiles=5)
-    assert (capped.rows, capped.cols, capped.n_tiles, capped.n_tokens) == (2, 2, 5, 20)
+    assert (capped.grid, len(capped.pixels), capped.rows) == ((2, 2), 5, 20)
     single = processor(img, max_tiles=1)
-    assert (single.rows, single.cols, single.n_tiles) == (0, 0, 1)
+    assert (single.grid, len(single.pixels)) == ((0, 0), 1)
     assert len({full.digest, capped.digest, single.digest}) == 3
     assert processor(img).digest == full.digest
     assert processor(_rng_image(200, 180, seed=1)).digest != full.digest
@@ -176,12 +195,10 @@ def test_processor_rejects_bad_input():
         Idefics3ImageProcessor(192, 64, 4, resample=99)
 
 
-def test_expand_prompt_rejects_wrong_placeholder_count(family):
-    img = family.preprocess(_rng_image(10, 10))
-    with pytest.raises(VlmError, match="placeholders"):
-        family.expand_prompt("<image><image>", [img])
-    with pytest.raises(VlmError, match="placeholders"):
-        family.expand_prompt("no image here", [img])
+def test_wrong_placeholder_count_is_an_error(loaded):
+    img = _rng_image(10, 10)
+    with pytest.raises(VlmError, match="placeholder"):
+        loaded.prepare("<image><image>", images=[img], raw=True)  # two of its own, one image's
 
 
 # --- vision tower ------------------------------------------------------------------------
@@ -217,8 +234,8 @@ def test_vision_matches_reference_one_image(family, reference):
     _, model = reference
     im = family.preprocess(_rng_image(*IMAGES["wide"]))
     (ours,) = family.encode([im])
-    ref = _reference_features(model, im.pixel_values)
-    assert ours.shape == (im.n_tokens, 64) == ref.shape
+    ref = _reference_features(model, im.pixels)
+    assert ours.shape == (im.rows, 64) == ref.shape
     assert _rel(ours, ref) < 1e-4
 
 
@@ -228,9 +245,9 @@ def test_vision_batched_equals_separate(family, reference):
     batched = family.encode(ims)
     for im, feats in zip(ims, batched, strict=True):
         (alone,) = family.encode([im])
-        assert feats.shape == (im.n_tokens, 64)
+        assert feats.shape == (im.rows, 64)
         np.testing.assert_allclose(feats, alone, rtol=1e-5, atol=1e-6)
-        assert _rel(feats, _reference_features(model, im.pixel_values)) < 1e-4
+        assert _rel(feats, _reference_features(model, im.pixels)) < 1e-4
 
 
 def test_chunked_equals_unchunked(tiny, family):
@@ -246,7 +263,7 @@ def test_vision_mixed_precision(tiny, family, reference, kind, tol):
     fam = _family(tiny, convert=convert)
     assert all(layer.mlp.fc1.kind == kind for layer in fam.vision.layers)
     im = family.preprocess(_rng_image(*IMAGES["odd"]))
-    assert _rel(fam.encode([im])[0], _reference_features(model, im.pixel_values)) < tol
+    assert _rel(fam.encode([im])[0], _reference_features(model, im.pixels)) < tol
 
 
 def test_vision_rejects_bad_tensors_and_tiles(tiny, family):
@@ -281,9 +298,8 @@ def test_text_config_and_prefixes(tiny, family):
     assert "modality_projection.proj.weight" in vision and "post_layernorm.weight" in vision
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= decoder.keys()
     assert family.image_token_id == 49190 and family.image_seq_len == 4
-    ids = np.arange(7)
-    pos, delta = family.positions(ids, [])
-    np.testing.assert_array_equal(pos, ids)
+    pos, delta = family.positions([TextSegment(np.arange(7))])
+    np.testing.assert_array_equal(pos, np.arange(7))
     assert delta == 0
 
 

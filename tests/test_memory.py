@@ -47,10 +47,10 @@ def assert_held_once(m: dict, weights_mib: float) -> None:
 
 @pytest.mark.skipif(not kernels.AVAILABLE, reason="the numpy path keeps weights as stored")
 def test_converted_model_is_held_once(tmp_path):
-    from bench_decoder_shapes import random_decoder_tensors
-    from make_tiny_llm import make_tokenizer
 
     from vlm.formats.native import write_native
+    from vlm.testing.random_decoder import random_decoder_tensors
+    from vlm.testing.tiny_llm import make_tokenizer
 
     make_tokenizer(tmp_path)
     files = {f.name: f.read_text() for f in tmp_path.iterdir()}

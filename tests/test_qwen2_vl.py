@@ -1,12 +1,11 @@
 """Qwen2-VL against transformers: preprocessing, vision tower, M-RoPE positions, end to end.
 
-The reference model is a tiny random Qwen2-VL built once per module by scripts/make_tiny_qwen2vl.py.
+The reference model is a tiny random Qwen2-VL built once per module by vlm/testing/tiny_qwen2vl.py.
 Tests that need no reference (errors, chunking, precision) run without torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -18,11 +17,7 @@ from vlm.errors import VlmError
 from vlm.models.qwen2_vl import ProcessorSettings, Qwen2VisionTransformer, Qwen2VLFamily, VisionConfig, smart_resize
 from vlm.models.qwen2_vl.processor import preprocess_image
 from vlm.quant import HalfWeight, quantize
-
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("make_tiny_qwen2vl", ROOT / "scripts" / "make_tiny_qwen2vl.py")
-make_tiny = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_tiny)
+from vlm.testing import tiny_qwen2vl as make_tiny
 
 SETTINGS = ProcessorSettings.from_config(make_tiny.PREPROCESSOR_CONFIG)
 TINY_VISION = {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4, "hidden_size": 48}
@@ -81,12 +76,12 @@ def test_bad_sizes_are_vlm_errors():
 
 def test_token_cap_and_tiny_images():
     big = _rng_image(1000, 1400)
-    assert preprocess_image(big, SETTINGS, max_image_tokens=100).n_tokens <= 100
-    assert preprocess_image(big, SETTINGS, max_image_tokens=None).n_tokens == 72 * 100 // 4
+    assert preprocess_image(big, SETTINGS, max_image_tokens=100).rows <= 100
+    assert preprocess_image(big, SETTINGS, max_image_tokens=None).rows == 72 * 100 // 4
     for h, w in [(1, 1), (10, 10), (1, 150)]:
         p = preprocess_image(_rng_image(h, w), SETTINGS)
-        assert p.pixel_values.shape == (p.grid_thw[1] * p.grid_thw[2], 1176)
-        assert p.grid_thw[1] * p.grid_thw[2] * 196 >= SETTINGS.min_pixels
+        assert p.pixels.shape == (p.grid[1] * p.grid[2], 1176)
+        assert p.grid[1] * p.grid[2] * 196 >= SETTINGS.min_pixels
 
 
 def test_digest_identifies_pixels_and_settings():
@@ -108,8 +103,8 @@ def test_attention_chunking_matches_unchunked():
     config = VisionConfig.from_dict(TINY_VISION)
     tensors = _random_vision_tensors(config)
     images = [preprocess_image(_rng_image(90, 120, seed=3), SETTINGS), preprocess_image(_rng_image(60, 40), SETTINGS)]
-    pixels = np.concatenate([p.pixel_values for p in images])
-    grids = [p.grid_thw for p in images]
+    pixels = np.concatenate([p.pixels for p in images])
+    grids = [p.grid for p in images]
     whole = Qwen2VisionTransformer(config, tensors, max_score_bytes=1 << 30)(pixels, grids)
     # 64 bytes of scores = 16 keys' worth: several chunks per image, down to one query at a time.
     for budget in (64, 1):
@@ -121,12 +116,12 @@ def test_vision_in_half_and_8bit_weights():
     config = VisionConfig.from_dict(TINY_VISION)
     tensors = _random_vision_tensors(config)
     p = preprocess_image(_rng_image(100, 80), SETTINGS)
-    ref = Qwen2VisionTransformer(config, tensors)(p.pixel_values, [p.grid_thw])
+    ref = Qwen2VisionTransformer(config, tensors)(p.pixels, [p.grid])
     matrices = [k for k, v in tensors.items() if v.ndim >= 2]
     half = {k: HalfWeight(v.astype(np.float16)) if k in matrices else v for k, v in tensors.items()}
     q8 = {k: quantize(v, bits=8) if k in matrices and v.ndim == 2 else v for k, v in tensors.items()}
-    assert _rel(Qwen2VisionTransformer(config, half)(p.pixel_values, [p.grid_thw]), ref) < 5e-3
-    assert _rel(Qwen2VisionTransformer(config, q8)(p.pixel_values, [p.grid_thw]), ref) < 3e-2
+    assert _rel(Qwen2VisionTransformer(config, half)(p.pixels, [p.grid]), ref) < 5e-3
+    assert _rel(Qwen2VisionTransformer(config, q8)(p.pixels, [p.grid]), ref) < 3e-2
 
 
 def test_text_config_from_hub_and_transformers5_layouts():
@@ -223,18 +218,18 @@ def test_processor_matches_reference(case, cap, tmp_path):
     size = {"shortest_edge": SETTINGS.min_pixels, "longest_edge": SETTINGS.max_pixels_for(cap)}
     expected = ref(images=[img], size=size, return_tensors="np")
     ours = preprocess_image(img, SETTINGS, max_image_tokens=cap)
-    assert [list(ours.grid_thw)] == expected["image_grid_thw"].tolist()
-    assert ours.pixel_values.dtype == np.float32
-    np.testing.assert_array_equal(ours.pixel_values, expected["pixel_values"])
-    assert ours.n_tokens == ours.pixel_values.shape[0] // 4
+    assert [list(ours.grid)] == expected["image_grid_thw"].tolist()
+    assert ours.pixels.dtype == np.float32
+    np.testing.assert_array_equal(ours.pixels, expected["pixel_values"])
+    assert ours.rows == ours.pixels.shape[0] // 4
 
 
 def _reference_vision(reference, images) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        out = reference.model.visual(torch.from_numpy(np.concatenate([p.pixel_values for p in images])),
-                                     grid_thw=torch.tensor([p.grid_thw for p in images]))
+        out = reference.model.visual(torch.from_numpy(np.concatenate([p.pixels for p in images])),
+                                     grid_thw=torch.tensor([p.grid for p in images]))
     return out.pooler_output.numpy()
 
 
@@ -242,16 +237,16 @@ def _reference_vision(reference, images) -> np.ndarray:
 def test_vision_tower_matches_reference(family, reference):
     image = family.preprocess(_rng_image(90, 130, seed=5))
     (ours,) = family.encode([image])
-    assert ours.shape == (image.n_tokens, 64)
+    assert ours.shape == (image.rows, 64)
     assert _rel(ours, _reference_vision(reference, [image])) < 1e-4
 
 
 @pytest.mark.torch
 def test_batched_encoding_matches_reference_and_single(family, reference):
     images = [family.preprocess(_rng_image(90, 130, seed=6)), family.preprocess(_rng_image(200, 60, seed=7))]
-    assert images[0].grid_thw != images[1].grid_thw
+    assert images[0].grid != images[1].grid
     batched = family.encode(images)
-    expected = np.split(_reference_vision(reference, images), [images[0].n_tokens])
+    expected = np.split(_reference_vision(reference, images), [images[0].rows])
     for ours, ref, image in zip(batched, expected, images, strict=True):
         assert _rel(ours, ref) < 1e-4
         assert _rel(ours, family.encode([image])[0]) < 1e-5
@@ -270,27 +265,31 @@ TWO_IMAGES = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "
 
 
 @pytest.mark.torch
-def test_expand_prompt_and_positions_match_reference(family, reference, tiny_dir):
+def test_prompt_ids_and_positions_match_reference(tiny_model, reference, tiny_dir):
     import torch
 
-    images = [family.preprocess(_rng_image(90, 130, seed=1)), family.preprocess(_rng_image(260, 60, seed=2))]
+    images = [_rng_image(90, 130, seed=1), _rng_image(260, 60, seed=2)]
+    processed = [tiny_model.preprocess(im) for im in images]
     _, text = _chat_ids(tiny_dir, TWO_IMAGES, images)
-    expanded = family.expand_prompt(text, images)
-    assert expanded.count(family.image_token) == sum(p.n_tokens for p in images)
+    expanded = text
+    for p in processed:
+        expanded = expanded.replace("<|image_pad|>", "<|placeholder|>" * p.rows, 1)
     from transformers import AutoTokenizer
 
+    expanded = expanded.replace("<|placeholder|>", "<|image_pad|>")
     ids = np.asarray(AutoTokenizer.from_pretrained(tiny_dir)(expanded).input_ids, dtype=np.int64)
-    positions, delta = family.positions(ids, images)
+    inputs = tiny_model.prepare(TWO_IMAGES, images=images)
+    np.testing.assert_array_equal(inputs.ids, ids)
+    family = tiny_model.family
+    np.testing.assert_array_equal(inputs.image_rows, np.flatnonzero(ids == family.image_token_id))
     t_ids = torch.from_numpy(ids)[None]
     expected, expected_delta = reference.model.get_rope_index(
         t_ids, mm_token_type_ids=(t_ids == family.image_token_id).int(),
-        image_grid_thw=torch.tensor([p.grid_thw for p in images]))
-    np.testing.assert_array_equal(positions, expected[:, 0].numpy())
-    assert delta == int(expected_delta[0, 0])
-    with pytest.raises(VlmError, match="placeholder"):
-        family.expand_prompt(text, images[:1])
-    with pytest.raises(VlmError):
-        family.positions(ids, images[:1])
+        image_grid_thw=torch.tensor([p.grid for p in processed]))
+    np.testing.assert_array_equal(inputs.positions, expected[:, 0].numpy())
+    assert inputs.rope_delta == int(expected_delta[0, 0])
+    with pytest.raises(VlmError, match="placeholder"):  # the text's own placeholders and the image's
+        tiny_model.prepare(text, images=images[:1], raw=True)
 
 
 # --- end to end through vlm.load ----------------------------------------------------------------

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 
 import vlm
-from vlm.formats.checkpoint import read_checkpoint
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import build_model, quantize_decoder
-from vlm.models.layers import dequantize
-from vlm.quant import QuantizedWeight
+from vlm.quant import QuantizedWeight, dequantize
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +21,7 @@ def f32(smollm2_gguf):
 @pytest.fixture(scope="module")
 def sequence(f32):
     """A chat prompt plus the float model's greedy continuation: realistic positions to score."""
-    ids = f32.tokens(MESSAGES)[0].tolist()
+    ids = f32.prepare(MESSAGES).ids.tolist()
     return ids + f32.generate(ids, max_new_tokens=40).tokens
 
 

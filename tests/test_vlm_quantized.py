@@ -38,7 +38,7 @@ def test_converted_vlm_stays_within_bound_of_float(tiny, tmp_path, vision_bits, 
     assert q.info["format"] == "vlm" and q.family is not None
     img = image(0)
     pf, pq = f32.preprocess(img), q.preprocess(img)
-    assert np.array_equal(pf.pixel_values, pq.pixel_values)
+    assert np.array_equal(pf.pixels, pq.pixels)
     # The vision tower alone: f16 storage is near exact; 8-bit weights (and the kernels' 8-bit
     # activations) cost a few percent.
     assert rel(q.family.encode([pq])[0], f32.family.encode([pf])[0]) < vision_bound

@@ -16,8 +16,8 @@ from vlm.errors import VlmError
 from vlm.generation import GenerationResult, GenerationStats, TextStream
 from vlm.image import ImageInput
 from vlm.loader import load
-from vlm.model import Model, Prompt
 from vlm.registry import pull
+from vlm.runtime import Model, Prompt
 
 __version__ = "0.1.0"
 __all__ = ["Chat", "GenerationResult", "GenerationStats", "Model", "TextStream", "VlmError", "generate", "load", "pull"]

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from vlm.generation import peak_memory_mb
-from vlm.model import Model
+from vlm.runtime import Model
 from vlm.session import PromptInputs, step_together
 
 
@@ -103,7 +103,7 @@ def bench_vision(model: Model, width: int, height: int, reps: int) -> BenchRow:
         model.family.encode([processed])
         return time.perf_counter() - t
 
-    return _row(f"vision {width}x{height} ({processed.n_tokens} tok)", "s", _measure(once, reps))
+    return _row(f"vision {width}x{height} ({processed.rows} tok)", "s", _measure(once, reps))
 
 
 def _row(test: str, unit: str, values: list[float]) -> BenchRow:

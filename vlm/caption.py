@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlm.errors import VlmError
-from vlm.model import Model
+from vlm.runtime import Model
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe this image in one sentence."

@@ -10,7 +10,8 @@ from collections.abc import Iterator, Sequence
 from vlm.errors import VlmError
 from vlm.generation import GenerationResult, TextStream
 from vlm.image import ImageInput
-from vlm.model import Model
+from vlm.models import ProcessedImage
+from vlm.runtime import Model
 
 
 class Chat:
@@ -26,7 +27,8 @@ class Chat:
         self.system = system
         self.options = generate_options
         self.turns: list[tuple[dict, dict | None]] = []  # (user message, assistant reply)
-        self.images: list[list[ImageInput]] = []  # images of each turn
+        self.images: list[list[ProcessedImage]] = []  # each turn's images, preprocessed once per chat
+        self.image_sources: list[list[ImageInput]] = []  # each turn's images as given (for `save`)
         self.dropped_turns = 0  # oldest turns dropped to fit the context, in total
 
     def messages(self, pending: dict | None = None) -> list[dict]:
@@ -37,7 +39,7 @@ class Chat:
                 out.append(reply)
         return out + ([pending] if pending else [])
 
-    def _all_images(self, extra: Sequence[ImageInput] = ()) -> list[ImageInput]:
+    def _all_images(self, extra: Sequence[ProcessedImage] = ()) -> list[ProcessedImage]:
         return [im for turn in self.images for im in turn] + list(extra)
 
     def _user_message(self, text: str, n_images: int) -> dict:
@@ -45,29 +47,35 @@ class Chat:
             return {"role": "user", "content": text}
         return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
-    def _fit(self, pending: dict, images: Sequence[ImageInput], max_new_tokens: int) -> None:
+    def _fit(self, pending: dict, images: Sequence[ProcessedImage], max_new_tokens: int) -> None:
         """Drop the oldest turns until the prompt and a reply of max_new_tokens fit the context."""
         budget = self.model.context - min(max_new_tokens, self.model.context // 2)
         while True:
-            ids, _ = self.model.tokens(self.messages(pending), self._all_images(images))
-            if ids.size <= budget:
+            segments, _ = self.model.segments(self.messages(pending), self._all_images(images))
+            n = sum(len(s) for s in segments)
+            if n <= budget:
                 return
             if not self.turns:
-                raise VlmError(f"this message alone is {ids.size} tokens; the context holds {self.model.context}")
+                raise VlmError(f"this message alone is {n} tokens; the context holds {self.model.context}")
             self.turns.pop(0)
             self.images.pop(0)
+            self.image_sources.pop(0)
             self.dropped_turns += 1
 
     def send(self, text: str, images: Sequence[ImageInput] | None = None, stream: bool = False,
              **options) -> GenerationResult | TextStream:
         """Add a user turn and generate the reply (streamed with stream=True)."""
-        images = list(images or [])
+        sources = list(images or [])
         opts = {"max_new_tokens": 512, **self.options, **options}
-        pending = self._user_message(text, len(images))
-        self._fit(pending, images, opts["max_new_tokens"])
-        out = self.model.generate(self.messages(pending), images=self._all_images(images), stream=stream, **opts)
+        family = self.model.family
+        image_options = {k: opts.pop(k) for k in list(opts) if family and k in family.image_options}
+        processed = [self.model.preprocess(im, **image_options) for im in sources]
+        pending = self._user_message(text, len(processed))
+        self._fit(pending, processed, opts["max_new_tokens"])
+        out = self.model.generate(self.messages(pending), images=self._all_images(processed), stream=stream, **opts)
         self.turns.append((pending, None))
-        self.images.append(images)
+        self.images.append(processed)
+        self.image_sources.append(sources)
         if not stream:
             self._record(out)
             return out
@@ -87,11 +95,13 @@ class Chat:
         """Forget the conversation (the system prompt stays)."""
         self.turns.clear()
         self.images.clear()
+        self.image_sources.clear()
         self.model.reset()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the transcript as JSON (messages plus the image paths of each turn)."""
-        images = [[im if isinstance(im, str) else f"<{type(im).__name__}>" for im in turn] for turn in self.images]
+        images = [[im if isinstance(im, str) else f"<{type(im).__name__}>" for im in turn]
+                  for turn in self.image_sources]
         data = {"system": self.system, "messages": self.messages(), "images": images}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, ensure_ascii=False, indent=1)

@@ -9,8 +9,11 @@ import os
 import sys
 from pathlib import Path
 
+from vlm.convert import DECODER_BITS, VISION_BITS
 from vlm.errors import VlmError
+from vlm.quant import GROUP_SIZES, QUANTIZE_MODES
 from vlm.registry import DEFAULT_MODEL, KNOWN_MODELS
+from vlm.session import KV_CACHE_DTYPES
 
 HELP_CHAT = """commands:
   /image PATH   attach an image to your next message
@@ -28,11 +31,11 @@ def _dim(text: str) -> str:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"GGUF file, HF directory, converted directory or known name (default {DEFAULT_MODEL})")
-    p.add_argument("--quantize", choices=["q4", "q4_sym", "q8", "f32"], default=None,
+    p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m], default=None,
                    help="decoder precision on load (default: as the file holds it)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
     p.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: model's, max 4096)")
-    p.add_argument("--kv-cache", choices=["f16", "f32"], default=None,
+    p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default=None,
                    help="KV cache precision (default f16; f32 with --quantize f32)")
 
 
@@ -175,7 +178,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from vlm.formats.checkpoint import read_checkpoint
+    from vlm.formats.reader import read_checkpoint
     from vlm.registry import resolve
 
     ckpt = read_checkpoint(resolve(args.model))
@@ -281,10 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert and quantize a model into vlm's format")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128])
+    p.add_argument("--bits", type=int, default=4, choices=list(DECODER_BITS))
+    p.add_argument("--group-size", type=int, default=32, choices=list(GROUP_SIZES))
     p.add_argument("--symmetric", action="store_true", help="symmetric 4-bit (like Q4_0) instead of scale+min")
-    p.add_argument("--vision-bits", type=int, default=None, choices=[8, 16, 32])
+    p.add_argument("--vision-bits", type=int, default=None, choices=[b for b in VISION_BITS if b])
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("bench", help="measure prefill, decode and vision encode speed")

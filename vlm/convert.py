@@ -10,8 +10,9 @@ import numpy as np
 from tqdm import tqdm
 
 from vlm.errors import VlmError
-from vlm.formats.checkpoint import VISION_PREFIX, read_checkpoint
+from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.formats.native import write_native
+from vlm.formats.reader import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.registry import resolve
 
@@ -38,6 +39,11 @@ class ConvertReport:
         return "\n".join(lines)
 
 
+# --bits and --vision-bits -> the load-time precision modes they mean (see vlm.quant.QUANTIZE_MODES).
+DECODER_BITS = {4: "q4", 8: "q8"}
+VISION_BITS = {None: None, 8: "q8", 16: "f16", 32: "f32"}
+
+
 def _nbytes(tensors: dict) -> int:
     return sum(int(w.nbytes) for w in tensors.values())
 
@@ -49,12 +55,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 4, group
     bits 4 or 8 for the decoder's linear layers (embeddings 8-bit); vision_bits 8, 16 or 32
     for the vision tower (None keeps its stored precision). `progress` shows progress bars.
     """
-    modes = {4: "q4_sym" if symmetric else "q4", 8: "q8"}
-    if bits not in modes:
+    if bits not in DECODER_BITS:
         raise VlmError(f"--bits must be 4 or 8, got {bits}")
-    vision_modes = {None: None, 8: "q8", 16: "f16", 32: "f32"}
-    if vision_bits not in vision_modes:
+    if vision_bits not in VISION_BITS:
         raise VlmError(f"--vision-bits must be 8, 16 or 32, got {vision_bits}")
+    mode = "q4_sym" if bits == 4 and symmetric else DECODER_BITS[bits]
     dst = Path(dst)
     src_path = resolve(src)
     if dst.resolve() == src_path.resolve():
@@ -63,7 +68,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 4, group
         raise VlmError(f"{dst} exists and is not a converted model; refusing to write into it")
     ckpt = read_checkpoint(src_path)
     errors: dict[str, float] = {}
-    _, text, vision = prepare_tensors(ckpt, modes[bits], vision_modes[vision_bits], group_size, errors)
+    _, text, vision = prepare_tensors(ckpt, mode, VISION_BITS[vision_bits], group_size, errors)
     tensors = {}  # each tensor is converted as it is looked up here
     with tqdm(total=len(text) + len(vision), desc="converting", unit="tensor", leave=False,
               disable=not progress) as bar:
@@ -71,6 +76,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, bits: int = 4, group
             for name in part:
                 tensors[prefix + name] = part[name]
                 bar.update()
-    quantization = {"decoder": modes[bits], "group_size": group_size, "vision": vision_modes[vision_bits]}
+    quantization = {"decoder": mode, "group_size": group_size, "vision": VISION_BITS[vision_bits]}
     out = write_native(dst, ckpt.config, tensors, ckpt.files, quantization)
-    return ConvertReport(_nbytes(ckpt.tensors), out, modes[bits], vision_modes[vision_bits], errors)
+    return ConvertReport(_nbytes(ckpt.tensors), out, mode, VISION_BITS[vision_bits], errors)

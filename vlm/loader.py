@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import re
 from collections.abc import Mapping
@@ -12,33 +11,28 @@ import numpy as np
 
 from vlm import kernels
 from vlm.errors import VlmError
-from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint, read_checkpoint
+from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint
 from vlm.formats.lazy import LazyTensors
-from vlm.formats.safetensors import release_pages
-from vlm.model import Model
-from vlm.models.layers import Weight, dequantize
+from vlm.formats.reader import read_checkpoint
+from vlm.memory import release_pages
+from vlm.models import FAMILIES
 from vlm.models.llama import SUPPORTED as TEXT_ARCHITECTURES
 from vlm.models.llama import LlamaModel, TextConfig
 from vlm.quant import (
     GROUP_SIZES,
+    QUANTIZE_MODES,
+    VISION_MODES,
     HalfWeight,
     QuantizedWeight,
+    Weight,
     can_quantize,
+    dequantize,
     quantize,
     relative_rms_error,
     stored_arrays,
 )
 from vlm.registry import resolve
-
-QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
-VISION_MODES = (None, "f32", "f16", "q8")
-
-# Vision-language families: config model_type -> (module, class). Adding a family adds a line.
-FAMILIES = {
-    "qwen2_vl": ("vlm.models.qwen2_vl", "Qwen2VLFamily"),
-    "idefics3": ("vlm.models.idefics3", "Idefics3Family"),
-    "smolvlm": ("vlm.models.idefics3", "Idefics3Family"),
-}
+from vlm.runtime import Model
 
 _DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -104,8 +98,7 @@ def family_class(config: dict, path) -> type | None:
     """The vision family of a config, None for a text-only decoder; unsupported -> VlmError."""
     model_type = config.get("model_type")
     if model_type in FAMILIES:
-        module, name = FAMILIES[model_type]
-        return getattr(importlib.import_module(module), name)
+        return FAMILIES[model_type]
     if model_type not in TEXT_ARCHITECTURES:
         known = ", ".join(sorted([*TEXT_ARCHITECTURES, *FAMILIES]))
         raise VlmError(f"unsupported architecture {model_type!r} in {path}; supported: {known}")

@@ -24,6 +24,10 @@ import numpy as np
 
 BLOCK = 32  # nibble-packing run; every group size is a multiple of it
 GROUP_SIZES = (32, 64, 128)
+# Precision modes on load (None: as the file holds it). q4: 4-bit scale+min (like Q4_1); q4_sym:
+# 4-bit scale only (like Q4_0); q8: 8-bit; f32: everything widened (exact math).
+QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
+VISION_MODES = (None, "f32", "f16", "q8")
 
 
 @dataclass
@@ -95,6 +99,15 @@ class HalfWeight:
         return d.astype(np.float32)
 
 
+# A weight in any stored form: float32 array, 16-bit floats, or grouped integers.
+Weight = np.ndarray | HalfWeight | QuantizedWeight
+
+
+def dequantize(w: Weight) -> np.ndarray:
+    """Float32 copy of any weight."""
+    return np.asarray(w, dtype=np.float32) if isinstance(w, np.ndarray) else w.dequantize()
+
+
 def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     """uint8 [rows, cols // 2] (or [rows, runs, 16]) in GGUF nibble order -> uint8 [rows, cols] of values 0..15."""
     rows = packed.shape[0]
@@ -118,7 +131,7 @@ def can_quantize(shape: tuple[int, ...], group_size: int) -> bool:
 _CHUNK_VALUES = 1 << 20
 
 
-def _float_rows(w: np.ndarray | HalfWeight | QuantizedWeight, rows: slice) -> np.ndarray:
+def _float_rows(w: Weight, rows: slice) -> np.ndarray:
     return np.asarray(w[rows], dtype=np.float32) if isinstance(w, np.ndarray) else w.dequantize(rows)
 
 
@@ -127,14 +140,14 @@ def _row_chunks(shape: tuple[int, ...]) -> list[slice]:
     return [slice(r, r + step) for r in range(0, shape[0], step)] or [slice(0, 0)]
 
 
-def stored_arrays(w: np.ndarray | HalfWeight | QuantizedWeight) -> list[np.ndarray]:
+def stored_arrays(w: Weight) -> list[np.ndarray]:
     """The arrays a weight's values are stored in."""
     if isinstance(w, QuantizedWeight):
         return [a for a in (w.qweight, w.scales, w.mins) if a is not None]
     return [w.data] if isinstance(w, HalfWeight) else [w]
 
 
-def quantize(w: np.ndarray | HalfWeight | QuantizedWeight, bits: int = 4, group_size: int = 32,
+def quantize(w: Weight, bits: int = 4, group_size: int = 32,
              symmetric: bool = False) -> QuantizedWeight:
     """Quantize a matrix [rows, cols] (a float array, or a stored weight to re-quantize); cols
     must be a multiple of group_size. Rows are done in chunks, so scratch memory stays small."""
@@ -181,7 +194,7 @@ def _quantize_rows(w: np.ndarray, bits: int, group_size: int, symmetric: bool) -
     return QuantizedWeight(4, group_size, False, pack_nibbles(q.reshape(rows, cols)), d, m)
 
 
-def relative_rms_error(w: np.ndarray | HalfWeight | QuantizedWeight, qw: QuantizedWeight) -> float:
+def relative_rms_error(w: Weight, qw: QuantizedWeight) -> float:
     """||W - deq(Q(W))|| / ||W||: the per-layer quantization error that `vlm convert` reports."""
     err2 = norm2 = 0.0
     for rows in _row_chunks(w.shape):

@@ -43,8 +43,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from vlm.errors import VlmError
-from vlm.generation import SamplingParams
-from vlm.model import Decoding, Model
+from vlm.generation import Decoding, SamplingParams
+from vlm.runtime import Model
 from vlm.session import Session, step_together
 
 MAX_BODY_BYTES = 32 << 20  # a request body (base64 images included)

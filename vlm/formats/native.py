@@ -17,10 +17,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from vlm.errors import VlmError
-from vlm.formats.checkpoint import NATIVE_CONFIG, Checkpoint, read_hf_tokenizer, read_processor_config
-from vlm.formats.safetensors import mapping_of, read_safetensors
-from vlm.models.layers import Weight
-from vlm.quant import HalfWeight, QuantizedWeight
+from vlm.formats.checkpoint import NATIVE_CONFIG, Checkpoint
+from vlm.formats.hf import read_hf_tokenizer, read_processor_config
+from vlm.formats.safetensors import read_safetensors
+from vlm.memory import mapping_of
+from vlm.quant import HalfWeight, QuantizedWeight, Weight
 
 VERSION = 1
 

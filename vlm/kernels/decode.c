@@ -57,7 +57,7 @@ static void project(const vlm_path *p, int mode, const vlm_layer *l, const int *
         for (int r = 0; r < n; r++) add_bias(ys[i] + (size_t)r * l->w[ws[i]]->rows, l->bias[ws[i]], l->w[ws[i]]->rows);
 }
 
-int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, int n, const float *x_in, const float *cos,
+int vlm_decode_step(const vlm_path *p, int mode, vlm_decoder *dec, int n, const float *x_in, const float *cos,
                     const float *sin, const vlm_kv_slot *kv, int kv_half, float *out) {
     const int H = dec->hidden, D = dec->head_dim, QD = dec->n_heads * D, KD = dec->n_kv * D, FF = dec->inter;
     size_t act = 0; /* scratch for the activations of the largest job */
@@ -72,8 +72,14 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, int n, 
         act = s[W_DOWN] > act ? s[W_DOWN] : act;
     }
     const size_t floats = (size_t)n * (3 * H + QD + 2 * KD + QD + 2 * (size_t)FF);
-    float *buf = malloc(sizeof(float) * floats + act);
-    if (!buf) return -1;
+    const size_t need = sizeof(float) * floats + act;
+    if (need > dec->scratch_bytes) { /* once per plan, unless a wider batch, path or mode needs more */
+        void *grown = realloc(dec->scratch, need);
+        if (!grown) return -1;
+        dec->scratch = grown;
+        dec->scratch_bytes = need;
+    }
+    float *buf = dec->scratch;
     float *x = buf, *xn = x + n * H, *y = xn + n * H, *q = y + n * H, *k = q + n * QD, *v = k + n * KD,
           *att = v + n * KD, *gate = att + n * QD, *up = gate + (size_t)n * FF;
     unsigned char *scratch = (unsigned char *)(up + (size_t)n * FF);
@@ -103,10 +109,7 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, int n, 
                                 .kv_half = kv_half, .o = att + r * QD,
                                 .qh = D, .qn = QD, .kh = (ptrdiff_t)head_stride, .kt = D,
                                 .vh = (ptrdiff_t)head_stride, .vt = D, .oh = D, .on = QD};
-            if (vlm_attention(p, &a)) {
-                free(buf);
-                return -1;
-            }
+            if (vlm_attention(p, &a)) return -1;
         }
         static const int o[] = {W_O};
         project(p, mode, l, o, 1, att, n, (float *const[]){y}, scratch);
@@ -121,6 +124,5 @@ int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, int n, 
         add(x, y, n * H);
     }
     for (int r = 0; r < n; r++) p->ops->rms_norm(x + r * H, dec->norm, dec->eps, H, out + r * H);
-    free(buf);
     return 0;
 }

@@ -190,6 +190,10 @@ typedef struct {
     float eps;
     const vlm_layer *layers;
     const float *norm; /* the final norm */
+    /* The step's working memory, owned by the plan: allocated on its first step, grown only if a
+     * wider batch, another path or activation mode needs more, freed with the plan. */
+    void *scratch;
+    size_t scratch_bytes;
 } vlm_decoder;
 
 /* One sequence of a step: its KV cache, [n_layers][n_kv][max_len][head_dim] float32 or
@@ -202,7 +206,7 @@ typedef struct {
 /* One token of each of n sequences: x [n][hidden] embedded, cos/sin [n][head_dim] of each
  * token's position, kv[r] the cache and slot of row r; writes the final-normed hidden states
  * to out [n][hidden]. -1 when out of memory. */
-int vlm_decode_step(const vlm_path *p, int mode, const vlm_decoder *dec, int n, const float *x, const float *cos,
+int vlm_decode_step(const vlm_path *p, int mode, vlm_decoder *dec, int n, const float *x, const float *cos,
                     const float *sin, const vlm_kv_slot *kv, int kv_half, float *out);
 
 /* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed.

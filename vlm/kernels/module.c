@@ -465,6 +465,7 @@ typedef struct {
 } PlanObject;
 
 static void plan_dealloc(PlanObject *self) {
+    free(self->dec.scratch);
     free(self->layers);
     Py_XDECREF(self->refs);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -587,7 +588,7 @@ fail:
 static PyObject *plan_step(PlanObject *self, PyObject *args) {
     PyObject *xo, *co, *so, *ko, *vo, *po;
     if (!PyArg_ParseTuple(args, "OOOOOO", &xo, &co, &so, &ko, &vo, &po)) return NULL;
-    const vlm_decoder *dec = &self->dec;
+    vlm_decoder *dec = &self->dec;
     /* tuples hold the caches alive while the step runs without the GIL */
     PyObject *ks = PySequence_Tuple(ko), *vs = ks ? PySequence_Tuple(vo) : NULL, *ps = vs ? PySequence_Tuple(po) : NULL;
     PyArrayObject *x = ps ? as_contiguous(xo) : NULL, *c = x ? as_contiguous(co) : NULL, *s = c ? as_contiguous(so) : NULL;

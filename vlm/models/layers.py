@@ -18,10 +18,8 @@ import numpy as np
 
 from vlm import kernels
 from vlm.errors import VlmError
-from vlm.formats.safetensors import mapping_of, release_pages
-from vlm.quant import HalfWeight, QuantizedWeight, stored_arrays
-
-Weight = np.ndarray | HalfWeight | QuantizedWeight
+from vlm.memory import mapping_of, release_pages
+from vlm.quant import Weight, stored_arrays
 
 # Rows of a stored matrix widened to float32 at once on the numpy path: bounds the scratch memory.
 _WIDEN_ROWS = 4096
@@ -33,11 +31,6 @@ def lookup(tensors: Mapping[str, Weight], name: str) -> Weight:
         return tensors[name]
     except KeyError:
         raise VlmError(f"checkpoint is missing tensor {name}") from None
-
-
-def dequantize(w: Weight) -> np.ndarray:
-    """Float32 copy of any weight."""
-    return np.asarray(w, dtype=np.float32) if isinstance(w, np.ndarray) else w.dequantize()
 
 
 class Linear:

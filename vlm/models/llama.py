@@ -25,10 +25,10 @@ from vlm.models.layers import (
     KVCache,
     Linear,
     RMSNorm,
-    Weight,
     lookup,
     rope_inv_freq,
 )
+from vlm.quant import Weight
 
 SUPPORTED = ("llama", "qwen2", "mistral")
 _UNBUILT = object()

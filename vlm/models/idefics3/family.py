@@ -5,7 +5,7 @@ image processing; its video input is not supported) with nested `vision_config` 
 `text_config` (Llama); its tensors live under `model.vision_model.`, `model.connector.`,
 `model.text_model.` and `lm_head.` (the hub checkpoints and transformers 5 `save_pretrained`
 alike). Each `<image>` of the chat template expands to tiles of `<image>` tokens (see
-`expand_prompt`); the decoder uses plain 1-D positions.
+`image_slot`); the decoder uses plain 1-D positions.
 """
 
 from __future__ import annotations
@@ -16,20 +16,16 @@ import numpy as np
 from PIL import Image
 
 from vlm.errors import VlmError
-from vlm.models.idefics3.processor import DEFAULT_MAX_TILES, Idefics3ImageProcessor, ProcessedImage
+from vlm.formats.checkpoint import VISION_PREFIX
+from vlm.models.family import ProcessedImage, VisionFamily
+from vlm.models.idefics3.processor import DEFAULT_MAX_TILES, Idefics3ImageProcessor
 from vlm.models.idefics3.vision import DEFAULT_CHUNK_TOKENS, Idefics3VisionConfig, Idefics3VisionModel
-from vlm.models.layers import Weight
-
-# Defaults of transformers' LlamaConfig, except rms_norm_eps, which Idefics3Config sets to 1e-5.
-_LLAMA_DEFAULTS = {
-    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
-    "hidden_act": "silu", "attention_bias": False,
-}
+from vlm.prompt import ImageSlot
+from vlm.quant import Weight
 
 
-class Idefics3Family:
-    """Preprocessing, vision encoding and prompt expansion for Idefics3 checkpoints.
+class Idefics3Family(VisionFamily):
+    """Preprocessing, vision encoding and image slots for Idefics3 checkpoints.
 
     `preprocessor_config` is preprocessor_config.json merged with processor_config.json (either
     may be empty; a nested "image_processor" section, as some processor_config.json files carry,
@@ -40,22 +36,24 @@ class Idefics3Family:
     image_token = "<image>"
     fake_image_token = "<fake_token_around_image>"
     global_image_token = "<global-img>"
-    # Checkpoint prefix of each part. `vision_tensors` are the "vision" and "connector" tensors
-    # with these prefixes removed; the decoder's names are "text" -> "model.", "lm_head." kept
-    # (see `split_tensors`).
-    tensor_prefixes = {
-        "vision": "model.vision_model.",
-        "connector": "model.connector.",
-        "text": "model.text_model.",
-        "lm_head": "lm_head.",
+    default_image_token_id = 128257
+    image_options = ("max_tiles",)
+    tensor_map = {"model.vision_model.": VISION_PREFIX, "model.connector.": VISION_PREFIX,
+                  "model.text_model.": "model.", "lm_head.": "lm_head."}
+    text_model_types = ("llama",)
+    # Defaults of transformers' LlamaConfig, except rms_norm_eps, which Idefics3Config sets to 1e-5.
+    text_defaults = {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048,
+        "hidden_act": "silu", "attention_bias": False,
     }
 
     def __init__(self, config: Mapping, vision_tensors: Mapping[str, Weight], preprocessor_config: Mapping,
                  max_tiles: int = DEFAULT_MAX_TILES, max_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+        super().__init__(config, vision_tensors, preprocessor_config)
         vision = dict(config.get("vision_config") or {})
         self.vision_config = Idefics3VisionConfig.from_dict(vision)
         self.scale_factor = int(config.get("scale_factor", 2))
-        self.image_token_id = int(config.get("image_token_id", 128257))
         self.vision = Idefics3VisionModel(self.vision_config, self.scale_factor, vision_tensors,
                                           max_chunk_tokens)
 
@@ -69,81 +67,29 @@ class Idefics3Family:
                            f"{self.image_seq_len} tokens per {tile}-px tile")
         self.processor = Idefics3ImageProcessor.from_config(pre, self.image_seq_len, tile, max_tiles)
 
-    # --- static facts about a checkpoint ------------------------------------------------------
-
-    @staticmethod
-    def text_config(config: Mapping) -> dict:
-        """The decoder's config as a Hugging Face Llama config dict."""
-        text = dict(config.get("text_config") or {})
-        if text.get("model_type", "llama") != "llama":
-            raise VlmError(f"unsupported Idefics3 text model {text.get('model_type')!r} (expected llama)")
-        out = {**_LLAMA_DEFAULTS, **text, "model_type": "llama"}
-        rope = out.get("rope_parameters") or out.get("rope_scaling") or {}
-        out["rope_theta"] = rope.get("rope_theta", out["rope_theta"])
-        out.setdefault("num_key_value_heads", out["num_attention_heads"])
-        if out.get("head_dim") is None:
-            out["head_dim"] = out["hidden_size"] // out["num_attention_heads"]
-        # transformers ties lm_head by the outer config's flag (Idefics3Config defaults it off).
-        out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-        return out
-
     @classmethod
-    def split_tensors(cls, tensors: Mapping[str, Weight]) -> tuple[dict[str, Weight], dict[str, Weight]]:
-        """(vision_tensors for the constructor, decoder tensors named as `vlm.models.llama` expects)."""
-        p = cls.tensor_prefixes
-        vision, text = {}, {}
-        for name, t in tensors.items():
-            if name.startswith(p["vision"]):
-                vision[name[len(p["vision"]):]] = t
-            elif name.startswith(p["connector"]):
-                vision[name[len(p["connector"]):]] = t
-            elif name.startswith(p["text"]):
-                text["model." + name[len(p["text"]):]] = t
-            elif name.startswith(p["lm_head"]):
-                text[name] = t
-        return vision, text
-
-    # --- per request ------------------------------------------------------------------------
+    def text_overrides(cls, text: dict, config: Mapping) -> dict:
+        # transformers ties lm_head by the outer config's flag (Idefics3Config defaults it off).
+        return {"tie_word_embeddings": bool(config.get("tie_word_embeddings", False))}
 
     def preprocess(self, image: Image.Image, max_tiles: int | None = None) -> ProcessedImage:
         """Tiles of one image, at most `max_tiles` (default: the family's, 17) counting the global one."""
         return self.processor(image, max_tiles)
 
-    def encode(self, images: Sequence[ProcessedImage]) -> list[np.ndarray]:
-        """Features [n_tokens_i, text_hidden] per image, from one batched pass over all their tiles."""
-        if not images:
-            return []
-        feats = self.vision(np.concatenate([im.pixel_values for im in images]))
-        out, start = [], 0
-        for im in images:
-            # A copy, so a cached image's features do not pin the whole batch's array.
-            out.append(feats[start:start + im.n_tiles].reshape(-1, feats.shape[-1]).copy())
-            start += im.n_tiles
-        return out
+    def embed(self, images: Sequence[ProcessedImage]) -> np.ndarray:
+        feats = self.vision(np.concatenate([im.pixels for im in images]))  # [tiles, tokens per tile, hidden]
+        return feats.reshape(-1, feats.shape[-1])
 
-    def image_prompt(self, image: ProcessedImage) -> str:
-        """What one `<image>` placeholder expands to (`Idefics3Processor.replace_image_token`)."""
-        run = self.image_token * self.image_seq_len
-        whole = f"{self.fake_image_token}{self.global_image_token}{run}{self.fake_image_token}"
-        if image.rows == 0 and image.cols == 0:
-            return whole
-        grid = "".join(
-            "".join(f"{self.fake_image_token}<row_{r}_col_{c}>{run}" for c in range(1, image.cols + 1)) + "\n"
-            for r in range(1, image.rows + 1)
-        )
-        return f"{grid}\n{whole}"
-
-    def expand_prompt(self, text: str, images: Sequence[ProcessedImage]) -> str:
-        """Replace the i-th `<image>` of `text` by image i's expansion, as Idefics3Processor does."""
-        parts = text.split(self.image_token)
-        if len(parts) - 1 != len(images):
-            raise VlmError(f"the prompt has {len(parts) - 1} {self.image_token} placeholders "
-                           f"but {len(images)} images were given")
-        out = [parts[0]]
-        for image, part in zip(images, parts[1:], strict=True):
-            out += [self.image_prompt(image), part]
-        return "".join(out)
-
-    def positions(self, ids: np.ndarray, images: Sequence[ProcessedImage]) -> tuple[np.ndarray, int]:
-        """Decoder positions for a prompt: plain 0..n-1, and rope_delta 0 (no multimodal RoPE)."""
-        return np.arange(len(ids), dtype=np.int64), 0
+    def image_slot(self, image: ProcessedImage) -> ImageSlot:
+        """What one `<image>` placeholder stands for (`Idefics3Processor.replace_image_token`):
+        each tile's rows after a row/column marker, then the global view's."""
+        fake, rows = self.fake_image_token, self.image_seq_len
+        slot: ImageSlot = []
+        grid_rows, grid_cols = image.grid
+        for r in range(1, grid_rows + 1):
+            for c in range(1, grid_cols + 1):
+                slot += [f"{fake}<row_{r}_col_{c}>", rows]
+            slot.append("\n")
+        if grid_rows:
+            slot.append("\n")
+        return slot + [f"{fake}{self.global_image_token}", rows, fake]

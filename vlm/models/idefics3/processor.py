@@ -24,33 +24,18 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from vlm.errors import VlmError
 from vlm.image import to_rgb
+from vlm.models.family import ProcessedImage
 
 # The reference never resizes past 4k on either side.
 MAX_IMAGE_SIZE = 4096
 # 4 x 4 tiles + the global one: the most the stock configs produce, so by default we match them.
 DEFAULT_MAX_TILES = 17
-
-
-@dataclass
-class ProcessedImage:
-    """One image ready for the vision encoder."""
-
-    pixel_values: np.ndarray  # float32 [n_tiles, 3, M, M]: row-major tiles, then the global tile
-    rows: int  # tile grid; 0 x 0 when the image is a single (global) tile
-    cols: int
-    n_tokens: int  # `<image>` tokens the image expands to = n_tiles * image_seq_len
-    digest: str  # sha256 of the RGB pixels and every setting that shaped pixel_values
-
-    @property
-    def n_tiles(self) -> int:
-        return self.pixel_values.shape[0]
 
 
 def _resize_output_size_rescale_to_max_len(height: int, width: int, max_len: int) -> tuple[int, int]:
@@ -194,7 +179,8 @@ class Idefics3ImageProcessor:
                     self.image_std.tolist())
         digest = hashlib.sha256(f"idefics3|{width}x{height}|{settings}|".encode())
         digest.update(rgb.tobytes())
-        return ProcessedImage(pixel_values, rows, cols, len(tiles) * self.image_seq_len, digest.hexdigest())
+        # pixels [n_tiles, 3, M, M]: row-major tiles, then the global one; grid (0, 0): one tile only.
+        return ProcessedImage(pixel_values, len(tiles) * self.image_seq_len, digest.hexdigest(), (rows, cols))
 
     def _resize(self, img: Image.Image, height: int, width: int) -> Image.Image:
         return img.resize((width, height), resample=self.resample)

@@ -24,7 +24,8 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vlm.errors import VlmError
-from vlm.models.layers import MLP, Attention, LayerNorm, Linear, Weight, attend, dequantize, lookup
+from vlm.models.layers import MLP, Attention, LayerNorm, Linear, attend, lookup
+from vlm.quant import Weight, dequantize
 
 # Tokens per encoder chunk: about 150 MB of activations at SigLIP-base width (two 512-px tiles).
 DEFAULT_CHUNK_TOKENS = 2048

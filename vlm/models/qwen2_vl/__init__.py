@@ -3,7 +3,6 @@
 from vlm.models.qwen2_vl.family import Qwen2VLFamily
 from vlm.models.qwen2_vl.processor import (
     DEFAULT_MAX_IMAGE_TOKENS,
-    ProcessedImage,
     ProcessorSettings,
     preprocess_image,
     smart_resize,
@@ -12,7 +11,6 @@ from vlm.models.qwen2_vl.vision import Qwen2VisionTransformer, VisionConfig
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_TOKENS",
-    "ProcessedImage",
     "ProcessorSettings",
     "Qwen2VLFamily",
     "Qwen2VisionTransformer",

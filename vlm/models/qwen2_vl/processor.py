@@ -1,6 +1,6 @@
 """Qwen2-VL image preprocessing: the numpy twin of transformers' `Qwen2VLImageProcessorPil`.
 
-An image becomes `pixel_values` [n_patches, C * T * P * P] (1176 for Qwen2-VL) and a grid
+An image becomes `pixels` [n_patches, C * T * P * P] (1176 for Qwen2-VL) and a grid
 (t=1, h, w) in patches. The steps and their arithmetic follow the reference exactly, so the
 output is bit-for-bit the same:
 
@@ -23,6 +23,7 @@ from PIL import Image
 
 from vlm.errors import VlmError
 from vlm.image import to_rgb
+from vlm.models.family import ProcessedImage
 
 # CLIP statistics: the defaults of the reference when the config leaves them out.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -108,16 +109,6 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
     return h_bar, w_bar
 
 
-@dataclass
-class ProcessedImage:
-    """One image ready for the vision tower."""
-
-    pixel_values: np.ndarray  # float32 [grid_t * grid_h * grid_w, C * T * P * P]
-    grid_thw: tuple[int, int, int]  # in patches
-    n_tokens: int  # merged tokens, i.e. <|image_pad|> copies in the prompt
-    digest: str  # sha256 of the RGB pixels and the settings: the cache key of the encoding
-
-
 def preprocess_image(image: Image.Image, settings: ProcessorSettings,
                      max_image_tokens: int | None = DEFAULT_MAX_IMAGE_TOKENS) -> ProcessedImage:
     """Resize, normalise and patchify one image the way the reference processor does."""
@@ -142,4 +133,5 @@ def preprocess_image(image: Image.Image, settings: ProcessorSettings,
     x = x.reshape(grid_h // m, m, p, grid_w // m, m, p, c).transpose(0, 3, 1, 4, 6, 2, 5)
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # a still image repeated in time
     pixel_values = np.ascontiguousarray(x.reshape(grid_h * grid_w, c * t * p * p))
-    return ProcessedImage(pixel_values, (1, grid_h, grid_w), grid_h * grid_w // (m * m), digest.hexdigest())
+    # pixels [grid_t * grid_h * grid_w, C * T * P * P]; one row per merged m x m patch group.
+    return ProcessedImage(pixel_values, grid_h * grid_w // (m * m), digest.hexdigest(), (1, grid_h, grid_w))

@@ -18,14 +18,13 @@ from vlm.models.layers import (
     MLP,
     LayerNorm,
     Linear,
-    Weight,
     apply_rotary,
     attend,
     gelu,
     lookup,
     rope_inv_freq,
 )
-from vlm.quant import HalfWeight
+from vlm.quant import HalfWeight, Weight
 
 LAYER_NORM_EPS = 1e-6  # fixed in the reference, not in the config
 # Attention scores of one head and query chunk held at once. Per-head chunks of a few MB keep the

@@ -1,53 +1,50 @@
-"""A loaded model: tokenizer + decoder (+ a vision family), with the generation loop.
+"""The runtime: a loaded model (tokenizer + decoder + a vision family) and its request path.
 
-The model glue is ready: families plug in through the interface below (see `VisionFamily`).
-The whole request path reads top to bottom:
-prepare (template, images, token ids, positions) -> prefill in chunks, reusing the cached
-prefix -> decode one token at a time -> stream text, stop on EOS / stop strings / length.
+A request reads top to bottom: render the chat template -> segments (text ids, image slots;
+vlm/prompt.py) -> `prepare` (image embeddings, cache keys, positions) -> a `Session` prefills it
+in chunks, reusing the cached prefix -> the generation loop (vlm/generation.py) samples and steps
+one token at a time and streams text. Families plug in through `vlm.models.family.VisionFamily`;
+see docs/architecture.md.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
 
 import numpy as np
 
 from vlm import kernels
 from vlm.errors import VlmError
 from vlm.generation import (
+    Decoding,
     GenerationResult,
-    GenerationStats,
     Sampler,
     SamplingParams,
     TextStream,
-    peak_memory_mb,
+    generation_loop,
 )
 from vlm.image import ImageInput, load_image
+from vlm.models import ProcessedImage, VisionFamily
 from vlm.models.llama import LlamaModel
+from vlm.prompt import (
+    ImageSegment,
+    Segment,
+    TextSegment,
+    image_rows,
+    prompt_ids,
+    prompt_keys,
+    segment_text,
+)
 from vlm.session import PromptInputs, Session, step_together
-from vlm.tokenizer import StreamDecoder, Tokenizer
+from vlm.tokenizer import Tokenizer
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
 # Decoded image embeddings kept for reuse (a chat shows the same image every turn).
 IMAGE_CACHE_ENTRIES = 16
-
-
-class VisionFamily(Protocol):
-    """What a vision-language family (models/<family>/family.py) provides to the shared glue."""
-
-    image_token: str  # placeholder the chat template writes once per image
-    image_token_id: int
-
-    def preprocess(self, image, **options) -> Any: ...  # -> object with .n_tokens and .digest
-    def encode(self, images: list) -> list[np.ndarray]: ...  # one batched pass; [n_tokens_i, hidden] each
-    def expand_prompt(self, text: str, images: list) -> str: ...
-    def positions(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, int]: ...
 
 
 class Model:
@@ -107,9 +104,9 @@ class Model:
 
     # --- preparing a request -----------------------------------------------------------------
 
-    def tokens(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
-               **image_options) -> tuple[np.ndarray, list]:
-        """Token ids of a prompt with image placeholders expanded, and the preprocessed images.
+    def segments(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
+                 **image_options) -> tuple[list[Segment], list]:
+        """A prompt as segments (text token ids, image rows), and its preprocessed images.
 
         `prompt` is a string (one user turn, or tokenized as-is with raw=True), a list of chat
         messages, or a list of token ids (used exactly as given).
@@ -121,7 +118,7 @@ class Model:
         processed = [self.preprocess(im, **image_options) for im in images]
         if isinstance(prompt, str) and (raw or not self.tokenizer.chat_template):
             text, add_bos = prompt, None
-            if processed:
+            if processed:  # no template to place them: the images go first
                 text = self.family.image_token * len(processed) + text
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, (int, np.integer)) for t in prompt):
             if processed:
@@ -131,21 +128,26 @@ class Model:
             text, add_bos = self.render(prompt, len(processed)), False
         else:
             raise VlmError("prompt must be a string, a list of chat messages or a list of token ids")
-        if text is not None:
-            if processed:
-                text = self.family.expand_prompt(text, processed)
-            ids = np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64)
+        if text is None:
+            segments: list[Segment] = [TextSegment(np.asarray(prompt, dtype=np.int64))]
+        elif processed:
+            f = self.family
+            segments = segment_text(text, processed, f.image_token, f.image_slot, f.image_token_id,
+                                    self.tokenizer.encode, add_bos)
         else:
-            ids = np.asarray(prompt, dtype=np.int64)
-        if ids.size == 0:
+            segments = [TextSegment(np.asarray(self.tokenizer.encode(text, add_bos=add_bos), dtype=np.int64))]
+        text_ids = [s.ids for s in segments if isinstance(s, TextSegment) and s.ids.size]
+        if not any(len(s) for s in segments):
             raise VlmError("the prompt is empty")
-        if ids.min() < 0 or ids.max() >= self.decoder.config.vocab_size:
-            raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
-        return ids, processed
+        if text_ids:
+            every = np.concatenate(text_ids)
+            if every.min() < 0 or every.max() >= self.decoder.config.vocab_size:
+                raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
+        return segments, processed
 
     def _check_image_options(self, options: dict) -> None:
         """Extra keyword arguments are the family's image options; anything else is a typo."""
-        allowed = set(inspect.signature(self.family.preprocess).parameters) - {"image"} if self.family else set()
+        allowed = set(self.family.image_options) if self.family else set()
         unknown = sorted(set(options) - allowed)
         if unknown:
             takes = f"; this model's image options: {', '.join(sorted(allowed))}" if allowed else ""
@@ -153,7 +155,7 @@ class Model:
 
     def preprocess(self, image, **image_options):
         """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
-        if hasattr(image, "digest") and hasattr(image, "n_tokens"):
+        if isinstance(image, ProcessedImage):
             return image
         return self.family.preprocess(load_image(image), **image_options)
 
@@ -164,29 +166,24 @@ class Model:
     def prepare(self, prompt: Prompt, images: Sequence[ImageInput] | None = None, raw: bool = False,
                 **image_options) -> PromptInputs:
         """Everything the decoder needs for a prompt: ids, positions, image embeddings, cache keys."""
-        ids, processed = self.tokens(prompt, images, raw, **image_options)
+        segments, processed = self.segments(prompt, images, raw, **image_options)
+        ids, keys = prompt_ids(segments), prompt_keys(segments)
         if ids.size >= self.context:
             raise VlmError(f"the prompt is {ids.size} tokens but the context holds {self.context}; "
                            "shorten it or load the model with a larger context")
-        keys: list = ids.tolist()
         if not processed:
             return PromptInputs(ids, np.arange(ids.size, dtype=np.int64), 0, keys)
-
-        rows = np.flatnonzero(ids == self.family.image_token_id)
-        expected = sum(p.n_tokens for p in processed)
-        if rows.size != expected:
-            raise VlmError(f"prompt has {rows.size} image tokens but the images need {expected}")
         t0 = time.perf_counter()
         embeds, encoded = self._encode_images(processed)
         vision_s = time.perf_counter() - t0
-        k = 0
-        for p in processed:
-            for j in range(p.n_tokens):
-                keys[rows[k]] = (p.digest, j)
-                k += 1
-        positions, rope_delta = self.family.positions(ids, processed)
-        return PromptInputs(ids, positions, rope_delta, keys, np.concatenate(embeds), rows, len(processed), encoded,
-                            vision_s)
+        by_digest = {p.digest: e for p, e in zip(processed, embeds, strict=True)}
+        runs = [s for s in segments if isinstance(s, ImageSegment)]
+        if sum(s.rows for s in runs) != sum(e.shape[0] for e in embeds):  # a family's slot is wrong
+            raise VlmError("the image slots' rows do not match the images' embedding rows")
+        image_embeds = np.concatenate([by_digest[s.image.digest][s.start:s.start + s.rows] for s in runs])
+        positions, rope_delta = self.family.positions(segments)
+        return PromptInputs(ids, positions, rope_delta, keys, image_embeds, image_rows(segments), len(processed),
+                            encoded, vision_s)
 
     def _encode_images(self, processed: list) -> tuple[list[np.ndarray], int]:
         """Embeddings of each image (new ones through the encoder together, in one batch) and
@@ -251,7 +248,7 @@ class Model:
         t0 = time.perf_counter()
         sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
         seq = self.start(prompt, images, max_new_tokens, sampling, stop, raw, **image_options)
-        pieces = self._run(session or self.session, seq, t0)
+        pieces = generation_loop(session or self.session, seq, t0)
         if stream:
             return TextStream(pieces, seq.result)
         for _ in pieces:
@@ -306,103 +303,6 @@ class Model:
         return Decoding(self.tokenizer, inputs, Sampler(sampling), max_new_tokens, [stop] if isinstance(stop, str)
                         else list(stop))
 
-    def _run(self, session: Session, seq: Decoding, t0: float) -> Iterator[str]:
-        try:
-            with session.lock:
-                seq.prefill(session, t0)
-                seen = session.version  # the session as this stream left it
-            while True:
-                piece = seq.advance()
-                if piece:
-                    yield piece
-                if seq.done:
-                    break
-                with session.lock:
-                    if session.version == seen:
-                        seq.stepped(session.step(seq.token))
-                    else:  # another call used the session since our last step
-                        seq.stepped(session.resume(seq.inputs, seq.generated))
-                    seen = session.version
-        finally:
-            seq.close()
-
     def set_threads(self, threads: int | None) -> None:
         kernels.set_threads(threads)
 
-
-class Decoding:
-    """One sequence being generated: its prompt, sampler, stop rules, streamed text and stats.
-
-    Driven from outside, one token at a time, so one sequence (`Model.generate`) or many
-    decoded together (`Model.generate_batch`, the server's slots) run the same rules:
-    `prefill(session)`, then repeatedly `advance()` (sample from the logits in hand; returns
-    the text that became final) and, unless `done`, feed `token` to the session (alone or in a
-    batched step) and hand the logits back with `stepped`. `close()` settles the stats.
-    """
-
-    def __init__(self, tokenizer: Tokenizer, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int,
-                 stop: list[str]):
-        self.inputs, self.sampler, self.max_new_tokens = inputs, sampler, max_new_tokens
-        self.detok = StreamDecoder(tokenizer, stop)
-        self.eos = tokenizer.eos_ids
-        self.history = inputs.ids.tolist()
-        self.session: Session | None = None
-        self.logits: np.ndarray | None = None
-        self.token: int | None = None  # the token to feed next, once sampled
-        self.done = False
-        self.result = GenerationResult("", [], GenerationStats(
-            prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
-            image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s,
-            finish_reason="interrupted"))  # until it ends on its own
-        self._t_decode = 0.0
-
-    @property
-    def generated(self) -> list[int]:
-        return self.result.tokens
-
-    def prefill(self, session: Session, t0: float) -> None:
-        """The prompt through `session` in one go (t0: when the request started)."""
-        t = time.perf_counter()
-        self.prefilled(session, *session.prefill(self.inputs), t0, t)
-
-    def prefilled(self, session: Session, logits: np.ndarray, cached: int, t0: float, t_prefill: float) -> None:
-        """The prompt is in `session` (prefilled from t_prefill on, `cached` positions reused)."""
-        stats = self.result.stats
-        self.session, self.logits, stats.cached_tokens = session, logits, cached
-        self._t_decode = time.perf_counter()
-        stats.prefill_s = self._t_decode - t_prefill
-        stats.ttft_s = self._t_decode - t0
-
-    def advance(self) -> str:
-        """Sample the next token; returns the text it makes final (maybe empty). Sets `done`
-        when the sequence ends (EOS, a stop string, max_new_tokens or a full context)."""
-        token = self.sampler(self.logits, self.history)
-        if token in self.eos:
-            return self._finish("stop")
-        self.result.tokens.append(token)
-        self.history.append(token)
-        piece = self.detok.push(token)
-        if self.detok.stopped:
-            self.done, self.result.stats.finish_reason = True, "stop"
-            return piece
-        if len(self.result.tokens) >= self.max_new_tokens or len(self.history) > self.session.context:
-            return piece + self._finish("length")  # the token would not fit
-        self.token = token
-        return piece
-
-    def stepped(self, logits: np.ndarray) -> None:
-        """The logits after `token` was fed."""
-        self.logits = logits
-        self.result.stats.decode_steps += 1
-
-    def _finish(self, reason: str) -> str:
-        self.done, self.result.stats.finish_reason = True, reason
-        return self.detok.flush()
-
-    def close(self) -> None:
-        """Settle the stats (called once the sequence ended or was abandoned)."""
-        stats = self.result.stats
-        stats.decode_s = time.perf_counter() - self._t_decode if stats.decode_steps else 0.0
-        stats.generated_tokens = len(self.result.tokens)
-        stats.peak_memory_mb = peak_memory_mb()
-        self.result.text = self.detok.text
