@@ -1,6 +1,9 @@
-"""Benchmark the Qwen2-VL vision tower at the real Qwen2-VL-2B shapes, ours vs transformers.
+"""Benchmark the Qwen2-VL or Qwen2.5-VL vision tower at real shapes, ours vs transformers.
 
-Depth 32, width 1280, 16 heads, merger to 1536, random float32 weights (no download). With torch
+Qwen2-VL-2B: depth 32, width 1280, 16 heads, merger to 1536. Qwen2.5-VL-3B (--family qwen2_5_vl):
+depth 32, width 1280, 16 heads, gated MLP 3420, merger to 2048, windows of 112 px with full
+attention in blocks 7, 15, 23, 31 (with --depth d, the first d blocks: those among them).
+Random float32 weights (no download). With torch
 present both implementations share the very same weights (numpy views of the torch parameters),
 so the output difference is reported as well. Peak RSS is the process's high-water mark during
 each encode (reset before it), i.e. all weights loaded (both models') plus that run's activations.
@@ -10,6 +13,7 @@ each encode (reset before it), i.e. all weights loaded (both models') plus that 
     python scripts/bench_qwen2vl_vision.py --batch              # all sizes in one batched call too
     python scripts/bench_qwen2vl_vision.py --precision f32,q8   # also 8-bit vision weights (mixed precision)
     python scripts/bench_qwen2vl_vision.py --threads 1 --depth 8  # quick; CPU seconds robust to a busy machine
+    python scripts/bench_qwen2vl_vision.py --family qwen2_5_vl --sizes 448x448 --precision f32,q8
 """
 
 from __future__ import annotations
@@ -22,13 +26,25 @@ from pathlib import Path
 
 from bench_memory import reset_peak, status_mib
 
-VISION_CONFIG = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 1536,
-                 "hidden_act": "quick_gelu", "in_channels": 3, "patch_size": 14, "temporal_patch_size": 2,
-                 "spatial_merge_size": 2}
+# Per family: the checkpoint's vision_config, transformers' (config, tower) classes, ours.
+FAMILIES = {
+    "qwen2_vl": ({"depth": 32, "embed_dim": 1280, "num_heads": 16, "mlp_ratio": 4, "hidden_size": 1536,
+                  "hidden_act": "quick_gelu", "in_channels": 3, "patch_size": 14, "temporal_patch_size": 2,
+                  "spatial_merge_size": 2},
+                 ("transformers.models.qwen2_vl", "Qwen2VLConfig", "Qwen2VisionTransformerPretrainedModel"),
+                 ("vlm.models.qwen2_vl.vision", "VisionConfig", "Qwen2VisionTransformer")),
+    "qwen2_5_vl": ({"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420,
+                    "out_hidden_size": 2048, "hidden_act": "silu", "in_channels": 3, "patch_size": 14,
+                    "temporal_patch_size": 2, "spatial_merge_size": 2, "window_size": 112,
+                    "fullatt_block_indexes": [7, 15, 23, 31]},
+                   ("transformers.models.qwen2_5_vl", "Qwen2_5_VLConfig", "Qwen2_5_VisionTransformerPretrainedModel"),
+                   ("vlm.models.qwen2_5_vl.vision", "VisionConfig", "Qwen2_5_VisionTransformer")),
+}
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="qwen2_vl")
     ap.add_argument("--sizes", default="448x448,768x1536", help="comma-separated WIDTHxHEIGHT list")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--depth", type=int, default=32, help="fewer blocks for a quick estimate (time scales linearly)")
@@ -60,13 +76,19 @@ def main() -> None:
     args = parse_args()
     _set_threads(args.threads)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import importlib
+
     import numpy as np
     from PIL import Image
 
     from vlm import kernels
     from vlm.loader import convert_vision
     from vlm.models.qwen2_vl.processor import ProcessorSettings, preprocess_image
-    from vlm.models.qwen2_vl.vision import Qwen2VisionTransformer, VisionConfig
+
+    family_config, (ref_module, ref_config_class, ref_class), (our_module, config_class, tower_class) = \
+        FAMILIES[args.family]
+    VisionConfig = getattr(importlib.import_module(our_module), config_class)
+    Tower = getattr(importlib.import_module(our_module), tower_class)
 
     torch = None
     if not args.no_torch:
@@ -74,18 +96,17 @@ def main() -> None:
             import torch
         except ImportError:
             print("torch not installed: measuring ours only")
-    vision_config = {**VISION_CONFIG, "depth": args.depth}
+    vision_config = {**family_config, "depth": args.depth}
     config = VisionConfig.from_dict(vision_config)
 
     t0 = time.perf_counter()
     if torch is not None:
-        from transformers import Qwen2VLConfig
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+        import transformers
 
         torch.set_num_threads(args.threads)
         torch.manual_seed(0)
-        ref_config = Qwen2VLConfig(vision_config=vision_config).vision_config
-        ref = Qwen2VisionTransformerPretrainedModel(ref_config).eval()
+        ref_config = getattr(transformers, ref_config_class)(vision_config=vision_config).vision_config
+        ref = getattr(importlib.import_module(f"{ref_module}.modeling_{args.family}"), ref_class)(ref_config).eval()
         tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}  # shared, not copied
     else:
         tensors = random_tensors(config, np.random.default_rng(0))
@@ -93,12 +114,12 @@ def main() -> None:
     towers = {}
     for precision in args.precision.split(","):
         weights = tensors if precision == "f32" else convert_vision(tensors, precision)
-        towers[precision] = Qwen2VisionTransformer(config, weights)
+        towers[precision] = Tower(config, weights)
     print(f"weights ready in {time.perf_counter() - t0:.1f}s ({sum(v.nbytes for v in tensors.values()) / 2**20:.0f} MB "
           f"fp32); threads {args.threads}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}; "
           f"kernels {kernels.info()['path']}")
 
-    # Qwen2-VL-2B's limits and no token cap: each size is encoded as given.
+    # The checkpoints' limits (the same in both families) and no token cap: each size is encoded as given.
     settings = ProcessorSettings(min_pixels=3136, max_pixels=12845056)
     rng = np.random.default_rng(0)
     images = []
@@ -151,28 +172,34 @@ def _timed(fn, repeat: int, *args, **kwargs):
 
 
 def random_tensors(config, rng) -> dict:
-    """Checkpoint-named float32 weights ~N(0, 0.02), norms at 1."""
+    """Checkpoint-named float32 weights ~N(0, 0.02), norms at 1 (Qwen2.5-VL: RMSNorm, gated MLP)."""
     import numpy as np
 
-    d, f = config.embed_dim, int(config.embed_dim * config.mlp_ratio)
+    gated = hasattr(config, "window_size")  # Qwen2.5-VL's config
+    d = config.embed_dim
+    f = config.intermediate_size if gated else int(d * config.mlp_ratio)
     merged = d * config.spatial_merge_size ** 2
 
     def normal(*shape):
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
 
+    def norm(name: str) -> dict:
+        bias = {} if gated else {name + ".bias": np.zeros(d, np.float32)}
+        return {name + ".weight": np.ones(d, np.float32), **bias}
+
+    def linear(name: str, rows: int, cols: int) -> dict:
+        return {name + ".weight": normal(rows, cols), name + ".bias": normal(rows)}
+
     t = {"patch_embed.proj.weight": normal(d, config.patch_dim)}
+    mlp = (("gate_proj", f, d), ("up_proj", f, d), ("down_proj", d, f)) if gated else (("fc1", f, d), ("fc2", d, f))
     for i in range(config.depth):
         p = f"blocks.{i}."
-        t.update({p + "norm1.weight": np.ones(d, np.float32), p + "norm1.bias": np.zeros(d, np.float32),
-                  p + "norm2.weight": np.ones(d, np.float32), p + "norm2.bias": np.zeros(d, np.float32),
-                  p + "attn.qkv.weight": normal(3 * d, d), p + "attn.qkv.bias": normal(3 * d),
-                  p + "attn.proj.weight": normal(d, d), p + "attn.proj.bias": normal(d),
-                  p + "mlp.fc1.weight": normal(f, d), p + "mlp.fc1.bias": normal(f),
-                  p + "mlp.fc2.weight": normal(d, f), p + "mlp.fc2.bias": normal(d)})
-    t.update({"merger.ln_q.weight": np.ones(d, np.float32), "merger.ln_q.bias": np.zeros(d, np.float32),
-              "merger.mlp.0.weight": normal(merged, merged), "merger.mlp.0.bias": normal(merged),
-              "merger.mlp.2.weight": normal(config.hidden_size, merged),
-              "merger.mlp.2.bias": normal(config.hidden_size)})
+        t.update({**norm(p + "norm1"), **norm(p + "norm2"), **linear(p + "attn.qkv", 3 * d, d),
+                  **linear(p + "attn.proj", d, d)})
+        for name, rows, cols in mlp:
+            t.update(linear(p + "mlp." + name, rows, cols))
+    t.update({**norm("merger.ln_q"), **linear("merger.mlp.0", merged, merged),
+              **linear("merger.mlp.2", config.hidden_size, merged)})
     return t
 
 

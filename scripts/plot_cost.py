@@ -41,9 +41,9 @@ def measure(threads: int, reps: int) -> dict:
     del model
 
     sys.path.insert(0, str(HERE))
-    from bench_qwen2vl_vision import VISION_CONFIG, random_tensors
+    from bench_qwen2vl_vision import FAMILIES, random_tensors
 
-    config = VisionConfig.from_dict(VISION_CONFIG)
+    config = VisionConfig.from_dict(FAMILIES["qwen2_vl"][0])
     tower = Qwen2VisionTransformer(config, convert_vision(random_tensors(config, np.random.default_rng(0)), "q8"))
     kernels.set_threads(threads)
     settings = ProcessorSettings(min_pixels=3136, max_pixels=12845056)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# The fuzz test drives scripts/fuzz_mutate.py (the tiny-model makers are in vlm.testing).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
 @pytest.fixture(params=["avx512", "avxvnni", "avx2", "portable"])
@@ -84,3 +88,33 @@ def tiny_qwen2vl(tmp_path_factory, smollm2_gguf) -> Path:
     from vlm.testing.tiny_qwen2vl import make_tiny_qwen2vl
 
     return make_tiny_qwen2vl(tmp_path_factory.mktemp("tiny_qwen2vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(tmp_path_factory, smollm2_gguf) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint (uneven windows, a full-attention block); tokenizer from SmolLM2's GGUF."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from vlm.testing.tiny_qwen2_5_vl import make_tiny_qwen2_5_vl
+
+    return make_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), gguf_path=smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, tiny_llm) -> Path:
+    """The tiny Llama as a GGUF file (Q4_1 matrices, Q8_0 embedding), written with gguf-py."""
+    pytest.importorskip("gguf")
+    from vlm.testing.tiny_gguf import make_tiny_gguf
+
+    return make_tiny_gguf(tiny_llm("llama"), tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_converted(tmp_path_factory, tiny_llm) -> Path:
+    """The tiny Llama converted by `vlm convert` (4-bit, groups of 32)."""
+    from vlm.convert import convert
+
+    out = tmp_path_factory.mktemp("tiny_converted") / "q4"
+    convert(str(tiny_llm("llama")), str(out), bits=4, group_size=32)
+    return out

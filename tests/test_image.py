@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vlm.errors import VlmError
 from vlm.image import load_image, to_rgb
@@ -29,6 +29,16 @@ def huge_png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
+def crafted_dds() -> bytes:
+    """Issue #10's file: a DDS with its pixel-format flags zeroed (saved as .png, it is opened by
+    content; Pillow then raises NotImplementedError while decoding it)."""
+    buf = io.BytesIO()
+    Image.new("RGBA", (64, 48)).save(buf, "DDS")
+    data = bytearray(buf.getvalue())
+    data[80:84] = bytes(4)
+    return bytes(data)
+
+
 def test_sources_of_every_kind(tmp_path):
     img = Image.new("RGB", (5, 3), (10, 20, 30))
     path = tmp_path / "x.png"
@@ -44,12 +54,36 @@ def test_sources_of_every_kind(tmp_path):
     (lambda p: p.write_bytes(png_bytes(Image.new("RGB", (64, 64)))[:60]), "cannot read image"),
     (lambda p: p.write_bytes(b""), "not an image"),
     (lambda p: p.write_bytes(huge_png_header(200_000, 200_000)), "too large"),
+    (lambda p: p.write_bytes(crafted_dds()), "NotImplementedError"),  # any decoder exception: one VlmError
 ])
 def test_bad_files(tmp_path, make, needle):
     path = tmp_path / "bad.png"
     make(path)
     with pytest.raises(VlmError, match=needle):
         load_image(path)
+
+
+def test_huge_image_refused_from_its_header_before_decoding(tmp_path, monkeypatch):
+    def no_decoding(self):
+        raise AssertionError("the image was decoded")
+
+    (tmp_path / "huge.png").write_bytes(huge_png_header(14000, 14000))  # 196 MP: over our cap, under Pillow's
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(VlmError, match="too large"):
+        load_image(tmp_path / "huge.png")
+
+
+@pytest.mark.parametrize("bad", [None, 123, 4.5, object()])
+def test_image_of_a_wrong_type(bad):
+    with pytest.raises(VlmError, match="an image must be"):
+        load_image(bad)
+
+
+def test_lazily_opened_truncated_pil_image():
+    data = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)))
+    lazy = Image.open(io.BytesIO(data[: len(data) // 2]))  # opened, not decoded
+    with pytest.raises(VlmError, match="cannot read image"):
+        load_image(lazy)
 
 
 def test_missing_and_bad_arrays(tmp_path):

@@ -1,4 +1,4 @@
-"""Both vision families through the shared machinery: 4-bit decoder + chosen vision precision
+"""Every vision family through the shared machinery: 4-bit decoder + chosen vision precision
 within a stated bound of float, `vlm convert` round trips, multi-turn image chats."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image
 import vlm
 from vlm.convert import convert
 
-FAMILIES = ["tiny_qwen2vl", "tiny_smolvlm"]
+FAMILIES = ["tiny_qwen2vl", "tiny_qwen2_5_vl", "tiny_smolvlm"]
 
 
 def image(seed: int, size=(96, 72)) -> Image.Image:

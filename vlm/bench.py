@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from vlm.errors import VlmError
 from vlm.generation import peak_memory_mb
 from vlm.runtime import Model
 from vlm.session import PromptInputs, step_together
@@ -139,9 +140,28 @@ def memory_bandwidth_gbs(threads: int = 2, mib: int = 512) -> float:
     return best
 
 
+def check_settings(model: Model, pp: list[int], tg: list[int], depths: list[int],
+                   images: list[tuple[int, int]], reps: int) -> None:
+    """VlmError unless every test fits the model's context (and memory) and runs at least once."""
+    ctx = model.context
+    if not isinstance(reps, int) or reps < 1:
+        raise VlmError(f"reps must be >= 1, got {reps}")
+    if any(not 1 <= n < ctx for n in pp):
+        raise VlmError(f"prompt sizes must be from 1 to {ctx - 1} (the context is {ctx}; load with -c to change it)")
+    if any(n < 1 for n in tg) or any(d < 0 for d in depths):
+        raise VlmError("decode lengths must be >= 1 and depths >= 0")
+    if any(max(d, 1) + n > ctx for n in tg for d in depths):
+        raise VlmError(f"depth + decode length must fit the context of {ctx} tokens")
+    if model.family is not None and any(len(s) != 2 or not all(1 <= v <= 16384 for v in s) for s in images):
+        raise VlmError("image sizes must be WIDTHxHEIGHT, each from 1 to 16384")
+
+
 def run(model: Model, pp: list[int], tg: list[int], depths: list[int], images: list[tuple[int, int]],
         reps: int, threads: int, parallel: list[int] = ()) -> dict:
     """Every test asked for; `parallel`: numbers of sequences decoded together (aggregate tok/s)."""
+    check_settings(model, pp, tg, depths, images, reps)
+    if any(b < 1 for b in parallel):
+        raise VlmError("the numbers of parallel sequences must be >= 1")
     rows = [bench_prefill(model, n, reps) for n in pp]
     rows += [bench_decode(model, n, d, reps) for n in tg for d in depths]
     rows += [bench_parallel(model, b, n, reps) for n in tg for b in parallel]

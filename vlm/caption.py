@@ -2,14 +2,19 @@
 
 Images are opened and preprocessed in a background thread; each batch goes through the vision
 encoder in one pass; captions are generated one by one (the shared text prompt before the
-image stays in the KV cache). Every result is appended and flushed at once, so an interrupt
-loses at most the image in flight, and a re-run skips what is already written.
+image stays in the KV cache). Every result is appended whole and flushed at once, so an
+interrupt loses at most the image in flight, and a re-run skips what is already written (a
+record torn by a crash is cut off and redone). An image that cannot be read or captioned gets
+a record with an `error` field instead of a caption.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import glob
+import io
 import json
 import os
 import queue
@@ -22,12 +27,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.runtime import Model
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_PROMPT = "Describe this image in one sentence."
-CSV_FIELDS = ["path", "caption", "tokens", "seconds"]
+CSV_FIELDS = ["path", "caption", "tokens", "seconds", "error"]
 
 
 def find_images(source: str) -> list[str]:
@@ -47,49 +52,102 @@ def find_images(source: str) -> list[str]:
     return found
 
 
+def complete_length(data: bytes, csv_format: bool) -> int:
+    """Bytes of `data` up to the end of its last complete record (a line, or for CSV a row
+    whose quoted fields are all closed: a caption may hold a newline inside quotes)."""
+    if not csv_format:
+        return data.rfind(b"\n") + 1
+    end, quotes = 0, 0
+    for i, byte in enumerate(data):
+        if byte == 0x22:  # '"': a doubled quote inside a field flips the parity twice
+            quotes ^= 1
+        elif byte == 0x0A and not quotes:
+            end = i + 1
+    return end
+
+
+def repair_torn_tail(output: Path) -> None:
+    """Cut off a record torn by a crash or a full disk, so that the file holds only whole
+    records and the torn image is captioned again."""
+    if not output.is_file():
+        return
+    try:
+        with open(output, "rb+") as f:
+            data = f.read()
+            keep = complete_length(data, output.suffix.lower() == ".csv")
+            if keep < len(data):
+                f.truncate(keep)
+    except OSError as e:
+        raise VlmError(f"cannot repair {shown(output)}: {e.strerror or e}") from None
+
+
 def already_done(output: Path) -> set[str]:
-    """Paths with a result in an existing output file (a torn last line is ignored)."""
+    """Paths with a result in an existing output file."""
     if not output.is_file():
         return set()
     done = set()
-    with open(output, encoding="utf-8", newline="") as f:
-        if output.suffix.lower() == ".csv":
-            done = {row["path"] for row in csv.DictReader(f) if row.get("path")}
-        else:
-            for line in f:
-                try:
-                    done.add(json.loads(line)["path"])
-                except (ValueError, KeyError, TypeError):
-                    continue
+    try:
+        with open(output, encoding="utf-8", errors="replace", newline="") as f:
+            if output.suffix.lower() == ".csv":
+                done = {row["path"] for row in csv.DictReader(f) if row.get("path")}
+            else:
+                for line in f:
+                    try:
+                        done.add(json.loads(line)["path"])
+                    except (ValueError, KeyError, TypeError):
+                        continue
+    except (OSError, csv.Error) as e:
+        raise VlmError(f"cannot read {shown(output)}: {e}") from None
     return done
 
 
 class ResultWriter:
-    """Appends one record at a time and flushes it to disk before returning."""
+    """Appends one record at a time, each in a single write of its whole line, flushed to
+    disk before returning. A write that fails (full disk, file size limit) is undone, so the
+    file never holds a partial record, and raised as one VlmError."""
 
     def __init__(self, output: Path):
+        self.path = output
         self.csv = output.suffix.lower() == ".csv"
-        new = not output.is_file() or output.stat().st_size == 0
-        if not new and not self.csv:
-            with open(output, "rb+") as f:  # a line torn by a crash: finish it so appends start clean
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    f.write(b"\n")
-        self.f = open(output, "a", encoding="utf-8", newline="")  # noqa: SIM115 (held across many writes)
-        self.writer = csv.DictWriter(self.f, fieldnames=CSV_FIELDS) if self.csv else None
+        try:
+            new = not output.is_file() or output.stat().st_size == 0
+            self.fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise VlmError(f"cannot write {shown(output)}: {e.strerror or e}") from None
         if self.csv and new:
-            self.writer.writeheader()
+            self._append(self._csv_line(CSV_FIELDS))
+
+    @staticmethod
+    def _csv_line(values: list) -> str:
+        buf = io.StringIO()
+        csv.writer(buf).writerow(values)
+        return buf.getvalue()
+
+    def _append(self, line: str) -> None:
+        data = line.encode("utf-8")
+        try:
+            start = os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            start = None  # a device such as /dev/full: nothing to undo
+        try:
+            written = os.write(self.fd, data)
+            if written != len(data):  # a short write: the disk or the file size limit is full
+                raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
+            os.fsync(self.fd)
+        except OSError as e:
+            if start is not None:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self.fd, start)
+            raise VlmError(f"cannot write {shown(self.path)}: {e.strerror or e}") from None
 
     def write(self, record: dict) -> None:
         if self.csv:
-            self.writer.writerow({k: record[k] for k in CSV_FIELDS})
+            self._append(self._csv_line([record.get(k, "") for k in CSV_FIELDS]))
         else:
-            self.f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
+            self._append(json.dumps(record, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        self.f.close()
+        os.close(self.fd)
 
 
 @dataclass
@@ -108,32 +166,51 @@ class CaptionSummary:
 
 
 def _preprocessed(model: Model, paths: list[str], batch: int) -> Iterator[list[tuple[str, object]]]:
-    """Batches of (path, preprocessed image or VlmError), prepared in a background thread."""
+    """Batches of (path, preprocessed image or VlmError), prepared in a background thread.
+
+    Any other exception in the thread is handed to the main thread and raised there: a dead
+    worker must never leave the main thread waiting for ever."""
     q: queue.Queue = queue.Queue(maxsize=2)
     stop = threading.Event()
 
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def prepared(p: str) -> object:
+        try:
+            return model.preprocess(p)
+        except VlmError as e:
+            return e
+
     def work() -> None:
-        for i in range(0, len(paths), batch):
-            items = []
-            for p in paths[i : i + batch]:
-                try:
-                    items.append((p, model.preprocess(p)))
-                except VlmError as e:
-                    items.append((p, e))
-            while not stop.is_set():
-                try:
-                    q.put(items, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if stop.is_set():
-                return
-        q.put(None)
+        try:
+            for i in range(0, len(paths), batch):
+                if not put([(p, prepared(p)) for p in paths[i : i + batch]]):
+                    return
+            put(None)
+        except BaseException as e:  # noqa: BLE001 (handed over, raised in the main thread)
+            put(e)
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
     try:
-        while (items := q.get()) is not None:
+        while True:
+            try:
+                items = q.get(timeout=1.0)
+            except queue.Empty:
+                if not thread.is_alive() and q.empty():
+                    raise VlmError("the image preprocessing thread stopped unexpectedly") from None
+                continue
+            if items is None:
+                return
+            if isinstance(items, BaseException):
+                raise items
             yield items
     finally:
         stop.set()
@@ -147,34 +224,38 @@ def caption(model: Model, source: str, output: str | os.PathLike, prompt: str = 
     if batch < 1:
         raise VlmError("batch must be >= 1")
     output = Path(output)
-    paths = find_images(source)
+    paths = list(dict.fromkeys(find_images(source)))  # an image listed twice is captioned once
+    repair_torn_tail(output)
     done = already_done(output)
     todo = [p for p in paths if p not in done]
     summary = CaptionSummary(skipped=len(paths) - len(todo))
     writer = ResultWriter(output)
     bar = tqdm(total=len(todo), unit="img", disable=not progress, file=sys.stderr)
+
+    def failed(p: str, err: VlmError) -> None:
+        writer.write({"path": p, "error": str(err)})
+        summary.failed.append((p, str(err)))
+        tqdm.write(f"skipped {shown(p, 200)}: {err}", file=sys.stderr)
+        bar.update(1)
+
     t0 = time.perf_counter()
     try:
         for items in _preprocessed(model, todo, batch):
             ready = [(p, im) for p, im in items if not isinstance(im, VlmError)]
             for p, err in ((p, im) for p, im in items if isinstance(im, VlmError)):
-                summary.failed.append((p, str(err)))
-                tqdm.write(f"skipped {p}: {err}", file=sys.stderr)
-                bar.update(1)
+                failed(p, err)
             try:
                 model.encode_images([im for _, im in ready])  # the whole batch through the ViT at once
             except VlmError as e:
-                summary.failed += [(p, str(e)) for p, _ in ready]
-                bar.update(len(ready))
+                for p, _ in ready:
+                    failed(p, e)
                 ready = []
             for p, im in ready:
                 t = time.perf_counter()
                 try:
                     r = model.generate(prompt, images=[im], max_new_tokens=max_new_tokens, **generate_options)
                 except VlmError as e:
-                    summary.failed.append((p, str(e)))
-                    tqdm.write(f"skipped {p}: {e}", file=sys.stderr)
-                    bar.update(1)
+                    failed(p, e)
                     continue
                 text = r.text.strip()
                 writer.write({"path": p, "caption": text, "tokens": len(r.tokens),

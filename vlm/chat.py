@@ -9,7 +9,7 @@ from collections.abc import Iterator, Sequence
 
 from vlm.errors import VlmError
 from vlm.generation import GenerationResult, TextStream
-from vlm.image import ImageInput
+from vlm.image import ImageInput, image_list
 from vlm.models import ProcessedImage
 from vlm.runtime import Model
 
@@ -65,7 +65,7 @@ class Chat:
     def send(self, text: str, images: Sequence[ImageInput] | None = None, stream: bool = False,
              **options) -> GenerationResult | TextStream:
         """Add a user turn and generate the reply (streamed with stream=True)."""
-        sources = list(images or [])
+        sources = image_list(images)
         opts = {"max_new_tokens": 512, **self.options, **options}
         family = self.model.family
         image_options = {k: opts.pop(k) for k in list(opts) if family and k in family.image_options}

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from vlm.convert import DECODER_BITS, VISION_BITS
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.quant import GROUP_SIZES, QUANTIZE_MODES
 from vlm.registry import DEFAULT_MODEL, KNOWN_MODELS
 from vlm.session import KV_CACHE_DTYPES
@@ -24,6 +24,17 @@ HELP_CHAT = """commands:
   /quit         leave (or Ctrl-D); Ctrl-C stops an answer"""
 
 
+def whole(text: str) -> int:
+    """An argparse type: a whole number, also written as 1e9 or 4096.0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
 def _dim(text: str) -> str:
     return f"\033[2m{text}\033[0m" if sys.stdout.isatty() else text
 
@@ -33,20 +44,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"GGUF file, HF directory, converted directory or known name (default {DEFAULT_MODEL})")
     p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m], default=None,
                    help="decoder precision on load (default: as the file holds it)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("-c", "--ctx", type=int, default=None, help="context size in tokens (default: model's, max 4096)")
+    p.add_argument("-t", "--threads", type=whole, default=None, help="threads (default: all cores)")
+    p.add_argument("-c", "--ctx", type=whole, default=None, help="context size in tokens (default: model's, max 4096)")
     p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default=None,
                    help="KV cache precision (default f16; f32 with --quantize f32)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-n", "--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("-n", "--max-tokens", type=whole, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temperature", "--temp", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=whole, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=whole, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
@@ -113,11 +124,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
             elif cmd == "/image":
                 if not arg:
                     print("usage: /image PATH")
-                elif not Path(arg).expanduser().is_file():
-                    print(f"error: image not found: {arg}")
+                elif model.family is None and Path(arg).expanduser().is_file():
+                    print("error: this model has no vision encoder; it cannot take images")
                 else:
-                    pending_images.append(str(Path(arg).expanduser()))
-                    print(_dim(f"image attached to your next message: {arg}"))
+                    path = str(Path(arg).expanduser())
+                    try:
+                        model.preprocess(path)  # a bad image is refused now, not kept attached
+                    except VlmError as e:
+                        print(f"error: {e}")
+                        continue
+                    pending_images.append(path)
+                    print(_dim(f"image attached to your next message: {shown(arg, 200)}"))
             elif cmd == "/save":
                 if not arg:
                     print("usage: /save FILE")
@@ -142,6 +159,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         except VlmError as e:
             print(f"error: {e}")
+            if stream is None and pending_images:  # the message was refused: do not keep its images
+                print(_dim(f"[{len(pending_images)} attached image(s) dropped]"))
+                pending_images = []
             continue
         except KeyboardInterrupt:
             if stream is None:
@@ -163,7 +183,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                       progress=not args.quiet, **opts)
     print(summary.text(), file=sys.stderr)
     for path, err in summary.failed:
-        print(f"  failed: {path}: {err}", file=sys.stderr)
+        print(f"  failed: {shown(path, 200)}: {err}", file=sys.stderr)
     return 0
 
 
@@ -189,7 +209,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         kinds[kind] = kinds.get(kind, 0) + 1
         total += int(w.nbytes)
     c = ckpt.config
-    text = c.get("text_config") or c
+    text = c["text_config"] if isinstance(c.get("text_config"), dict) else c
     tok = ckpt.tokenizer
     info = {
         "path": str(ckpt.path), "format": ckpt.format, "architecture": c.get("model_type"),
@@ -201,7 +221,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "bos/eos": f"{tok.bos_token} / {tok.eos_token}", "chat template": bool(tok.chat_template),
     }
     for k, v in info.items():
-        print(f"{k:>14}: {v}")
+        print(f"{k:>14}: {shown(v, 200)}")
     return 0
 
 
@@ -213,10 +233,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    return [whole(x) for x in text.split(",") if x.strip()]
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:
@@ -277,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder (recursive), glob pattern, or text file with one image path a line")
     p.add_argument("-o", "--output", required=True, help="results file: .jsonl or .csv (appended; re-runs resume)")
     p.add_argument("--prompt", default="Describe this image in one sentence.")
-    p.add_argument("-b", "--batch", type=int, default=4, help="images per vision-encoder pass (default 4)")
+    p.add_argument("-b", "--batch", type=whole, default=4, help="images per vision-encoder pass (default 4)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_caption)
 
@@ -298,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_sizes, default=[(448, 448)], help="vision sizes (default 448x448)")
     p.add_argument("--parallel", type=_ints, default=[],
                    help="numbers of sequences decoded together, e.g. 1,2,4,8 (aggregate decode tok/s)")
-    p.add_argument("-r", "--reps", type=int, default=3)
+    p.add_argument("-r", "--reps", type=whole, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 

@@ -6,7 +6,7 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,16 +28,52 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not math.isfinite(value):
+                raise VlmError(f"invalid sampling setting: {name} must be a finite number, got {value!r:.40}")
         checks = [
-            (math.isfinite(self.temperature) and self.temperature >= 0, "temperature must be >= 0"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k must be a whole number >= 0"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (_whole(self.top_k) and self.top_k >= 0, "top_k must be a whole number >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
             (0.0 <= self.min_p < 1.0, "min_p must be in [0, 1)"),
-            (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (self.seed is None or (_whole(self.seed) and self.seed >= 0), "seed must be a whole number >= 0"),
         ]
         for ok, message in checks:
             if not ok:
                 raise VlmError(f"invalid sampling setting: {message}")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def stop_strings(stop: str | Sequence[str] | None) -> list[str]:
+    """The stop strings of a request: one string, a list of them, or None for none."""
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    try:
+        stops = list(stop)
+    except TypeError:
+        stops = None
+    if stops is None or not all(isinstance(s, str) for s in stops):
+        raise VlmError(f"stop must be a string or a list of strings, got {stop!r:.60}")
+    return stops
+
+
+def check_logits(logits: np.ndarray, position: int) -> np.ndarray:
+    """`logits` ([vocab] or [n, vocab] from `position` on) unless a value is NaN or infinite:
+    then a VlmError, since corrupt weights or hyperparameters would otherwise print junk.
+    One pass over each row, cheap next to the matmul that made it."""
+    finite = np.isfinite(logits)
+    if not finite.all():
+        bad = 0 if logits.ndim == 1 else int(np.flatnonzero(~finite.all(axis=-1))[0])
+        raise VlmError(f"the model produced NaN/inf logits at token {position + bad}: "
+                       "the weights or hyperparameters are corrupt")
+    return logits
 
 
 class Sampler:
@@ -49,7 +85,7 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         p = self.params
-        logits = np.asarray(logits, dtype=np.float32)
+        logits = check_logits(np.asarray(logits, dtype=np.float32), len(history))
         if p.repetition_penalty != 1.0 and history:
             logits = logits.copy()  # the caller's logits stay as they were
             # The CTRL / transformers rule: shrink positive logits, grow negative ones.

@@ -10,9 +10,9 @@ from collections.abc import Mapping
 import numpy as np
 
 from vlm import kernels
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.formats.checkpoint import VISION_PREFIX, Checkpoint
-from vlm.formats.lazy import LazyTensors
+from vlm.formats.lazy import LazyTensors, shapes_of
 from vlm.formats.reader import read_checkpoint
 from vlm.memory import release_pages
 from vlm.models import FAMILIES
@@ -33,6 +33,9 @@ from vlm.quant import (
 )
 from vlm.registry import resolve
 from vlm.runtime import Model
+from vlm.session import KV_CACHE_DTYPES
+
+MAX_THREADS = 1024  # more would only exhaust the system's thread limit
 
 _DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
 
@@ -66,7 +69,7 @@ def quantize_decoder(tensors: Mapping[str, Weight], mode: str | None, group_size
         release_pages(*stored_arrays(w))  # the source was read once, to quantize
         return q
 
-    return LazyTensors({name: functools.partial(convert, name) for name in tensors})
+    return LazyTensors({name: functools.partial(convert, name) for name in tensors}, shapes_of(tensors))
 
 
 def _already(w: Weight, bits: int, group_size: int) -> bool:
@@ -97,11 +100,13 @@ def convert_vision(tensors: Mapping[str, Weight], mode: str | None) -> LazyTenso
 def family_class(config: dict, path) -> type | None:
     """The vision family of a config, None for a text-only decoder; unsupported -> VlmError."""
     model_type = config.get("model_type")
+    if not isinstance(model_type, str | None):
+        raise VlmError(f"bad model config in {path}: model_type is {shown(repr(model_type))}")
     if model_type in FAMILIES:
         return FAMILIES[model_type]
     if model_type not in TEXT_ARCHITECTURES:
         known = ", ".join(sorted([*TEXT_ARCHITECTURES, *FAMILIES]))
-        raise VlmError(f"unsupported architecture {model_type!r} in {path}; supported: {known}")
+        raise VlmError(f"unsupported architecture {shown(repr(model_type))} in {path}; supported: {known}")
     return None
 
 
@@ -140,14 +145,20 @@ def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: 
     """Assemble a Model from a checkpoint, applying the requested precisions."""
     family_cls, text, vision = prepare_tensors(ckpt, quantize, vision_quantize, group_size)
     config = TextConfig.from_dict(family_cls.text_config(ckpt.config) if family_cls else ckpt.config)
+    kv_cache = kv_cache or ("f32" if quantize == "f32" else "f16")  # f32 keeps exact math exact
+    if kv_cache not in KV_CACHE_DTYPES:
+        raise VlmError(f"kv_cache must be one of {', '.join(KV_CACHE_DTYPES)}; got {kv_cache!r}")
+    if context is not None and (not isinstance(context, int) or isinstance(context, bool) or context < 16):
+        raise VlmError(f"context must be a whole number of at least 16 tokens, got {context!r:.40}")
+    if context is None:
+        context = min(4096, config.max_position_embeddings) if isinstance(config.max_position_embeddings, int) else 0
+    config.validate(shapes_of(text), context, np.dtype(KV_CACHE_DTYPES[kv_cache]).itemsize)
     decoder = LlamaModel(config, text)
     family = family_cls(ckpt.config, vision, ckpt.preprocessor_config) if family_cls else None
     model_type = ckpt.config.get("model_type")
-    ctx = context or min(4096, config.max_position_embeddings)
-    kv_cache = kv_cache or ("f32" if quantize == "f32" else "f16")  # f32 keeps exact math exact
     info = {"path": str(ckpt.path), "format": ckpt.format, "architecture": model_type, "quantize": quantize,
             "kv_cache": kv_cache}
-    return Model(decoder, ckpt.tokenizer, family, context=ctx, prefill_chunk=prefill_chunk, info=info,
+    return Model(decoder, ckpt.tokenizer, family, context=context, prefill_chunk=prefill_chunk, info=info,
                  kv_cache=kv_cache)
 
 
@@ -162,6 +173,8 @@ def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None,
     context is the KV cache size in tokens (default: the model's, at most 4096); kv_cache its
     precision, "f16" or "f32" (default: f16, or f32 with quantize="f32").
     """
+    if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
+        raise VlmError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r:.40}")
     kernels.set_threads(threads)
     ckpt = read_checkpoint(resolve(model))
     built = build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk, kv_cache)

@@ -24,9 +24,11 @@ from vlm.generation import (
     Sampler,
     SamplingParams,
     TextStream,
+    check_logits,
     generation_loop,
+    stop_strings,
 )
-from vlm.image import ImageInput, load_image
+from vlm.image import ImageInput, image_errors, image_list, load_image
 from vlm.models import ProcessedImage, VisionFamily
 from vlm.models.llama import LlamaModel
 from vlm.prompt import (
@@ -39,7 +41,7 @@ from vlm.prompt import (
     segment_text,
 )
 from vlm.session import PromptInputs, Session, step_together
-from vlm.tokenizer import Tokenizer
+from vlm.tokenizer import Tokenizer, check_message
 
 Prompt = str | Sequence[dict] | Sequence[int]
 
@@ -89,8 +91,7 @@ class Model:
             messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
         n_parts = 0
         for m in messages:
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise VlmError("each message must be a dict with 'role' and 'content'")
+            check_message(m)
             if isinstance(m["content"], list):
                 parts = m["content"]
                 n_parts += sum(1 for p in parts if p.get("type") == "image")
@@ -112,7 +113,7 @@ class Model:
         messages, or a list of token ids (used exactly as given).
         """
         self._check_image_options(image_options)
-        images = list(images or [])
+        images = image_list(images)
         if images and self.family is None:
             raise VlmError("this model has no vision encoder; it cannot take images")
         processed = [self.preprocess(im, **image_options) for im in images]
@@ -157,7 +158,9 @@ class Model:
         """An image made ready for the vision encoder (an already preprocessed one is kept as is)."""
         if isinstance(image, ProcessedImage):
             return image
-        return self.family.preprocess(load_image(image), **image_options)
+        img = load_image(image)
+        with image_errors():
+            return self.family.preprocess(img, **image_options)
 
     def encode_images(self, images: Sequence) -> None:
         """Encode images ahead of use, all new ones in one batched pass (they land in the image cache)."""
@@ -224,7 +227,7 @@ class Model:
                session: Session | None = None, **image_options) -> np.ndarray:
         """Float32 logits [n_tokens, vocab] for every prompt position, through the generate path."""
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        return (session or self.session).prefill(inputs, all_logits=True)[0]
+        return check_logits((session or self.session).prefill(inputs, all_logits=True)[0], 0)
 
     def reset(self) -> None:
         """Forget the cached conversation (the next prompt is prefilled from scratch)."""
@@ -299,9 +302,9 @@ class Model:
         """A request made ready to decode (prompt prepared, images encoded): see `Decoding`."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        stop = stop_strings(stop)  # checked before any image is encoded
         inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        return Decoding(self.tokenizer, inputs, Sampler(sampling), max_new_tokens, [stop] if isinstance(stop, str)
-                        else list(stop))
+        return Decoding(self.tokenizer, inputs, Sampler(sampling), max_new_tokens, stop)
 
     def set_threads(self, threads: int | None) -> None:
         kernels.set_threads(threads)

@@ -193,7 +193,11 @@ class Scheduler:
     def _advance(self, slot: Slot) -> None:
         """Sample the slot's next token and pass on its text; free the slot when it is done."""
         seq = slot.job.seq
-        text = seq.advance()
+        try:
+            text = seq.advance()
+        except VlmError as e:  # NaN logits: this request fails, the others go on
+            self._release(slot, ("error", str(e)))
+            return
         if text:
             slot.job.events.put(("text", text))
         if seq.done:

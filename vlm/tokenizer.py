@@ -18,7 +18,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -34,6 +34,44 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(range(256), chars, strict=True)}
 
 
+# Bounds on rendering a chat template, which comes from a downloaded file: range() elements in
+# one render (nested loops multiply), and characters of output (a prompt must fit a context).
+TEMPLATE_RANGE_BUDGET = 100_000
+TEMPLATE_MAX_CHARS = 4_000_000
+
+
+class _BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' immutable sandbox, with `*` and `**` bounded: "x" * 10**9 is refused."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context, operator: str, left, right):
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise jinja2.exceptions.SecurityError("exponent too large in a chat template")
+        if operator == "*" and any(isinstance(x, str | list | tuple) for x in (left, right)):
+            n = right if isinstance(left, str | list | tuple) else left
+            seq = left if isinstance(left, str | list | tuple) else right
+            if isinstance(n, int) and len(seq) * n > TEMPLATE_MAX_CHARS:
+                raise jinja2.exceptions.SecurityError("a chat template repeated a string beyond the output cap")
+        return super().call_binop(context, operator, left, right)
+
+
+def _bounded_range():
+    """A `range` for one render: all the ranges it makes hold at most TEMPLATE_RANGE_BUDGET elements."""
+    left = TEMPLATE_RANGE_BUDGET
+
+    def bounded(*args):
+        nonlocal left
+        r = range(*args)
+        left -= len(r)
+        if left < 0:
+            raise jinja2.exceptions.SecurityError(f"a chat template looped over more than {TEMPLATE_RANGE_BUDGET:,} "
+                                                  "range() elements")
+        return r
+
+    return bounded
+
+
 @lru_cache(maxsize=8)
 def _template(source: str) -> jinja2.Template:
     def raise_exception(message: str) -> None:
@@ -42,11 +80,26 @@ def _template(source: str) -> jinja2.Template:
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env = _BoundedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(source)
+
+
+def check_message(m: object) -> None:
+    """VlmError unless `m` is a chat message: a dict with a role and a content that is a string
+    or a list of parts (dicts such as {"type": "text", "text": ...} or {"type": "image"})."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise VlmError("each message must be a dict with 'role' and 'content'")
+    content = m["content"]
+    if not isinstance(m["role"], str):
+        raise VlmError(f"a message's role must be a string, got {type(m['role']).__name__}")
+    if isinstance(content, list):
+        if not all(isinstance(p, dict) and isinstance(p.get("text", ""), str) for p in content):
+            raise VlmError("a message's content list must hold dicts such as {'type': 'text', 'text': '...'}")
+    elif not isinstance(content, str):
+        raise VlmError(f"a message's content must be a string or a list of parts, got {type(content).__name__}")
 
 
 class Tokenizer:
@@ -86,6 +139,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of `text`; special tokens written in the text are matched as such."""
+        if not isinstance(text, str):
+            raise VlmError(f"text to tokenize must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (a command line's, say)
+            raise VlmError("the text is not valid UTF-8") from None
         ids = self.tok.encode(text, add_special_tokens=False).ids
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id, *ids]
@@ -108,11 +167,21 @@ class Tokenizer:
         if not self.chat_template:
             raise VlmError("this model has no chat template; pass a plain prompt with raw=True or token ids")
         try:
-            return _template(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
+            pieces = _template(self.chat_template).generate(
+                messages=messages, add_generation_prompt=add_generation_prompt, range=_bounded_range(),
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except jinja2.TemplateError as e:
-            raise VlmError(f"chat template error: {e}") from None
+            out, size = [], 0
+            for piece in pieces:
+                size += len(piece)
+                if size > TEMPLATE_MAX_CHARS:
+                    raise VlmError(f"the chat template rendered more than {TEMPLATE_MAX_CHARS:,} characters")
+                out.append(piece)
+            return "".join(out)
+        except VlmError:
+            raise
+        except Exception as e:  # a template from a file can raise anything (TypeError, RecursionError...)
+            kind = "" if isinstance(e, jinja2.TemplateError) else f"{type(e).__name__}: "
+            raise VlmError(f"chat template error: {kind}{shown(e, 160)}") from None
 
 
 class StreamDecoder:

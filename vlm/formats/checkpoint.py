@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.memory import release_mappings
 from vlm.quant import Weight
 from vlm.tokenizer import Tokenizer
@@ -42,8 +42,19 @@ class Checkpoint:
         release_mappings(self.mappings)
 
 
-def read_json(path: Path) -> dict:
+def read_text(path: Path) -> str:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VlmError(f"cannot read {path}: {e}") from None
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as e:  # ValueError: invalid UTF-8
+        raise VlmError(f"cannot read {path}: {shown(e)}") from None
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file that must hold an object (config, tokenizer_config...)."""
+    try:
+        value = json.loads(read_text(path))
+    except (ValueError, RecursionError) as e:
+        raise VlmError(f"cannot read {path}: {shown(e)}") from None
+    if not isinstance(value, dict):
+        raise VlmError(f"{path} must hold a JSON object, not {type(value).__name__}")
+    return value

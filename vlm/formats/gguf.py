@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import tokenizers
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.formats.lazy import LazyTensors
 from vlm.formats.tokenizer_gguf import gguf_add_bos, tokenizer_from_gguf
 from vlm.quant import HalfWeight, QuantizedWeight
@@ -32,6 +32,7 @@ from vlm.quant import HalfWeight, QuantizedWeight
 _MAGIC = b"GGUF"
 _SUPPORTED_VERSIONS = (2, 3)
 _MAX_DIMS = 4  # GGML_MAX_DIMS
+_MAX_NESTING = 8  # arrays of arrays in metadata: real files use 1 level; a crafted one must not recurse deep
 
 # ggml tensor types: id -> (name, values per block, bytes per block). Every known type is listed
 # so that any tensor's extent can be checked against the file size, loadable or not.
@@ -145,7 +146,9 @@ class _Cursor:
         except UnicodeDecodeError:
             raise VlmError(f"{self.path}: invalid UTF-8 in {what}") from None
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
+        if depth > _MAX_NESTING:
+            raise VlmError(f"{self.path}: corrupt GGUF file (arrays nested over {_MAX_NESTING} deep in {what})")
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == _STRING:
@@ -164,7 +167,7 @@ class _Cursor:
             if etype == _STRING:
                 return [self.string(what) for _ in range(count)]
             if etype == _ARRAY:
-                return [self.value(_ARRAY, what) for _ in range(count)]
+                return [self.value(_ARRAY, what, depth + 1) for _ in range(count)]
             raise VlmError(f"{self.path}: corrupt GGUF file (unknown array element type {etype} in {what})")
         raise VlmError(f"{self.path}: corrupt GGUF file (unknown value type {vtype} in {what})")
 
@@ -217,18 +220,19 @@ class GGUFFile:
             )
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            vtype = cur.scalar("<I", f"metadata {key}")
-            self.metadata[key] = cur.value(vtype, f"metadata {key}")
+            vtype = cur.scalar("<I", f"metadata {shown(key)}")
+            self.metadata[key] = cur.value(vtype, f"metadata {shown(key)}")
 
         infos = []
         for i in range(n_tensors):
             name = cur.string(f"tensor info #{i}")
-            n_dims = cur.scalar("<I", f"tensor info {name}")
+            what = f"tensor info {shown(name)}"
+            n_dims = cur.scalar("<I", what)
             if n_dims > _MAX_DIMS:
-                raise VlmError(f"{self.path}: corrupt GGUF file (tensor {name} has {n_dims} dimensions)")
-            dims = [cur.scalar("<Q", f"tensor info {name}") for _ in range(n_dims)]
-            ggml_type = cur.scalar("<I", f"tensor info {name}")
-            offset = cur.scalar("<Q", f"tensor info {name}")
+                raise VlmError(f"{self.path}: corrupt GGUF file ({what} has {n_dims} dimensions)")
+            dims = [cur.scalar("<Q", what) for _ in range(n_dims)]
+            ggml_type = cur.scalar("<I", what)
+            offset = cur.scalar("<Q", what)
             infos.append((name, dims, ggml_type, offset))
 
         self.alignment = self.metadata.get("general.alignment", 32)
@@ -237,8 +241,9 @@ class GGUFFile:
         self.data_offset = -(-cur.pos // self.alignment) * self.alignment
 
         size = len(self._map)
-        for name, dims, ggml_type, offset in infos:
-            if name in self.tensors:
+        for raw_name, dims, ggml_type, offset in infos:
+            name = shown(raw_name)  # for messages
+            if raw_name in self.tensors:
                 raise VlmError(f"{self.path}: corrupt GGUF file (tensor {name} appears twice)")
             n = int(np.prod(dims, dtype=np.float64))  # float: an absurd product must not wrap around
             nbytes = None
@@ -257,14 +262,15 @@ class GGUFFile:
                     f"{self.path}: tensor {name} data runs past end of file ({end} > {size} bytes); "
                     "the file is truncated (incomplete download?)"
                 )
-            self.tensors[name] = TensorInfo(
-                name, ggml_type, tuple(int(d) for d in reversed(dims)), start, nbytes
+            self.tensors[raw_name] = TensorInfo(
+                raw_name, ggml_type, tuple(int(d) for d in reversed(dims)), start, nbytes
             )
 
     def check(self, name: str) -> None:
         """VlmError unless `load(name)` can read the tensor's type and shape."""
         info = self.tensors[name]
         kind = info.type_name
+        name = shown(name)
         if kind not in SUPPORTED_TYPES:
             raise VlmError(
                 f"unsupported GGUF tensor type {kind} for {name}; supported: {', '.join(SUPPORTED_TYPES)}"
@@ -361,7 +367,7 @@ def _number(md: dict[str, Any], key: str, path: str, default: Any = None) -> int
             raise VlmError(f"{path}: unsupported GGUF: {key} varies across layers")
         v = values.pop()
     if isinstance(v, bool) or not isinstance(v, int | float):
-        raise VlmError(f"{path}: GGUF metadata {key} is not a number ({v!r:.40})")
+        raise VlmError(f"{path}: GGUF metadata {key} is not a number ({shown(repr(v), 40)})")
     return v
 
 
@@ -369,8 +375,14 @@ def _config_from_metadata(md: dict[str, Any], arch: str, tensors: dict[str, Tens
     def num(key: str, default: Any = None) -> int | float:
         return _number(md, f"{arch}.{key}", path, default)
 
-    hidden = int(num("embedding_length"))
-    n_heads = int(num("attention.head_count"))
+    def count(key: str, default: Any = None) -> int:
+        v = num(key, default)
+        if isinstance(v, float) and not v.is_integer():
+            raise VlmError(f"{path}: GGUF metadata {arch}.{key} is not a whole number ({v})")
+        return int(v)
+
+    hidden = count("embedding_length")
+    n_heads = count("attention.head_count")
     if n_heads <= 0:
         raise VlmError(f"{path}: GGUF metadata {arch}.attention.head_count is {n_heads}")
     if "token_embd.weight" not in tensors:
@@ -379,14 +391,14 @@ def _config_from_metadata(md: dict[str, Any], arch: str, tensors: dict[str, Tens
         "model_type": arch,
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
         "hidden_size": hidden,
-        "intermediate_size": int(num("feed_forward_length")),
-        "num_hidden_layers": int(num("block_count")),
+        "intermediate_size": count("feed_forward_length"),
+        "num_hidden_layers": count("block_count"),
         "num_attention_heads": n_heads,
-        "num_key_value_heads": int(num("attention.head_count_kv", n_heads)),
-        "head_dim": int(num("attention.key_length", hidden // n_heads)),
+        "num_key_value_heads": count("attention.head_count_kv", n_heads),
+        "head_dim": count("attention.key_length", hidden // n_heads),
         "rms_norm_eps": _float32_value(num("attention.layer_norm_rms_epsilon")),
         "rope_theta": _float32_value(num("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(num("context_length", 2048)),
+        "max_position_embeddings": count("context_length", 2048),
         # the embedding's rows, not `vocab_size` metadata: it is what the weights index
         "vocab_size": tensors["token_embd.weight"].shape[0],
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -399,9 +411,9 @@ def _config_from_metadata(md: dict[str, Any], arch: str, tensors: dict[str, Tens
         scaling = "linear"
     if scaling not in (None, "none"):
         factor = num("rope.scaling.factor", linear if linear is not None else 1.0)
-        config["rope_scaling"] = {"rope_type": str(scaling), "factor": _float32_value(factor)}
+        config["rope_scaling"] = {"rope_type": shown(scaling), "factor": _float32_value(factor)}
         if f"{arch}.rope.scaling.original_context_length" in md:
-            orig = int(num("rope.scaling.original_context_length"))
+            orig = count("rope.scaling.original_context_length")
             config["rope_scaling"]["original_max_position_embeddings"] = orig
     return config
 
@@ -435,7 +447,7 @@ def _hf_name(name: str, n_layers: int, path: str) -> str:
         return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
     if name == "rope_freqs.weight":
         raise VlmError(f"{path}: Llama-3-style rope frequency factors (rope_freqs.weight) are not supported")
-    raise VlmError(f"{path}: unexpected tensor {name} in a GGUF decoder")
+    raise VlmError(f"{path}: unexpected tensor {shown(name)} in a GGUF decoder")
 
 
 def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
@@ -445,10 +457,14 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
     arch = md.get("general.architecture")
     if arch not in _ARCHITECTURES:
         raise VlmError(
-            f"{f.path}: unsupported architecture {arch!r} (supported: {', '.join(_ARCHITECTURES)})"
+            f"{f.path}: unsupported architecture {shown(repr(arch))} (supported: {', '.join(_ARCHITECTURES)})"
         )
     config = _config_from_metadata(md, arch, f.tensors, f.path)
     n_layers = config["num_hidden_layers"]
+    # Bounded by the tensors present before anything is listed per layer (block_count 0xFFFFFFFF).
+    present = {m.group(1) for n in f.tensors if (m := _BLOCK_RE.fullmatch(n))}
+    if not 0 < n_layers <= len(present):
+        raise VlmError(f"{f.path}: GGUF metadata says {n_layers} layers but the file holds tensors for {len(present)}")
 
     missing = [n for n in ("token_embd.weight", "output_norm.weight") if n not in f.tensors]
     missing += [
@@ -472,11 +488,12 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
             w = _unpermute_rows(w, n_head, name)
         return w
 
-    loaders = {}
+    loaders, shapes = {}, {}
     for name in f.tensors:
         f.check(name)  # fail now, not halfway through building the model
         hf = _hf_name(name, n_layers, f.path)
         loaders[hf] = functools.partial(load, name, hf)
+        shapes[hf] = f.tensors[name].shape
 
     tokens = md.get("tokenizer.ggml.tokens") or []
 
@@ -491,9 +508,9 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
     pad_id, pad = special("padding_token_id")
     checkpoint = GGUFCheckpoint(
         config=config,
-        tensors=LazyTensors(loaders),
+        tensors=LazyTensors(loaders, shapes),
         tokenizer=tokenizer_from_gguf(md),
-        chat_template=md.get("tokenizer.chat_template"),
+        chat_template=template if isinstance(template := md.get("tokenizer.chat_template"), str) else None,
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,

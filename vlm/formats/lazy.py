@@ -14,8 +14,9 @@ class LazyTensors(Mapping):
     is built (which would double the memory a load needs).
     """
 
-    def __init__(self, loaders: Mapping[str, Callable[[], Any]]):
+    def __init__(self, loaders: Mapping[str, Callable[[], Any]], shapes: Mapping[str, tuple[int, ...]] | None = None):
         self._loaders = dict(loaders)
+        self.shapes = dict(shapes) if shapes is not None else None  # known without making the tensors
 
     def __getitem__(self, name: str) -> Any:
         return self._loaders[name]()
@@ -28,3 +29,10 @@ class LazyTensors(Mapping):
 
     def __contains__(self, name: object) -> bool:  # Mapping's default would make the tensor
         return name in self._loaders
+
+
+def shapes_of(tensors: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor, without making those of a LazyTensors that knows them."""
+    if isinstance(tensors, LazyTensors) and tensors.shapes is not None:
+        return tensors.shapes
+    return {name: tuple(w.shape) for name, w in tensors.items()}

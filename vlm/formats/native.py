@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.formats.checkpoint import NATIVE_CONFIG, Checkpoint
 from vlm.formats.hf import read_hf_tokenizer, read_processor_config
 from vlm.formats.safetensors import read_safetensors
 from vlm.memory import mapping_of
-from vlm.quant import HalfWeight, QuantizedWeight, Weight
+from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight, Weight
 
 VERSION = 1
 
@@ -55,31 +55,64 @@ def write_native(dst: Path, config: dict, tensors: dict[str, Weight], files: dic
     return (dst / "model.safetensors").stat().st_size
 
 
+def _quantized(name: str, e: dict, arrays: dict[str, np.ndarray]) -> QuantizedWeight:
+    """A quantized tensor from its entry and arrays, checked: bits, group size and the shapes of
+    the packed values, scales and mins must agree, or the kernels would read out of bounds."""
+    bits, group, symmetric = e.get("bits"), e.get("group_size"), e.get("symmetric")
+    qweight, scales, mins = arrays.get(name + ".qweight"), arrays.get(name + ".scales"), arrays.get(name + ".mins")
+    kinds = {(4, False): "q4_asym", (4, True): "q4_sym", (8, True): "q8"}
+    kind = kinds.get((bits, symmetric)) if type(bits) is int and type(symmetric) is bool else None
+    if kind != e["kind"] or type(group) is not int or group not in GROUP_SIZES:
+        raise ValueError(f"bits {bits!r:.20}, group size {group!r:.20}, symmetric {symmetric!r:.10} "
+                         f"do not make a {e['kind']!r:.20} tensor")
+    if qweight is None or scales is None or qweight.ndim != 2 or scales.ndim != 2:
+        raise ValueError("packed values or scales missing or not matrices")
+    rows, cols = qweight.shape[0], qweight.shape[1] * (2 if bits == 4 else 1)
+    if (qweight.dtype != (np.uint8 if bits == 4 else np.int8) or scales.dtype != np.float16
+            or cols % group or scales.shape != (rows, cols // group)):
+        raise ValueError(f"packed values {qweight.shape} {qweight.dtype} and scales {scales.shape} {scales.dtype} "
+                         f"disagree for {bits}-bit groups of {group}")
+    if (mins is None) != symmetric or (mins is not None and (mins.shape != scales.shape or mins.dtype != np.float16)):
+        raise ValueError("mins missing, unexpected or of the wrong shape")
+    return QuantizedWeight(bits, group, symmetric, qweight, scales, mins)
+
+
 def read_native(directory: Path) -> Checkpoint:
     try:
         meta = json.loads((directory / NATIVE_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise VlmError(f"corrupt {directory / NATIVE_CONFIG}: {e}") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise VlmError(f"corrupt {directory / NATIVE_CONFIG}: {shown(e)}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("tensors"), dict)):
+        raise VlmError(f"corrupt {directory / NATIVE_CONFIG}: expected an object with 'config' and 'tensors'")
     if meta.get("format") != "vlm" or meta.get("version") != VERSION:
-        raise VlmError(f"{directory} was written by an incompatible vlm (format version {meta.get('version')})")
+        raise VlmError(f"{directory} was written by an incompatible vlm (format version {shown(meta.get('version'))})")
     if not (directory / "model.safetensors").is_file():
         raise VlmError(f"{directory / 'model.safetensors'} is missing")
     arrays, _, _ = read_safetensors(directory / "model.safetensors")
     tensors: dict[str, Weight] = {}
-    try:
-        for name, e in meta["tensors"].items():
-            if e["kind"] in ("q4_asym", "q4_sym", "q8"):
-                tensors[name] = QuantizedWeight(e["bits"], e["group_size"], e["symmetric"], arrays[name + ".qweight"],
-                                                arrays[name + ".scales"], arrays.get(name + ".mins"))
-            elif e["kind"] in ("f16", "bf16"):
+    for name, e in meta["tensors"].items():
+        try:
+            if not isinstance(e, dict):
+                raise ValueError("the entry is not an object")
+            if e.get("kind") in ("q4_asym", "q4_sym", "q8"):
+                tensors[name] = _quantized(name, e, arrays)
+            elif e.get("kind") in ("f16", "bf16"):
+                if arrays[name].dtype != (np.uint16 if e["kind"] == "bf16" else np.float16):
+                    raise ValueError(f"stored as {arrays[name].dtype}")
                 tensors[name] = HalfWeight(arrays[name], bf16=e["kind"] == "bf16")
-            else:
+            elif e.get("kind") == "f32" and arrays[name].dtype == np.float32:
                 tensors[name] = arrays[name]
-    except KeyError as e:
-        raise VlmError(f"corrupt converted model {directory}: tensor {e} missing") from None
+            else:
+                raise ValueError(f"unknown kind {e.get('kind')!r:.20} or dtype")
+        except KeyError as err:
+            raise VlmError(f"corrupt converted model {directory}: tensor {shown(err)} missing") from None
+        except ValueError as err:
+            raise VlmError(f"corrupt converted model {directory}: tensor {shown(name)}: {shown(err, 160)}") from None
+    quantization = meta.get("quantization", {})
     config = meta["config"]
     tokenizer, files = read_hf_tokenizer(directory, config)
     pre = read_processor_config(directory, files)
     mapping = mapping_of(next(iter(arrays.values()))) if arrays else None
-    return Checkpoint(config, tensors, tokenizer, directory, "vlm", pre, files, meta.get("quantization", {}),
+    return Checkpoint(config, tensors, tokenizer, directory, "vlm", pre, files,
+                      quantization if isinstance(quantization, dict) else {},
                       [mapping] if mapping is not None else [])

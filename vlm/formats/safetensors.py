@@ -7,12 +7,13 @@ We parse the format ourselves (8-byte header length, JSON header, raw data) beca
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.memory import mapping_of
 from vlm.quant import HalfWeight
 
@@ -39,20 +40,39 @@ def read_safetensors(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str,
             header = json.loads(f.read(n))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise VlmError(f"cannot read safetensors file {path}: {e}") from None
+    if not isinstance(header, dict):
+        raise VlmError(f"corrupt safetensors file {path}: the header is not a JSON object")
     meta = header.pop("__metadata__", {}) or {}
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     arrays, dtypes = {}, {}
     for name, info in header.items():
-        dtype = DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise VlmError(f"unsupported dtype {info.get('dtype')} for tensor {name} in {path}")
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if end > data.size or end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
-            raise VlmError(f"corrupt or truncated safetensors file {path} (tensor {name})")
+        where = f"corrupt or truncated safetensors file {path} (tensor {shown(name)})"
+        begin, end, shape = _entry(info, data.size, where)
+        dtype = DTYPES[info["dtype"]]
+        if end - begin != math.prod(shape) * np.dtype(dtype).itemsize:
+            raise VlmError(where)
         arrays[name] = data[begin:end].view(dtype).reshape(shape)
         dtypes[name] = info["dtype"]
     return arrays, dtypes, meta
+
+
+def _entry(info: object, data_size: int, where: str) -> tuple[int, int, tuple[int, ...]]:
+    """(begin, end, shape) of one header entry, checked: a crafted header must not reach numpy."""
+    if not isinstance(info, dict):
+        raise VlmError(f"{where}: the entry is not a JSON object")
+    if not isinstance(info.get("dtype"), str) or info["dtype"] not in DTYPES:
+        raise VlmError(f"{where}: unsupported dtype {shown(repr(info.get('dtype')))}")
+    offsets, shape = info.get("data_offsets"), info.get("shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(v) for v in offsets)
+            and offsets[0] <= offsets[1] <= data_size):
+        raise VlmError(f"{where}: bad data_offsets {shown(repr(offsets))}")
+    if not (isinstance(shape, list) and len(shape) <= 8 and all(_natural(v) for v in shape)):
+        raise VlmError(f"{where}: bad shape {shown(repr(shape))}")
+    return offsets[0], offsets[1], tuple(shape)
+
+
+def _natural(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def as_weight(array: np.ndarray, dtype: str) -> np.ndarray | HalfWeight:
@@ -72,9 +92,11 @@ def read_checkpoint_tensors(directory: Path) -> tuple[dict[str, np.ndarray | Hal
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = set(json.loads(index.read_text())["weight_map"].values())
-        except (OSError, ValueError, KeyError) as e:
-            raise VlmError(f"corrupt {index}: {e}") from None
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+            if not all(isinstance(n, str) and "/" not in n for n in names):
+                raise ValueError("weight_map names a file outside the directory")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise VlmError(f"corrupt {index}: {shown(e)}") from None
         missing = [n for n in names if not (directory / n).is_file()]
         if missing:
             raise VlmError(f"checkpoint shard missing: {directory / missing[0]}")

@@ -11,14 +11,18 @@ decodes one token of each of several sequences in that one call, every weight re
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from vlm import kernels
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.models.layers import (
+    ACTIVATIONS,
     Attention,
     Embedding,
     GatedMLP,
@@ -57,23 +61,129 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> TextConfig:
+        """The decoder's settings from a config.json-style dict; `validate` checks their values."""
+        if not isinstance(d, Mapping):
+            raise VlmError(f"the model config must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         if d.get("model_type", "llama") not in SUPPORTED:
-            raise VlmError(f"unsupported text architecture {d.get('model_type')!r}; supported: {', '.join(SUPPORTED)}")
+            raise VlmError(f"unsupported text architecture {shown(repr(d.get('model_type')))}; "
+                           f"supported: {', '.join(SUPPORTED)}")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in d]
+        if missing:
+            raise VlmError(f"the model config lacks {missing[0]}")
         d.setdefault("num_key_value_heads", d["num_attention_heads"])
         if d.get("head_dim") is None:
-            d["head_dim"] = d["hidden_size"] // d["num_attention_heads"]
+            heads = d["num_attention_heads"]
+            d["head_dim"] = d["hidden_size"] // heads if _positive_int(heads) and _positive_int(d["hidden_size"]) else 0
         if d.get("model_type") == "qwen2":
             d.setdefault("attention_bias", True)
         rope = d.get("rope_scaling") or d.get("rope_parameters")
+        if rope is not None and not isinstance(rope, Mapping):
+            raise VlmError(f"the model config's rope_scaling must be an object, got {shown(repr(rope))}")
         if rope:
             d["rope_theta"] = rope.get("rope_theta", d.get("rope_theta", 10000.0))
             if rope.get("mrope_section"):
-                d["mrope_section"] = list(rope["mrope_section"])
+                d["mrope_section"] = rope["mrope_section"]
             kind = rope.get("rope_type", rope.get("type", "default"))
             d["rope_scaling"] = rope if kind not in ("default", "mrope") else None
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self, shapes: Mapping[str, tuple[int, ...]], context: int, kv_itemsize: int) -> None:
+        """VlmError unless every hyperparameter is sane, agrees with the tensors' `shapes` (HF
+        names) and a KV cache of `context` tokens fits in memory. Runs before anything is
+        allocated: a 4-byte edit of a file must not make us reserve gigabytes."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if not _positive_int(getattr(self, name)):
+                raise VlmError(f"bad model config: {name} must be a whole number >= 1, got "
+                               f"{shown(repr(getattr(self, name)))}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+                raise VlmError(f"bad model config: {name} must be a finite number > 0, got {shown(repr(v))}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise VlmError(f"bad model config: {self.num_attention_heads} attention heads do not split into "
+                           f"{self.num_key_value_heads} key/value heads")
+        if self.head_dim % 2:
+            raise VlmError(f"bad model config: head_dim {self.head_dim} is odd (rotary needs pairs)")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            raise VlmError(f"unsupported hidden_act {shown(repr(self.hidden_act))}; supported: "
+                           f"{', '.join(ACTIVATIONS)}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if not isinstance(kind, str) or kind not in ROPE_SCALINGS:
+                raise VlmError(f"unsupported rope scaling {shown(repr(kind))}; supported: {', '.join(ROPE_SCALINGS)}")
+            missing = [k for k in ROPE_SCALINGS[kind] if not isinstance(self.rope_scaling.get(k), int | float)]
+            if missing:
+                raise VlmError(f"bad model config: {kind} rope scaling lacks a number for {missing[0]}")
+        if self.mrope_section is not None and (not isinstance(self.mrope_section, list) or not all(
+                _positive_int(n) for n in self.mrope_section) or sum(self.mrope_section) != self.head_dim // 2):
+            raise VlmError(f"bad model config: mrope_section {shown(self.mrope_section)} does not split "
+                           f"head_dim {self.head_dim} / 2")
+        layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+        if self.num_hidden_layers > len(layers):
+            raise VlmError(f"bad model config: {self.num_hidden_layers} layers, but the weights hold {len(layers)}")
+        self._check_shapes(shapes)
+        cache = 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * context * kv_itemsize
+        available = available_memory()
+        if available is not None and cache > available:
+            raise VlmError(f"a KV cache of {context:,} tokens needs {cache / 2**30:.1f} GiB but only "
+                           f"{available / 2**30:.1f} GiB of memory is available; use a smaller context (-c)")
+
+    def _check_shapes(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        h, q, kv, ff = (self.hidden_size, self.num_attention_heads * self.head_dim,
+                        self.num_key_value_heads * self.head_dim, self.intermediate_size)
+        embed = shapes.get("model.embed_tokens.weight")
+        if embed is None or len(embed) != 2 or embed[1] != h:
+            raise VlmError(f"bad model: the token embedding has shape {embed}, expected (vocab, {h})")
+        if self.vocab_size > embed[0]:
+            raise VlmError(f"bad model config: vocab_size {self.vocab_size} exceeds the {embed[0]} embedding rows")
+        expected = {"model.norm.weight": (h,)}
+        if "lm_head.weight" in shapes:
+            expected["lm_head.weight"] = (embed[0], h)
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            expected.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+                p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+                p + "mlp.gate_proj.weight": (ff, h), p + "mlp.up_proj.weight": (ff, h),
+                p + "mlp.down_proj.weight": (h, ff)})
+            for proj, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                if p + f"self_attn.{proj}.bias" in shapes:
+                    expected[p + f"self_attn.{proj}.bias"] = (rows,)
+        for name, shape in expected.items():
+            if name not in shapes:
+                raise VlmError(f"checkpoint is missing tensor {name}")
+            if tuple(shapes[name]) != shape:
+                raise VlmError(f"bad model: tensor {name} has shape {tuple(shapes[name])}, but the config "
+                               f"implies {shape}")
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
+# Rope scalings `rope_inv_freq` implements, with the settings each needs.
+ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _positive_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _exact_batches(n: int) -> list[tuple[int, int]]:

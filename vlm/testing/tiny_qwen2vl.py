@@ -3,7 +3,8 @@
 The architecture is Qwen2-VL's at toy sizes (vision depth 2 / width 64 / 4 heads; text 2 layers,
 width 64, 4 heads, 2 KV heads, head_dim 16, mrope_section [2, 3, 3]) with weights ~N(0, 0.08) so
 logits are far from flat. The tokenizer is SmolLM2's byte-level BPE (read from its GGUF) plus
-Qwen2-VL's special tokens, with Qwen2-VL-2B-Instruct's chat template.
+Qwen2-VL's special tokens, with Qwen2-VL-2B-Instruct's chat template. Needs torch, transformers
+and gguf (transformers reads SmolLM2's tokenizer from the GGUF with it).
 
     python scripts/make_tiny_qwen2vl.py OUT_DIR [--seed 0]
 """
@@ -76,39 +77,58 @@ def make_tokenizer(out_dir: str | os.PathLike, gguf_path: str | os.PathLike = GG
     return tok
 
 
+TINY_VISION = {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4, "hidden_size": 64}
+
+
 def make_tiny_qwen2vl(out_dir: str | os.PathLike, seed: int = 0, std: float = 0.08) -> Path:
     """Write config.json, model.safetensors, preprocessor_config.json and the tokenizer to out_dir."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    return save_tiny(out_dir, Qwen2VLConfig, Qwen2VLForConditionalGeneration, TINY_VISION, PREPROCESSOR_CONFIG,
+                     seed, std)
+
+
+def save_tiny(out_dir: str | os.PathLike, config_class, model_class, vision_config: dict, preprocessor_config: dict,
+              seed: int = 0, std: float = 0.08, gguf_path: str | os.PathLike = GGUF) -> Path:
+    """A Qwen VL family's checkpoint at toy sizes: the tiny text config below, `vision_config`,
+    random weights (see `randomize`), the tokenizer and `preprocessor_config`."""
+    import torch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = make_tokenizer(out)
+    tok = make_tokenizer(out, gguf_path)
     ids = dict(zip(SPECIAL_TOKENS, tok.convert_tokens_to_ids(SPECIAL_TOKENS), strict=True))
     vocab = (len(tok) + 63) // 64 * 64
-    config = Qwen2VLConfig(
+    config = config_class(
         text_config=dict(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
             bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=tok.pad_token_id,
         ),
-        vision_config=dict(depth=2, embed_dim=64, num_heads=4, mlp_ratio=4, hidden_size=64),
+        vision_config=vision_config,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = model_class(config).eval()
+    randomize(model, std)
+    model.save_pretrained(out)
+    (out / "preprocessor_config.json").write_text(json.dumps(preprocessor_config, indent=2))
+    return out
+
+
+def randomize(model, std: float = 0.08) -> None:
+    """Weights ~N(0, std), so logits are far from flat; norm scales near 1, not exactly (catches a dropped one)."""
+    import torch
+
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 1 and name.endswith(".weight"):  # norm scales: near 1, not exactly (catches a dropped one)
+            if p.ndim == 1 and name.endswith(".weight"):
                 p.copy_(1.0 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, std)
-    model.save_pretrained(out)
-    (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR_CONFIG, indent=2))
-    return out
 
 
 def main() -> None:

@@ -7,7 +7,8 @@ by 2 -> 4 `<image>` tokens per tile; images are resized to a longest edge of 192
 at most 3 x 3 tiles + the global one. Text: Llama, 2 layers, width 64, 4 heads, 2 KV heads.
 The tokenizer is SmolLM2's (from the GGUF in weights/) plus SmolVLM's added tokens at the ids
 the real SmolVLM-256M-Instruct tokenizer gives them (`<image>` 49190, vocab 49280), and the real
-chat template. Needs torch and transformers; the result loads with Idefics3Processor /
+chat template. Needs torch, transformers and gguf (transformers reads SmolLM2's tokenizer
+from the GGUF with it); the result loads with Idefics3Processor /
 Idefics3ForConditionalGeneration.from_pretrained (with --arch smolvlm: SmolVLM2's format, which
 loads with SmolVLMForConditionalGeneration).
 """

@@ -23,6 +23,7 @@ from vlm.quant import Weight
 class Qwen2VLFamily(VisionFamily):
     """Qwen2-VL's image side, plugged into the shared model glue."""
 
+    name = "Qwen2-VL"
     image_token = "<|image_pad|>"
     default_image_token_id = 151655  # Qwen2-VL-2B-Instruct's
     image_options = ("max_image_tokens",)
@@ -33,13 +34,16 @@ class Qwen2VLFamily(VisionFamily):
     text_model_type = "qwen2"
     text_defaults = {"rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 32768,
                      "mrope_section": [16, 24, 24], "hidden_act": "silu"}
+    # The vision tower and its config reader: what Qwen2.5-VL replaces.
+    vision_config_class = VisionConfig
+    vision_tower_class = Qwen2VisionTransformer
 
     def __init__(self, config: Mapping, vision_tensors: Mapping[str, Weight], preprocessor_config: Mapping,
                  max_image_tokens: int = DEFAULT_MAX_IMAGE_TOKENS, max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES):
         super().__init__(config, vision_tensors, preprocessor_config)
         if "vision_config" not in config:
-            raise VlmError("config.json has no vision_config: not a Qwen2-VL checkpoint")
-        self.vision_config = VisionConfig.from_dict(config["vision_config"])
+            raise VlmError(f"config.json has no vision_config: not a {self.name} checkpoint")
+        self.vision_config = self.vision_config_class.from_dict(config["vision_config"])
         text = self.text_config(config)
         if self.vision_config.hidden_size != text["hidden_size"]:
             raise VlmError(f"vision output width {self.vision_config.hidden_size} does not match the text "
@@ -49,7 +53,7 @@ class Qwen2VLFamily(VisionFamily):
                                                                     self.vision_config.spatial_merge_size):
             raise VlmError("preprocessor_config.json and config.json disagree on patch or merge size")
         self.max_image_tokens = max_image_tokens
-        self.vision = Qwen2VisionTransformer(self.vision_config, vision_tensors, max_score_bytes)
+        self.vision = self.vision_tower_class(self.vision_config, vision_tensors, max_score_bytes)
 
     @classmethod
     def text_overrides(cls, text: dict, config: Mapping) -> dict:

@@ -16,8 +16,10 @@ import numpy as np
 from vlm.errors import VlmError
 from vlm.models.layers import (
     MLP,
+    GatedMLP,
     LayerNorm,
     Linear,
+    RMSNorm,
     apply_rotary,
     attend,
     gelu,
@@ -79,10 +81,13 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
+Norm = LayerNorm | RMSNorm  # Qwen2-VL's tower uses LayerNorm, Qwen2.5-VL's RMSNorm
+
+
 class VisionBlock:
     """Pre-norm ViT block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
 
-    def __init__(self, norm1: LayerNorm, qkv: Linear, proj: Linear, norm2: LayerNorm, mlp: MLP, num_heads: int):
+    def __init__(self, norm1: Norm, qkv: Linear, proj: Linear, norm2: Norm, mlp: MLP | GatedMLP, num_heads: int):
         self.norm1, self.qkv, self.proj, self.norm2, self.mlp = norm1, qkv, proj, norm2, mlp
         self.num_heads = num_heads
 
@@ -115,9 +120,9 @@ class VisionBlock:
 
 
 class PatchMerger:
-    """LayerNorm, then each merge x merge group of patches (contiguous rows) as one vector, then an MLP."""
+    """A norm, then each merge x merge group of patches (contiguous rows) as one vector, then an MLP."""
 
-    def __init__(self, ln_q: LayerNorm, fc1: Linear, fc2: Linear, group: int):
+    def __init__(self, ln_q: Norm, fc1: Linear, fc2: Linear, group: int):
         self.ln_q, self.fc1, self.fc2, self.group = ln_q, fc1, fc2, group
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -132,29 +137,28 @@ class Qwen2VisionTransformer:
                  max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES):
         self.config = c = config
         self.max_score_bytes = max_score_bytes
-
-        def w(name: str) -> Weight:
-            return lookup(tensors, name)
-
-        def linear(name: str) -> Linear:
-            # 8-bit vision weights take int8 activations: ~3x the GEMM rate, error stated in tests.
-            return Linear(w(name + ".weight"), tensors.get(name + ".bias"), int8_activations=True)
-
-        def norm(name: str) -> LayerNorm:
-            return LayerNorm(w(name + ".weight"), w(name + ".bias"), LAYER_NORM_EPS)
-
         # The Conv3d's stride equals its kernel, so it is one matmul over flattened patches.
-        self.patch_embed = Linear(_as_matrix(w("patch_embed.proj.weight"), c.embed_dim, c.patch_dim))
-        self.blocks = []
-        for i in range(c.depth):
-            p = f"blocks.{i}."
-            mlp = MLP(linear(p + "mlp.fc1"), linear(p + "mlp.fc2"), c.hidden_act)
-            self.blocks.append(VisionBlock(norm(p + "norm1"), linear(p + "attn.qkv"), linear(p + "attn.proj"),
-                                           norm(p + "norm2"), mlp, c.num_heads))
-        self.merger = PatchMerger(norm("merger.ln_q"), linear("merger.mlp.0"), linear("merger.mlp.2"),
-                                  c.spatial_merge_size ** 2)
+        self.patch_embed = Linear(_as_matrix(lookup(tensors, "patch_embed.proj.weight"), c.embed_dim, c.patch_dim))
+        self.blocks = [
+            VisionBlock(self.norm(tensors, p + "norm1"), vision_linear(tensors, p + "attn.qkv"),
+                        vision_linear(tensors, p + "attn.proj"), self.norm(tensors, p + "norm2"),
+                        self.mlp(tensors, p + "mlp."), c.num_heads)
+            for p in (f"blocks.{i}." for i in range(c.depth))
+        ]
+        self.merger = PatchMerger(self.norm(tensors, "merger.ln_q"), vision_linear(tensors, "merger.mlp.0"),
+                                  vision_linear(tensors, "merger.mlp.2"), c.spatial_merge_size ** 2)
         # 2D rotary: a quarter of head_dim rotates with the row index, a quarter with the column.
         self.inv_freq = rope_inv_freq(c.head_dim // 2, c.rope_theta)
+
+    # The two parts a derived tower (Qwen2.5-VL) builds differently.
+    def norm(self, tensors: Mapping[str, Weight], name: str) -> Norm:
+        """The norm stored under `name` (blocks' norm1/norm2, the merger's ln_q)."""
+        return LayerNorm(lookup(tensors, name + ".weight"), lookup(tensors, name + ".bias"), LAYER_NORM_EPS)
+
+    def mlp(self, tensors: Mapping[str, Weight], prefix: str) -> MLP | GatedMLP:
+        """A block's feed-forward, its layers stored under `prefix`."""
+        return MLP(vision_linear(tensors, prefix + "fc1"), vision_linear(tensors, prefix + "fc2"),
+                   self.config.hidden_act)
 
     def rotary(self, grid_thw: Sequence[tuple[int, int, int]]) -> tuple[np.ndarray, np.ndarray]:
         """cos/sin [n_patches, head_dim] for all images, patches in the processor's merge-group order."""
@@ -177,17 +181,32 @@ class Qwen2VisionTransformer:
         sizes = [t * h * w for t, h, w in grid_thw]
         if pixel_values.shape != (sum(sizes), c.patch_dim):
             raise VlmError(f"pixel_values has shape {pixel_values.shape}, expected ({sum(sizes)}, {c.patch_dim})")
-        ends = np.cumsum(sizes).tolist()
-        # Every frame of every image attends only to itself (t is 1 for still images).
-        bounds = []
-        for (t, h, w), end in zip(grid_thw, ends, strict=True):
-            start = end - t * h * w
-            bounds += [(start + i * h * w, start + (i + 1) * h * w) for i in range(t)]
         cos, sin = self.rotary(grid_thw)
         x = self.patch_embed(np.asarray(pixel_values, dtype=np.float32))
+        return self.merger(self.run_blocks(x, cos, sin, grid_thw))
+
+    def run_blocks(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray,
+                   grid_thw: Sequence[tuple[int, int, int]]) -> np.ndarray:
+        """All blocks over the patches of every image, each frame attending only to itself."""
+        bounds = frame_bounds(grid_thw)
         for block in self.blocks:
             x = block(x, cos, sin, bounds, self.max_score_bytes)
-        return self.merger(x)
+        return x
+
+
+def frame_bounds(grid_thw: Sequence[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """[start, end) patch rows of every frame of every image (t is 1 for still images)."""
+    bounds, start = [], 0
+    for t, h, w in grid_thw:
+        bounds += [(start + i * h * w, start + (i + 1) * h * w) for i in range(t)]
+        start += t * h * w
+    return bounds
+
+
+def vision_linear(tensors: Mapping[str, Weight], name: str) -> Linear:
+    """`name`.weight (+ .bias); 8-bit vision weights take int8 activations: ~3x the GEMM rate, error
+    stated in tests."""
+    return Linear(lookup(tensors, name + ".weight"), tensors.get(name + ".bias"), int8_activations=True)
 
 
 def _as_matrix(weight: Weight, rows: int, cols: int) -> Weight:
