@@ -287,3 +287,27 @@ def test_vlm_serve_stops_cleanly_on_sigterm(tiny_llm, tmp_path):
         assert "shutting down" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_a_long_prompt_is_prefilled_between_the_steps_of_running_streams(serve, tiny_llm, monkeypatch):
+    """Prompt chunks are interleaved with batched decode steps: a stream keeps getting tokens
+    while a new request's long prompt is prefilled, one chunk per turn."""
+    import vlm.server
+
+    model = vlm.load(tiny_llm("llama"), prefill_chunk=16)
+    running = serve(lambda: model, parallel=2).wait_ready()
+    scheduler, steps = running.server.scheduler, []
+    real_step = vlm.server.step_together
+
+    def logged_step(sessions, tokens):
+        steps.append((len(sessions), sum(slot.prefill is not None for slot in scheduler.slots)))
+        return real_step(sessions, tokens)
+
+    monkeypatch.setattr(vlm.server, "step_together", logged_step)
+    stream = running.client().completions.create(model="m", prompt="a", max_tokens=400, temperature=0, stream=True)
+    next(iter(stream))
+    long_prompt = " ".join(["word"] * 30)  # several chunks of 16
+    r = running.client().completions.create(model="m", prompt=long_prompt, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens > 100
+    stream.close()
+    assert sum(1 for rows, prefilling in steps if rows == 1 and prefilling == 1) >= 5  # the stream stepped on
