@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
 
-@pytest.fixture(params=["avx512", "avxvnni", "avx2", "portable"])
+@pytest.fixture(params=["avx512", "avxvnni", "avx2", "i8mm", "dotprod", "neon", "portable"])
 def kernel_path(request):
     """Each native-kernel dispatch path, forced in turn (skipped where the CPU lacks it or the
     kernels are not built); path, mode and threads restored afterwards."""

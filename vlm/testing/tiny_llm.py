@@ -109,7 +109,3 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(make_tiny_llm(args.out_dir, args.arch, args.seed))
-
-
-if __name__ == "__main__":
-    main()
