@@ -3,6 +3,7 @@ memory-bandwidth limit, as `vlm bench` reports them.
 
     python scripts/bench_decoder_shapes.py [--model qwen2-vl-2b|smolvlm-256m|smolvlm-500m]
                                            [--threads 2] [--pp 512] [--tg 128] [--reps 3] [--json]
+                                           [--parallel 1,2,4,8]
 
 Weights are random nibbles with small fp16 scales (no float model is ever built), 4-bit
 asymmetric group 32 like Q4_1, embeddings / tied head 8-bit; M-RoPE for Qwen2-VL. Also prints
@@ -37,6 +38,8 @@ def main() -> None:
     ap.add_argument("--pp", type=int, default=512)
     ap.add_argument("--tg", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--parallel", type=lambda t: [int(v) for v in t.split(",")], default=[],
+                    help="numbers of sequences decoded together (aggregate decode tok/s)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -58,7 +61,7 @@ def main() -> None:
         tokenizer = Tokenizer(HFTokenizer.from_file(str(Path(tmp) / "tokenizer.json")))
     model = Model(decoder, tokenizer, context=2048, info={"path": f"{args.model} decoder shapes, random q4"})
     weights = sum(lin.nbytes for layer in decoder.layers for lin in layer.linears()) + decoder.lm_head.nbytes
-    result = bench.run(model, [args.pp], [args.tg], [0], [], args.reps, args.threads)
+    result = bench.run(model, [args.pp], [args.tg], [0], [], args.reps, args.threads, args.parallel)
     c = decoder.config
     kv_used = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * model.cache.k.itemsize * max(
         args.pp, args.tg + 1)

@@ -22,7 +22,7 @@ def default_path_logits(model: vlm.Model, prompt, images: list, steps: int) -> t
     inputs = model.prepare(prompt, images)
     rows = [model.logits(prompt, images)]
     ids = inputs.ids.tolist()
-    assert model.cache.k.dtype == np.float16 and model.decoder.decode_plan(model.cache) is not None
+    assert model.cache.k.dtype == np.float16 and model.decoder.decode_plan() is not None
     for _ in range(steps):
         token = int(rows[-1][-1].argmax())
         ids.append(token)

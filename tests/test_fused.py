@@ -20,6 +20,7 @@ from vlm.formats.reader import read_checkpoint
 from vlm.loader import prepare_tensors
 from vlm.models import layers
 from vlm.models.llama import LlamaModel, TextConfig
+from vlm.session import step_together
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="native kernels not built")
 
@@ -77,7 +78,7 @@ def test_layers_use_the_kernels():
 
 def layer_by_layer(model: vlm.Model) -> vlm.Model:
     """The model with no fused plan: decode_step runs `forward`."""
-    model.decoder.decode_plan = lambda cache: None
+    model.decoder.decode_plan = lambda: None
     return model
 
 
@@ -107,7 +108,7 @@ def test_fused_step_is_bit_identical(kernel_path, tiny, mode, quantize, kv_cache
     """Including the cache: the C step rounds k and v to float16 exactly as numpy's cast does."""
     kernels.set_mode(mode)
     model = vlm.load(tiny, quantize=quantize, kv_cache=kv_cache)
-    assert model.decoder.decode_plan(model.cache) is not None
+    assert model.decoder.decode_plan() is not None
     ids = model.tokenize("The quick brown fox jumps over the lazy dog.")
     fused = run(model, ids, 300)  # past 256 keys: the cache split over units
     layered = run(layer_by_layer(vlm.load(tiny, quantize=quantize, kv_cache=kv_cache)), ids, 300)
@@ -136,7 +137,7 @@ def test_fused_step_with_mrope_positions(tiny_llm):
     _, text, _ = prepare_tensors(ckpt, "q4", None, 32)
     config = dataclasses.replace(TextConfig.from_dict(ckpt.config), mrope_section=[2, 3, 3])
     decoder = LlamaModel(config, text)
-    assert decoder.decode_plan(decoder.new_cache(64)) is not None
+    assert decoder.decode_plan() is not None
     x = decoder.embed_tokens(np.arange(10, 16))
     positions = np.array([np.arange(6), np.arange(6) // 2, np.arange(6) % 3 + 7])
     results = []
@@ -151,37 +152,67 @@ def test_fused_step_with_mrope_positions(tiny_llm):
     assert not np.array_equal(flat, results[0][0])
 
 
+def batched_run(model: vlm.Model, prompts: list[list[int]], steps: int) -> list[np.ndarray]:
+    """Each prompt in a session of its own, then `steps` greedy steps of all of them in one
+    batched step each (`step_together`): each sequence's logits."""
+    sessions = [model.new_session() for _ in prompts]
+    logits = np.array([s.prefill(model.prepare(ids))[0] for s, ids in zip(sessions, prompts, strict=True)])
+    out = []
+    for _ in range(steps):
+        logits = step_together(sessions, np.argmax(logits, axis=-1).tolist())
+        out.append(logits)
+    return list(np.array(out).transpose(1, 0, 2))
+
+
+@pytest.mark.parametrize("mode", kernels.MODES)
+@pytest.mark.parametrize("quantize", ["q4", "q4_sym", "q8"])
+def test_batched_step_rows_equal_their_own_steps(kernel_path, tiny, mode, quantize):
+    """Sequences of different lengths decoded together get the logits each gets alone, bit for bit."""
+    kernels.set_mode(mode)
+    model = vlm.load(tiny, quantize=quantize)
+    texts = ["Hi", "The quick brown fox jumps over the lazy dog.", "Why is the sky blue?", "1 2 3 4 5 6 7 8 9"]
+    prompts = [model.tokenize(t) for t in texts]
+    together = batched_run(model, prompts, 12)
+    for ids, got in zip(prompts, together, strict=True):
+        np.testing.assert_array_equal(got, run(model, ids, 12)[0])
+
+
+def test_batched_step_without_a_plan_runs_each_row(tiny):
+    model = layer_by_layer(vlm.load(tiny, quantize="f32"))
+    prompts = [model.tokenize(t) for t in ("Hello there", "A")]
+    for ids, got in zip(prompts, batched_run(model, prompts, 4), strict=True):
+        np.testing.assert_array_equal(got, run(model, ids, 4)[0])
+
+
 def test_no_plan_without_packed_weights_or_silu(tiny):
     model = vlm.load(tiny, quantize="f32")  # float32 weights stay with numpy's BLAS
-    assert model.decoder.decode_plan(model.cache) is None
+    assert model.decoder.decode_plan() is None
     ids = model.tokenize("Hello")
     assert model.generate(ids, max_new_tokens=4).tokens  # decode_step falls back to forward
     ckpt = read_checkpoint(tiny)
     _, text, _ = prepare_tensors(ckpt, "q4", None, 32)
     gelu = LlamaModel(dataclasses.replace(TextConfig.from_dict(ckpt.config), hidden_act="gelu"), text)
-    assert gelu.decode_plan(gelu.new_cache(16)) is None
+    assert gelu.decode_plan() is None
 
 
 def test_plan_checks_its_inputs(tiny):
     model = vlm.load(tiny, quantize="q4", context=32)
-    d, plan = model.decoder, model.decoder.decode_plan(model.cache)
+    d, plan = model.decoder, model.decoder.decode_plan()
     c = d.config
     x = np.zeros((1, c.hidden_size), np.float32)
     cos = sin = np.zeros((1, c.head_dim), np.float32)
-    for bad in [(x[:, :-1], cos, sin, 0), (x, cos[:, :-1], sin, 0), (x, cos, sin, 32), (x, cos, sin, -1)]:
+    k, v = model.cache.k, model.cache.v
+    for bad in [(x[:, :-1], cos, sin, [k], [v], [0]), (x, cos[:, :-1], sin, [k], [v], [0]),
+                (x, cos, sin, [k], [v], [32]), (x, cos, sin, [k], [v], [-1]), (x, cos, sin, [k, k], [v, v], [0, 1]),
+                (x, cos, sin, [k], [v[:, :, :16].copy()], [0]), (x, cos, sin, [k.astype(np.float64)], [v], [0]),
+                (x, cos, sin, [k[:1]], [v[:1]], [0]), (x, cos, sin, [], [], [])]:
         with pytest.raises(ValueError):
             plan.step(*bad)
     layer = d.layers[0]
-    a, m = layer.self_attn, layer.mlp
-    mats = tuple(lin.packed for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj))
+    mats = tuple(lin.packed for lin in layer.linears())
     good = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, mats, (None,) * 7)
-    cache = model.cache
-    with pytest.raises(ValueError):  # a cache of another layer count
-        kernels.DecoderPlan([good], d.norm.weight, 1e-6, cache.k, cache.v, c.num_attention_heads)
     swapped = (good[0], good[1], (mats[1], mats[0], *mats[2:]), good[3])
     with pytest.raises(ValueError):  # q and k swapped
-        kernels.DecoderPlan([swapped] * c.num_hidden_layers, d.norm.weight, 1e-6, cache.k, cache.v,
-                            c.num_attention_heads)
-    with pytest.raises(ValueError):  # a copy of the cache would not be written
-        kernels.DecoderPlan([good] * c.num_hidden_layers, d.norm.weight, 1e-6, cache.k.astype(np.float64), cache.v,
-                            c.num_attention_heads)
+        kernels.DecoderPlan([swapped] * c.num_hidden_layers, d.norm.weight, 1e-6, c.num_attention_heads)
+    with pytest.raises(ValueError):  # heads that do not divide q
+        kernels.DecoderPlan([good] * c.num_hidden_layers, d.norm.weight, 1e-6, c.num_attention_heads + 1)

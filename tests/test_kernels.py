@@ -166,6 +166,24 @@ def test_threads_give_identical_results(kernel_path, mode):
             np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("mode", kernels.MODES)
+def test_rows_of_a_small_batch_equal_their_own_products(kernel_path, mode):
+    """Up to SOLO_TOKENS rows, each row's sums run as when it is alone: bit-identical rows
+    (what makes a batched decode step give each sequence the tokens of its own)."""
+    kernels.set_mode(mode)
+    weights = [make_quant(40, 256, bits, sym, 64) for bits, sym in QUANT_KINDS]
+    w = rng_for("half").standard_normal((40, 250)).astype(np.float32)
+    weights += [HalfWeight(w.astype(np.float16)), HalfWeight((w.view(np.uint32) >> 16).astype(np.uint16), bf16=True)]
+    for w in weights:
+        handle = kernels.prepare(w)
+        for n in range(2, kernels.SOLO_TOKENS + 1):
+            x = activations(n, w.shape[1])
+            batched = kernels.linear(x, handle)
+            for r in range(n):
+                alone = kernels.linear(x[r : r + 1], handle)[0]
+                np.testing.assert_array_equal(batched[r], alone, err_msg=f"{w.kind} n={n}")
+
+
 def test_paths_agree():
     """Every path computes the same int8 rounding, so they differ only by float summation order."""
     qw = make_quant(50, 256, 4, False, 32)

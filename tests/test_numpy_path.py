@@ -41,7 +41,7 @@ def test_numpy_layers_match_transformers(family, tiny_model_dir, transformers_q4
         model = vlm.load(path, quantize="q4", kv_cache="f32")
         ids = model.prepare(prompt, images).ids.tolist()
         ours = model.logits(prompt, images)
-    assert model.decoder.decode_plan(model.cache) is None
+    assert model.decoder.decode_plan() is None
     assert numpy_calls["rms_norm"] > 0 and numpy_calls["quantized_linear"] >= 7 * model.decoder.config.num_hidden_layers
     theirs = reference_logits(transformers_q4(family), path, ids, images)
     # Float math on both sides, same weights: measured 5e-7 .. 1.0e-6 across the four families.

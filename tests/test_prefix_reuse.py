@@ -19,7 +19,7 @@ def next_logits(model: vlm.Model, prompt, images=()) -> tuple[np.ndarray, int]:
 
 def default_model(path) -> vlm.Model:
     model = vlm.load(path, quantize="q4")
-    assert model.cache.k.dtype == np.float16 and model.decoder.decode_plan(model.cache) is not None
+    assert model.cache.k.dtype == np.float16 and model.decoder.decode_plan() is not None
     return model
 
 

@@ -129,7 +129,7 @@ def test_stream_raising_midway_leaves_the_model_right(tiny_llm):
     path = tiny_llm("llama")
     fresh = vlm.load(path).generate(PROMPTS[1], max_new_tokens=STEPS).tokens
     model = vlm.load(path)
-    real_step, calls = model.decoder.decode_step, []
+    real_step, calls = model.decoder.decode_batch, []
 
     def failing_step(*args):
         calls.append(1)
@@ -138,11 +138,11 @@ def test_stream_raising_midway_leaves_the_model_right(tiny_llm):
             raise RuntimeError("injected")
         return real_step(*args)
 
-    model.decoder.decode_step = failing_step
+    model.decoder.decode_batch = failing_step
     with pytest.raises(RuntimeError, match="injected"):
         for _ in model.generate(PROMPTS[0], max_new_tokens=STEPS, stream=True):
             pass
-    model.decoder.decode_step = real_step
+    model.decoder.decode_batch = real_step
     assert model.session.length == len(model.session.held())
     assert model.generate(PROMPTS[1], max_new_tokens=STEPS).tokens == fresh
 

@@ -2,6 +2,7 @@
 
 pp N   prefill of an N-token prompt (tok/s)
 tg N   N greedy decode steps after a 1-token prompt, or after `depth` tokens of context
+tg N xB  N steps of B sequences decoded together in batched steps (aggregate tok/s, --parallel)
 vision encode time per image size, for vision-language models
 Each test runs `reps` times; we report the median and the spread (min..max), peak memory,
 the bytes a decode step reads and the memory-bandwidth limit they imply.
@@ -20,7 +21,7 @@ import numpy as np
 from vlm.errors import VlmError
 from vlm.generation import peak_memory_mb
 from vlm.runtime import Model
-from vlm.session import PromptInputs
+from vlm.session import PromptInputs, step_together
 
 
 @dataclass
@@ -70,6 +71,25 @@ def bench_decode(model: Model, n: int, depth: int, reps: int) -> BenchRow:
         return n / (time.perf_counter() - t)
 
     return _row(f"tg{n}" + (f"@d{depth}" if depth else ""), "tok/s", _measure(once, reps))
+
+
+def bench_parallel(model: Model, sequences: int, n: int, reps: int) -> BenchRow:
+    """Aggregate decode tok/s of `sequences` sequences decoded together: each in its own
+    session, one batched step per token for all of them (as `vlm serve --parallel` runs)."""
+    sessions = [model.new_session() for _ in range(sequences)]
+    prompts = [_inputs(model, 1, seed=1 + i) for i in range(sequences)]
+
+    def once() -> float:
+        logits = []
+        for session, inputs in zip(sessions, prompts, strict=True):
+            session.reset()
+            logits.append(session.prefill(inputs)[0])
+        t = time.perf_counter()
+        for _ in range(n):
+            logits = step_together(sessions, np.argmax(logits, axis=-1).tolist())
+        return sequences * n / (time.perf_counter() - t)
+
+    return _row(f"tg{n} x{sequences} seq", "tok/s", _measure(once, reps))
 
 
 def bench_vision(model: Model, width: int, height: int, reps: int) -> BenchRow:
@@ -137,10 +157,14 @@ def check_settings(model: Model, pp: list[int], tg: list[int], depths: list[int]
 
 
 def run(model: Model, pp: list[int], tg: list[int], depths: list[int], images: list[tuple[int, int]],
-        reps: int, threads: int) -> dict:
+        reps: int, threads: int, parallel: list[int] = ()) -> dict:
+    """Every test asked for; `parallel`: numbers of sequences decoded together (aggregate tok/s)."""
     check_settings(model, pp, tg, depths, images, reps)
+    if any(b < 1 for b in parallel):
+        raise VlmError("the numbers of parallel sequences must be >= 1")
     rows = [bench_prefill(model, n, reps) for n in pp]
     rows += [bench_decode(model, n, d, reps) for n in tg for d in depths]
+    rows += [bench_parallel(model, b, n, reps) for n in tg for b in parallel]
     if model.family is not None:
         rows += [bench_vision(model, w, h, reps) for w, h in images]
     peak = peak_memory_mb()  # before the bandwidth probe allocates its own array

@@ -1,4 +1,4 @@
-"""The `vlm` command: generate, chat, caption, convert, bench, info, pull."""
+"""The `vlm` command: generate, chat, caption, convert, bench, serve, info, pull."""
 
 from __future__ import annotations
 
@@ -261,8 +261,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     model = load_model(args)
     threads = args.threads or info().get("threads", os.cpu_count() or 1)
-    result = bench.run(model, args.prompt_tokens, args.gen_tokens, args.depth, args.image_size, args.reps, threads)
+    result = bench.run(model, args.prompt_tokens, args.gen_tokens, args.depth, args.image_size, args.reps, threads,
+                       args.parallel)
     print(bench.to_json(result) if args.json else bench.to_markdown(result))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from vlm.server import serve
+
+    if args.media_dir and not Path(args.media_dir).is_dir():
+        raise VlmError(f"--media-dir {args.media_dir} is not a folder")
+    if args.parallel < 1 or not 0 <= args.port <= 65535:
+        raise VlmError("--parallel must be at least 1 and --port from 0 to 65535")
+    serve(lambda: load_model(args), args.host, args.port, args.parallel, args.api_key or os.environ.get("VLM_API_KEY"),
+          args.media_dir, args.allow_remote_media, log=lambda message: print(message, file=sys.stderr, flush=True))
     return 0
 
 
@@ -314,9 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--gen-tokens", type=_ints, default=[128], help="decode lengths (default 128)")
     p.add_argument("-d", "--depth", type=_ints, default=[0], help="context depths for decode (default 0)")
     p.add_argument("--image-size", type=_sizes, default=[(448, 448)], help="vision sizes (default 448x448)")
+    p.add_argument("--parallel", type=_ints, default=[],
+                   help="numbers of sequences decoded together, e.g. 1,2,4,8 (aggregate decode tok/s)")
     p.add_argument("-r", "--reps", type=whole, default=3)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (parallel sequences, batched decoding)")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--parallel", type=int, default=1, help="sequences decoded together (slots; default 1)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $VLM_API_KEY)")
+    p.add_argument("--media-dir", default=None, help="folder whose images requests may name by path")
+    p.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) image URLs")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)

@@ -191,56 +191,108 @@ class TextStream:
         self._pieces.close()
 
 
-def generation_loop(session: Session, inputs: PromptInputs, sampler: Sampler, tokenizer: Tokenizer,
-                    max_new_tokens: int, stop: list[str], result: GenerationResult, t0: float) -> Iterator[str]:
-    """Prefill `inputs` in `session`, then sample and step until EOS, a stop string or a limit,
-    yielding text pieces; `result` is filled in as it goes (and when the stream is closed).
+class Decoding:
+    """One sequence being generated: its prompt, sampler, stop rules, streamed text and stats.
+
+    Driven from outside, one token at a time, so one sequence (`Model.generate`) or many
+    decoded together (`Model.generate_batch`, the server's slots) run the same rules:
+    `prefill(session)`, then repeatedly `advance()` (sample from the logits in hand; returns
+    the text that became final) and, unless `done`, feed `token` to the session (alone or in a
+    batched step) and hand the logits back with `stepped`. `close()` settles the stats.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, inputs: PromptInputs, sampler: Sampler, max_new_tokens: int,
+                 stop: list[str]):
+        self.inputs, self.sampler, self.max_new_tokens = inputs, sampler, max_new_tokens
+        self.detok = StreamDecoder(tokenizer, stop)
+        self.eos = tokenizer.eos_ids
+        self.history = inputs.ids.tolist()
+        self.session: Session | None = None
+        self.logits: np.ndarray | None = None
+        self.token: int | None = None  # the token to feed next, once sampled
+        self.done = False
+        self.result = GenerationResult("", [], GenerationStats(
+            prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
+            image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s,
+            finish_reason="interrupted"))  # until it ends on its own
+        self._t_decode = 0.0
+
+    @property
+    def generated(self) -> list[int]:
+        return self.result.tokens
+
+    def prefill(self, session: Session, t0: float) -> None:
+        """The prompt through `session` in one go (t0: when the request started)."""
+        t = time.perf_counter()
+        self.prefilled(session, *session.prefill(self.inputs), t0, t)
+
+    def prefilled(self, session: Session, logits: np.ndarray, cached: int, t0: float, t_prefill: float) -> None:
+        """The prompt is in `session` (prefilled from t_prefill on, `cached` positions reused)."""
+        stats = self.result.stats
+        self.session, self.logits, stats.cached_tokens = session, logits, cached
+        self._t_decode = time.perf_counter()
+        stats.prefill_s = self._t_decode - t_prefill
+        stats.ttft_s = self._t_decode - t0
+
+    def advance(self) -> str:
+        """Sample the next token; returns the text it makes final (maybe empty). Sets `done`
+        when the sequence ends (EOS, a stop string, max_new_tokens or a full context)."""
+        token = self.sampler(self.logits, self.history)
+        if token in self.eos:
+            return self._finish("stop")
+        self.result.tokens.append(token)
+        self.history.append(token)
+        piece = self.detok.push(token)
+        if self.detok.stopped:
+            self.done, self.result.stats.finish_reason = True, "stop"
+            return piece
+        if len(self.result.tokens) >= self.max_new_tokens or len(self.history) > self.session.context:
+            return piece + self._finish("length")  # the token would not fit
+        self.token = token
+        return piece
+
+    def stepped(self, logits: np.ndarray) -> None:
+        """The logits after `token` was fed."""
+        self.logits = logits
+        self.result.stats.decode_steps += 1
+
+    def _finish(self, reason: str) -> str:
+        self.done, self.result.stats.finish_reason = True, reason
+        return self.detok.flush()
+
+    def close(self) -> None:
+        """Settle the stats (called once the sequence ended or was abandoned)."""
+        stats = self.result.stats
+        stats.decode_s = time.perf_counter() - self._t_decode if stats.decode_steps else 0.0
+        stats.generated_tokens = len(self.result.tokens)
+        stats.peak_memory_mb = peak_memory_mb()
+        self.result.text = self.detok.text
+
+
+def generation_loop(session: Session, seq: Decoding, t0: float) -> Iterator[str]:
+    """Prefill `seq`'s prompt in `session`, then sample and step until EOS, a stop string or a
+    limit, yielding text pieces; `seq.result` is filled in as it goes (and when the stream is
+    closed). t0: when the request started.
 
     The model's lock is taken per step, never across the stream. If another call used the session
     between two steps (another thread, another open stream), the stream restores its own
     history first (`Session.resume`), so it still produces exactly its solo output.
     """
-    stats = result.stats
-    stats.finish_reason = "interrupted"  # until the loop ends on its own
-    detok = StreamDecoder(tokenizer, stop)
-    eos = tokenizer.eos_ids
-    history = inputs.ids.tolist()
-    n_prompt = len(history)
-    t_prefill = t_decode = time.perf_counter()
     try:
         with session.lock:
-            logits, stats.cached_tokens = session.prefill(inputs)
+            seq.prefill(session, t0)
             seen = session.version  # the session as this stream left it
-        t_decode = time.perf_counter()
-        stats.prefill_s = t_decode - t_prefill
-        stats.ttft_s = t_decode - t0
         while True:
-            token = sampler(logits, history)
-            if token in eos:
-                stats.finish_reason = "stop"
-                break
-            result.tokens.append(token)
-            history.append(token)
-            piece = detok.push(token)
+            piece = seq.advance()
             if piece:
                 yield piece
-            if detok.stopped:
-                stats.finish_reason = "stop"
-                break
-            if len(result.tokens) >= max_new_tokens or len(history) > session.context:  # the token would not fit
-                stats.finish_reason = "length"
+            if seq.done:
                 break
             with session.lock:
                 # A moved version: another call used the session since our last step.
-                logits = session.step(token) if session.version == seen else session.resume(inputs, history[n_prompt:])
+                seq.stepped(session.step(seq.token) if session.version == seen
+                            else session.resume(seq.inputs, seq.generated))
                 seen = session.version
-            stats.decode_steps += 1
-        if not detok.stopped:
-            tail = detok.flush()
-            if tail:
-                yield tail
     finally:
-        stats.decode_s = time.perf_counter() - t_decode if stats.decode_steps else 0.0
-        stats.generated_tokens = len(result.tokens)
-        stats.peak_memory_mb = peak_memory_mb()
-        result.text = detok.text
+        seq.close()
+

@@ -19,8 +19,8 @@ import numpy as np
 from vlm import kernels
 from vlm.errors import VlmError
 from vlm.generation import (
+    Decoding,
     GenerationResult,
-    GenerationStats,
     Sampler,
     SamplingParams,
     TextStream,
@@ -40,7 +40,7 @@ from vlm.prompt import (
     prompt_keys,
     segment_text,
 )
-from vlm.session import PromptInputs, Session
+from vlm.session import PromptInputs, Session, step_together
 from vlm.tokenizer import Tokenizer, check_message
 
 Prompt = str | Sequence[dict] | Sequence[int]
@@ -248,22 +248,64 @@ class Model:
         open streams, may share one session: each finds its own history again when another
         call used the session in between.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
-        stop = stop_strings(stop)
-        sampler = Sampler(SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed))
         t0 = time.perf_counter()
-        inputs = self.prepare(prompt, images, raw=raw, **image_options)
-        result = GenerationResult("", [], GenerationStats(
-            prompt_tokens=int(inputs.ids.size), images=inputs.images, images_encoded=inputs.images_encoded,
-            image_tokens=int(inputs.image_rows.size), vision_encode_s=inputs.vision_encode_s))
-        pieces = generation_loop(session or self.session, inputs, sampler, self.tokenizer, max_new_tokens,
-                                 list(stop), result, t0)
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        seq = self.start(prompt, images, max_new_tokens, sampling, stop, raw, **image_options)
+        pieces = generation_loop(session or self.session, seq, t0)
         if stream:
-            return TextStream(pieces, result)
+            return TextStream(pieces, seq.result)
         for _ in pieces:
             pass
-        return result
+        return seq.result
+
+    def generate_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence[ImageInput] | None] | None = None,
+                       max_new_tokens: int = 256, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                       min_p: float = 0.0, repetition_penalty: float = 1.0, seed: int | None = None,
+                       stop: Sequence[str] = (), raw: bool = False, **image_options) -> list[GenerationResult]:
+        """Generate a continuation of each prompt, decoding them together.
+
+        Each prompt is prefilled in a session of its own; then every step decodes one token of
+        every sequence still running in one batched pass (the weights are read once for all of
+        them), and each sequence finishes on its own. `images`, if given, holds each prompt's
+        images. Each result equals `generate(prompt, ...)` alone: greedy decoding gives the
+        same tokens, and a seed the same draws. Stats' decode rate is per sequence.
+        """
+        images = [None] * len(prompts) if images is None else list(images)
+        if len(images) != len(prompts):
+            raise VlmError(f"{len(prompts)} prompts but {len(images)} image lists")
+        sampling = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty, seed)
+        running = []
+        for prompt, imgs in zip(prompts, images, strict=True):
+            t0 = time.perf_counter()
+            seq = self.start(prompt, imgs, max_new_tokens, sampling, stop, raw, **image_options)
+            seq.prefill(self.new_session(), t0)
+            running.append(seq)
+        results = [seq.result for seq in running]
+        try:
+            while running:
+                for seq in running:
+                    seq.advance()
+                    if seq.done:
+                        seq.close()
+                running = [seq for seq in running if not seq.done]
+                if running:
+                    logits = step_together([seq.session for seq in running], [seq.token for seq in running])
+                    for seq, row in zip(running, logits, strict=True):
+                        seq.stepped(row)
+        finally:
+            for seq in running:
+                seq.close()
+        return results
+
+    def start(self, prompt: Prompt, images: Sequence[ImageInput] | None, max_new_tokens: int,
+              sampling: SamplingParams, stop: Sequence[str] = (), raw: bool = False, **image_options) -> Decoding:
+        """A request made ready to decode (prompt prepared, images encoded): see `Decoding`."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise VlmError(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}")
+        stop = stop_strings(stop)  # checked before any image is encoded
+        inputs = self.prepare(prompt, images, raw=raw, **image_options)
+        return Decoding(self.tokenizer, inputs, Sampler(sampling), max_new_tokens, stop)
 
     def set_threads(self, threads: int | None) -> None:
         kernels.set_threads(threads)
+

@@ -12,6 +12,7 @@ restores its history (`resume`) before going on.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -94,6 +95,14 @@ class Session:
         positions were reused from the cache. The bookkeeping grows only after a chunk's rows are
         written, so an exception leaves it describing exactly the valid rows.
         """
+        with self.lock:
+            *_, last = self.prefill_chunks(inputs, all_logits)
+            return last
+
+    def prefill_chunks(self, inputs: PromptInputs, all_logits: bool = False) -> Iterator[tuple[np.ndarray | None, int]]:
+        """`prefill` one chunk per iteration, the lock held per chunk: yields (None, reused)
+        after each chunk but the last, then (logits, reused). A server interleaves these with
+        the decode steps of running sequences, so a long prompt does not stall them."""
         n = inputs.ids.size
         if n == 0:
             raise VlmError("the prompt is empty")
@@ -106,10 +115,13 @@ class Session:
             start = 0 if all_logits else self.reusable_prefix(inputs.keys)
             del self._held[start:]
             self.rope_delta = inputs.rope_delta
-            out = np.empty((n, decoder.config.vocab_size), dtype=np.float32) if all_logits else None
-            last = None
-            for a in range(start, n, self.prefill_chunk):
-                b = min(n, a + self.prefill_chunk)
+        out = np.empty((n, decoder.config.vocab_size), dtype=np.float32) if all_logits else None
+        for a in range(start, n, self.prefill_chunk):
+            b = min(n, a + self.prefill_chunk)
+            with self.lock:
+                self.version += 1
+                if len(self._held) != a:
+                    raise VlmError("the session was used by another call during this prefill")
                 x = decoder.embed_tokens(inputs.ids[a:b])
                 if inputs.image_embeds is not None:
                     sel = (inputs.image_rows >= a) & (inputs.image_rows < b)
@@ -119,21 +131,12 @@ class Session:
                 if all_logits:
                     out[a:b] = decoder.lm_head(h)
                 elif b == n:
-                    last = decoder.lm_head(h[-1:])[0]
-            return (out if all_logits else last), start
+                    out = decoder.lm_head(h[-1:])[0]
+            yield (out if b == n else None), start
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token at the next cache position; returns the next-token logits."""
-        decoder = self.decoder
-        with self.lock:
-            pos = len(self._held)
-            if pos >= self.context:
-                raise VlmError(f"the context of {self.context} tokens is full")
-            self.version += 1
-            h = decoder.decode_step(decoder.embed_tokens(np.array([token])),
-                                    np.array([pos + self.rope_delta], dtype=np.int64), self.cache, pos)
-            self._held.append(token)
-            return decoder.lm_head(h)[0]
+        return step_together([self], [token])[0]
 
     def resume(self, inputs: PromptInputs, tokens: list[int]) -> np.ndarray:
         """Make the cache hold `inputs` followed by `tokens` again; the logits after the last one.
@@ -156,3 +159,32 @@ class Session:
             for t in tokens[done:]:
                 logits = self.step(t)
             return logits
+
+
+def step_together(sessions: Sequence[Session], tokens: Sequence[int]) -> np.ndarray:
+    """Feed tokens[r] to sessions[r] at its next position, all in one batched decode step (the
+    weights are read once for every session); returns the next-token logits [B, vocab].
+
+    Each row gets exactly the logits `sessions[r].step(tokens[r])` alone would give. The
+    sessions must be distinct and share one decoder (and its lock).
+    """
+    first = sessions[0] if sessions else None
+    if (first is None or len({id(s) for s in sessions}) != len(sessions)
+            or any(s.decoder is not first.decoder or s.lock is not first.lock for s in sessions)):
+        raise VlmError("step_together takes one or more distinct sessions of one model")
+    decoder = first.decoder
+    with first.lock:
+        positions, starts = [], []
+        for s in sessions:
+            pos = len(s._held)
+            if pos >= s.context:
+                raise VlmError(f"the context of {s.context} tokens is full")
+            starts.append(pos)
+            positions.append(np.array([pos + s.rope_delta], dtype=np.int64))
+        for s in sessions:
+            s.version += 1
+        h = decoder.decode_batch(decoder.embed_tokens(np.asarray(tokens, dtype=np.int64)), positions,
+                                 [s.cache for s in sessions], starts)
+        for s, t in zip(sessions, tokens, strict=True):
+            s._held.append(int(t))
+        return decoder.head(h)

@@ -229,6 +229,34 @@ static void check_products(const vlm_path *p) {
             }
 }
 
+/* Up to VLM_SOLO_TOKENS tokens, each token's y equals its own one-token product bit for bit:
+ * what gives every sequence of a batched decode step the bits of its own step. */
+static void check_rows_alone(const vlm_path *p) {
+    for (int fmt = FMT_Q4A; fmt < FMT_COUNT; fmt++)
+        for (int mode = MODE_W4A8; mode < MODE_COUNT; mode++) {
+            if (!vlm_is_quant(fmt) && mode != MODE_FLOAT) continue;
+            weight w = vlm_is_quant(fmt) ? make_quant(fmt, 40, 256, 64, 0) : make_half(fmt, 40, 250, 0);
+            const int K = w.m.cols, R = w.m.rows;
+            for (int n = 2; n <= VLM_SOLO_TOKENS; n++) {
+                float *x = make_x(n, K, 0), *y = malloc(sizeof(float) * n * R), *one = malloc(sizeof(float) * R);
+                if (vlm_linear(p, mode, &w.m, x, n, y)) abort();
+                for (int t = 0; t < n; t++) {
+                    if (vlm_linear(p, mode, &w.m, x + (size_t)t * K, 1, one)) abort();
+                    if (memcmp(one, y + (size_t)t * R, sizeof(float) * R)) {
+                        FAIL("%s: %s mode %d, token %d of %d differs from its own product\n", p->name, fmt_names[fmt],
+                             mode, t, n);
+                        break;
+                    }
+                }
+                checks++;
+                free(x);
+                free(y);
+                free(one);
+            }
+            free_weight(&w);
+        }
+}
+
 /* ---- activation quantization and fp16 stores -------------------------------------------- */
 static void check_quantize(const vlm_path *p) {
     const int cols = 384, w = 4; /* interleaved as a token tile of 4 */
@@ -401,6 +429,7 @@ int main(int argc, char **argv) {
         check_quantize(paths[i]);
         check_to_half(paths[i]);
         if (i == 0 || argc < 2) check_products(paths[i]);
+        check_rows_alone(paths[i]);
     }
     if (count) { /* the ops are one table for every Arm path */
         check_attention(paths[0]);

@@ -21,11 +21,14 @@ The layers' other hot operations, each the C twin of a numpy reference in vlm.mo
 - `store_half(dst, src)`: dst[...] = src rounded to float16 as numpy's cast rounds, with F16C
   (numpy's cast runs at ~0.4 G values/s, ~8% of a SmolLM2 prefill); dst [a, b, d] with d
   contiguous: a float16 KV cache view. `attention` reads float16 k/v as they are.
-- `DecoderPlan(layers, norm, eps, k_cache, v_cache, n_heads)`: a Llama / Qwen2 decoder's
-  packed layers and KV cache, held once; `plan.step(x, cos, sin, pos)` runs one token
-  through every layer and the final norm in one call (see vlm/kernels/decode.c). Each step is
-  the same operations, in the same order, as the layer-by-layer path, so the results are
-  bit-identical to it.
+- `DecoderPlan(layers, norm, eps, n_heads)`: a Llama / Qwen2 decoder's packed layers, held
+  once; `plan.step(x, cos, sin, k_caches, v_caches, slots)` runs one token of each of n
+  sequences (x [n, hidden], each row with its own cos/sin, KV cache and slot) through every
+  layer and the final norm in one call (see vlm/kernels/decode.c): every matrix is read once
+  for all n rows. Each step is the same operations, in the same order, as the layer-by-layer
+  path, so with one row the results are bit-identical to it; with n rows each row's are too
+  wherever the products take int8 activations (float ones sum in an order that depends on
+  the token tile: a few ulp).
 
 Knobs, each also settable from the environment at import:
 
@@ -124,6 +127,9 @@ unpack_rows = _native.unpack_rows if AVAILABLE else _unavailable
 store_half = _native.store_half if AVAILABLE else _unavailable
 DecoderPlan = _native.DecoderPlan if AVAILABLE else None
 MAX_HEAD_DIM = _native.MAX_HEAD_DIM if AVAILABLE else 0
+# Products of at most this many rows give each row the bits it gets alone (kernels.h): the
+# widest decode batch whose sequences match their own steps exactly.
+SOLO_TOKENS = _native.SOLO_TOKENS if AVAILABLE else 0
 
 
 def set_threads(n: int | None) -> None:

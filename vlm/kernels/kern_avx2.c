@@ -70,8 +70,9 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
  * x carrying w's sign (the sign trick); then no min term is needed. With AVX-VNNI both
  * take vpdpbusd on the stored unsigned values, and 8-bit gets the -128d min term as in
  * the AVX-512 kernel. */
-INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
+INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
+                      const int fmt) {
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
@@ -91,7 +92,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         const __m256 d = load_half8(sc + g * PANEL);
         for (int r = 0; r < R; r++) {
             const int b = g * R + r;
-            __m256i isum[CHAINS(T)][TQ];
+            __m256i isum[CHAINS(1)][TQ];
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm256_setzero_si256();
             if (fmt == FMT_Q8) {
@@ -150,9 +151,9 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 }
 
 /* --- float activations, quantized weights ------------------------------------------------ */
-INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T,
+INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
                              const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, C = CHAINS(T);
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
@@ -160,13 +161,14 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
-    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF;
+    const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF + lane, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF + lane;
     __m256 acc[TF];
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, h, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
         if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
-        __m256 gs[CHAINS(T)][TF];
+        __m256 gs[CHAINS(1)][TF];
         for (int j = 0; j < C; j++)
             for (int t = 0; t < T; t++) gs[j][t] = _mm256_setzero_ps();
         for (int r = 0; r < R; r++) {
@@ -224,11 +226,12 @@ INLINE __m256 load_column(const uint16_t *panel, int k, int h, const int fmt) {
 /* Columns per step (2 cache lines), at least the most chains a tile uses. */
 #define HALF_STEP 4
 
-INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
-    const int C = CHAINS(T);
+INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
+                      const int fmt) {
     const uint16_t *panel = (const uint16_t *)(m->data + (size_t)sp.p * m->panel_bytes);
-    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF; /* value k of token t: x[k * TF + t] */
-    __m256 acc[CHAINS(T)][TF];
+    /* value k of token t: x[k * TF + t]; a solo tile (gemm_float) may start mid-tile */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF + sp.t0 % TF;
+    __m256 acc[CHAINS(1)][TF];
     for (int t = 0; t < T; t++) {
         acc[0][t] = start_rows(m, a, sp, h, t);
         for (int j = 1; j < C; j++) acc[j][t] = _mm256_setzero_ps();
@@ -254,17 +257,31 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     }
 }
 
-/* Instantiate a tile for every (format, T), as in kern_avx512.c. */
-#define CASE_T(tile, fmt, T)       \
-    case T:                        \
-        tile(m, a, sp, h, T, fmt); \
+/* Instantiate a tile for every (format, T, C), as in kern_avx512.c. */
+#define CASE_T(tile, fmt, T, C)       \
+    case T:                           \
+        tile(m, a, sp, h, T, C, fmt); \
         break;
-#define SWITCH_TQ(tile, fmt, n) \
-    switch (n) { CASE_T(tile, fmt, 1) CASE_T(tile, fmt, 2) CASE_T(tile, fmt, 3) default : tile(m, a, sp, h, 4, fmt); }
-#define SWITCH_TF(tile, fmt, n)                                                                           \
-    switch (n) {                                                                                          \
-        CASE_T(tile, fmt, 1) CASE_T(tile, fmt, 2) CASE_T(tile, fmt, 3) CASE_T(tile, fmt, 4) CASE_T(tile, fmt, 5) \
-        default : tile(m, a, sp, h, 6, fmt);                                                             \
+#define SWITCH_TQ(tile, fmt, n)                                                                                \
+    switch (n) {                                                                                               \
+        CASE_T(tile, fmt, 1, CHAINS(1)) CASE_T(tile, fmt, 2, CHAINS(2)) CASE_T(tile, fmt, 3, CHAINS(3))        \
+        default : tile(m, a, sp, h, 4, CHAINS(4), fmt);                                                       \
+    }
+#define SWITCH_TF(tile, fmt, n)                                                                                \
+    switch (n) {                                                                                               \
+        CASE_T(tile, fmt, 1, CHAINS(1)) CASE_T(tile, fmt, 2, CHAINS(2)) CASE_T(tile, fmt, 3, CHAINS(3))        \
+        CASE_T(tile, fmt, 4, CHAINS(4)) CASE_T(tile, fmt, 5, CHAINS(5)) default : tile(m, a, sp, h, 6, CHAINS(6), fmt); \
+    }
+#define SOLO_WIDTH 2 /* tokens of a solo tile: their CHAINS(1) accumulators fit the 16 registers; divides TF */
+#define SWITCH_SOLO(tile, fmt, n) \
+    switch (n) { CASE_T(tile, fmt, 1, CHAINS(1)) default : tile(m, a, sp, h, 2, CHAINS(1), fmt); }
+#define FLOAT_TILES(SWITCH)                                   \
+    switch (m->fmt) {                                         \
+    case FMT_Q4A: SWITCH(tile_float_quant, FMT_Q4A, n) break; \
+    case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break; \
+    case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;   \
+    case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;        \
+    default: SWITCH(tile_half, FMT_BF16, n) break;            \
     }
 
 /* Columns per k slice, as in kern_avx512.c. */
@@ -295,21 +312,19 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
 
 TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
     const int ahead = vlm_prefetch_start(m, p0, p1);
-    const int slice = a->n <= TF ? m->cols : K_SLICE_FLOAT;
+    /* Few tokens are tiled with the chains of one token (see VLM_SOLO_TOKENS). */
+    const int solo = a->n <= VLM_SOLO_TOKENS, width = solo ? SOLO_WIDTH : TF, slice = solo ? m->cols : K_SLICE_FLOAT;
     for (int p = p0; p < p1; p++) {
         for (int h = 0; h < 2 && p * PANEL + 8 * h < m->rows; h++) {
             for (int k0 = 0; k0 < m->cols; k0 += slice) {
-                for (int t0 = 0; t0 < a->n; t0 += TF) {
-                    const int n = vlm_min(TF, a->n - t0);
+                for (int t0 = 0; t0 < a->n; t0 += width) {
+                    const int n = vlm_min(width, a->n - t0);
                     const size_t pf = h ? 0 : vlm_prefetch_offset(m, p, p1, ahead, t0);
                     const vlm_span sp = {p, t0, k0, vlm_min(m->cols, k0 + slice), pf};
-                    switch (m->fmt) {
-                    case FMT_Q4A: SWITCH_TF(tile_float_quant, FMT_Q4A, n) break;
-                    case FMT_Q4S: SWITCH_TF(tile_float_quant, FMT_Q4S, n) break;
-                    case FMT_Q8: SWITCH_TF(tile_float_quant, FMT_Q8, n) break;
-                    case FMT_F16: SWITCH_TF(tile_half, FMT_F16, n) break;
-                    default: SWITCH_TF(tile_half, FMT_BF16, n) break;
-                    }
+                    if (solo)
+                        FLOAT_TILES(SWITCH_SOLO)
+                    else
+                        FLOAT_TILES(SWITCH_TF)
                 }
             }
         }

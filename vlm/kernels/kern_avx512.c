@@ -51,8 +51,8 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int t
  * y = sum over groups of d * sum over runs (dx * isum) + m * s, isum = vpdpbusd of the
  * unsigned weights with the int8 activations. The unsigned form of q4_sym (q) and q8
  * (w + 128) is fixed up by the min term m = -8d resp. -128d, since s = dx * sum(qx). */
-INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
+INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
@@ -109,8 +109,9 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
  * 4-bit: vpermps looks the nibble up in a 16-float table (only the low 4 index bits
  * count), giving q (asymmetric) or q - 8 (symmetric) in one op without masking.
  * 8-bit: flip the +128 bias off and sign-extend each byte with a shift pair. */
-INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, C = CHAINS(T);
+INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C,
+                             const int fmt) {
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
@@ -119,13 +120,14 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                                         : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i bias = _mm512_set1_epi8((char)0x80);
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
-    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF;
+    const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF + lane, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF + lane;
     __m512 acc[TF];
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
         if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
-        __m512 gs[CHAINS(T)][TF];
+        __m512 gs[CHAINS(1)][TF];
         for (int j = 0; j < C; j++)
             for (int t = 0; t < T; t++) gs[j][t] = _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
@@ -180,10 +182,10 @@ INLINE __m512 load_column(const uint16_t *panel, int k, const int fmt) {
 /* Columns per step (2 cache lines), at least the most chains a tile uses. */
 #define HALF_STEP 4
 
-INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int fmt) {
-    const int C = CHAINS(T);
+INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
     const uint16_t *panel = (const uint16_t *)(m->data + (size_t)sp.p * m->panel_bytes);
-    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF; /* value k of token t: x[k * TF + t] */
+    /* value k of token t: x[k * TF + t]; a solo tile (gemm_float) may start mid-tile */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF + sp.t0 % TF;
     __m512 acc[CHAINS(1)][TF];
     for (int t = 0; t < T; t++) {
         acc[0][t] = start_rows(m, a, sp, t);
@@ -209,16 +211,32 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
     }
 }
 
-/* Instantiate a tile for every (format, T): the switch turns both into constants so each
- * instance is fully unrolled with its accumulators in registers. T = 8 = TQ = TF. */
-#define CASE_T(tile, fmt, T)    \
-    case T:                     \
-        tile(m, a, sp, T, fmt); \
+/* Instantiate a tile for every (format, T, C): the switch turns them into constants so each
+ * instance is fully unrolled with its accumulators in registers. T = 8 = TQ = TF; C is
+ * CHAINS(T), or CHAINS(1) at every width of a solo tile (see gemm_float). */
+#define CASE_T(tile, fmt, T, C)    \
+    case T:                        \
+        tile(m, a, sp, T, C, fmt); \
         break;
-#define SWITCH_T(tile, fmt, n)                                                                      \
-    switch (n) {                                                                                    \
-        CASE_T(tile, fmt, 1) CASE_T(tile, fmt, 2) CASE_T(tile, fmt, 3) CASE_T(tile, fmt, 4)         \
-        CASE_T(tile, fmt, 5) CASE_T(tile, fmt, 6) CASE_T(tile, fmt, 7) default : tile(m, a, sp, 8, fmt); \
+#define SWITCH_T(tile, fmt, n)                                                                                  \
+    switch (n) {                                                                                                \
+        CASE_T(tile, fmt, 1, CHAINS(1)) CASE_T(tile, fmt, 2, CHAINS(2)) CASE_T(tile, fmt, 3, CHAINS(3))         \
+        CASE_T(tile, fmt, 4, CHAINS(4)) CASE_T(tile, fmt, 5, CHAINS(5)) CASE_T(tile, fmt, 6, CHAINS(6))         \
+        CASE_T(tile, fmt, 7, CHAINS(7)) default : tile(m, a, sp, 8, CHAINS(8), fmt);                           \
+    }
+#define SOLO_WIDTH 4 /* tokens of a solo tile: their CHAINS(1) accumulators fit the 32 registers; divides TF */
+#define SWITCH_SOLO(tile, fmt, n)                                                                               \
+    switch (n) {                                                                                                \
+        CASE_T(tile, fmt, 1, CHAINS(1)) CASE_T(tile, fmt, 2, CHAINS(1)) CASE_T(tile, fmt, 3, CHAINS(1))         \
+        default : tile(m, a, sp, 4, CHAINS(1), fmt);                                                           \
+    }
+#define FLOAT_TILES(SWITCH)                                         \
+    switch (m->fmt) {                                               \
+    case FMT_Q4A: SWITCH(tile_float_quant, FMT_Q4A, n) break;       \
+    case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break;       \
+    case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;         \
+    case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;              \
+    default: SWITCH(tile_half, FMT_BF16, n) break;                  \
     }
 
 /* Columns per k slice (a multiple of every group size): the slice of a panel plus the
@@ -246,19 +264,17 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
 
 TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
     const int ahead = vlm_prefetch_start(m, p0, p1);
-    const int slice = a->n <= TF ? m->cols : K_SLICE_FLOAT;
+    /* Few tokens are tiled with the chains of one token (see VLM_SOLO_TOKENS). */
+    const int solo = a->n <= VLM_SOLO_TOKENS, width = solo ? SOLO_WIDTH : TF, slice = solo ? m->cols : K_SLICE_FLOAT;
     for (int p = p0; p < p1; p++) {
         for (int k0 = 0; k0 < m->cols; k0 += slice) {
-            for (int t0 = 0; t0 < a->n; t0 += TF) {
-                const int n = vlm_min(TF, a->n - t0);
+            for (int t0 = 0; t0 < a->n; t0 += width) {
+                const int n = vlm_min(width, a->n - t0);
                 const vlm_span sp = {p, t0, k0, vlm_min(m->cols, k0 + slice), vlm_prefetch_offset(m, p, p1, ahead, t0)};
-                switch (m->fmt) {
-                case FMT_Q4A: SWITCH_T(tile_float_quant, FMT_Q4A, n) break;
-                case FMT_Q4S: SWITCH_T(tile_float_quant, FMT_Q4S, n) break;
-                case FMT_Q8: SWITCH_T(tile_float_quant, FMT_Q8, n) break;
-                case FMT_F16: SWITCH_T(tile_half, FMT_F16, n) break;
-                default: SWITCH_T(tile_half, FMT_BF16, n) break;
-                }
+                if (solo)
+                    FLOAT_TILES(SWITCH_SOLO)
+                else
+                    FLOAT_TILES(SWITCH_T)
             }
         }
     }

@@ -349,15 +349,17 @@ INLINE float32x4_t field(uint32x4_t v, const int shift, const int bits, const in
     return vcvtq_f32_u32(vshlq_u32(top, vdupq_n_s32(bits - 32)));
 }
 
-INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, C = CHAINS(T);
+INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
+                             const int fmt) {
+    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     const uint32x4_t flip = vdupq_n_u32(fmt == FMT_Q8 ? 0x80808080u : 0x88888888u);
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
-    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF;
+    const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF + lane, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF + lane;
     float32x4_t acc[TF][2];
     UNROLL
     for (int t = 0; t < T; t++) start_rows(m, a, sp, h, t, acc[t]);
@@ -446,10 +448,11 @@ INLINE void load_column(const uint16_t *panel, int k, int h, const int fmt, floa
 /* Columns per step (2 cache lines), at least the most chains a tile uses. */
 #define HALF_STEP 4
 
-INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
-    const int C = CHAINS(T);
+INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
+                      const int fmt) {
     const uint16_t *panel = (const uint16_t *)(m->data + (size_t)sp.p * m->panel_bytes);
-    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF; /* value k of token t: x[k * TF + t] */
+    /* value k of token t: x[k * TF + t]; a solo tile (gemm_float) may start mid-tile */
+    const float *x = a->x + (size_t)(sp.t0 / TF) * m->cols * TF + sp.t0 % TF;
     float32x4_t acc[CHAINS(1)][TF][2];
     UNROLL
     for (int t = 0; t < T; t++) {
@@ -497,6 +500,28 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         break;
 #define SWITCH_T(tile, fmt, n) \
     switch (n) { CASE_T(tile, fmt, 1) CASE_T(tile, fmt, 2) CASE_T(tile, fmt, 3) default : tile(m, a, sp, h, 4, fmt); }
+/* Float tiles take their chain count too: CHAINS(T), or CHAINS(1) at every width of a solo
+ * tile (see VLM_SOLO_TOKENS and gemm_float). */
+#define CASE_TC(tile, fmt, T, C)      \
+    case T:                           \
+        tile(m, a, sp, h, T, C, fmt); \
+        break;
+#define SWITCH_TF(tile, fmt, n)                                                                         \
+    switch (n) {                                                                                        \
+        CASE_TC(tile, fmt, 1, CHAINS(1)) CASE_TC(tile, fmt, 2, CHAINS(2)) CASE_TC(tile, fmt, 3, CHAINS(3)) \
+        default : tile(m, a, sp, h, 4, CHAINS(4), fmt);                                                 \
+    }
+#define SOLO_WIDTH 2 /* tokens of a solo tile: their CHAINS(1) accumulators fit the 32 registers; divides TF */
+#define SWITCH_SOLO(tile, fmt, n) \
+    switch (n) { CASE_TC(tile, fmt, 1, CHAINS(1)) default : tile(m, a, sp, h, 2, CHAINS(1), fmt); }
+#define FLOAT_TILES(SWITCH)                                   \
+    switch (m->fmt) {                                         \
+    case FMT_Q4A: SWITCH(tile_float_quant, FMT_Q4A, n) break; \
+    case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break; \
+    case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;   \
+    case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;        \
+    default: SWITCH(tile_half, FMT_BF16, n) break;            \
+    }
 
 /* An int8 tile of n tokens: SMMLA for two or more where the CPU has it, else dot products. */
 #if VLM_NEON_LEVEL >= 2
@@ -537,21 +562,19 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
 
 TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
     const int ahead = vlm_prefetch_start(m, p0, p1);
-    const int slice = a->n <= TF ? m->cols : K_SLICE_FLOAT;
+    /* Few tokens are tiled with the chains of one token (see VLM_SOLO_TOKENS). */
+    const int solo = a->n <= VLM_SOLO_TOKENS, width = solo ? SOLO_WIDTH : TF, slice = solo ? m->cols : K_SLICE_FLOAT;
     for (int p = p0; p < p1; p++) {
         for (int h = 0; h < 2 && p * PANEL + 8 * h < m->rows; h++) {
             for (int k0 = 0; k0 < m->cols; k0 += slice) {
-                for (int t0 = 0; t0 < a->n; t0 += TF) {
-                    const int n = vlm_min(TF, a->n - t0);
+                for (int t0 = 0; t0 < a->n; t0 += width) {
+                    const int n = vlm_min(width, a->n - t0);
                     const size_t pf = h ? 0 : vlm_prefetch_offset(m, p, p1, ahead, t0);
                     const vlm_span sp = {p, t0, k0, vlm_min(m->cols, k0 + slice), pf};
-                    switch (m->fmt) {
-                    case FMT_Q4A: SWITCH_T(tile_float_quant, FMT_Q4A, n) break;
-                    case FMT_Q4S: SWITCH_T(tile_float_quant, FMT_Q4S, n) break;
-                    case FMT_Q8: SWITCH_T(tile_float_quant, FMT_Q8, n) break;
-                    case FMT_F16: SWITCH_T(tile_half, FMT_F16, n) break;
-                    default: SWITCH_T(tile_half, FMT_BF16, n) break;
-                    }
+                    if (solo)
+                        FLOAT_TILES(SWITCH_SOLO)
+                    else
+                        FLOAT_TILES(SWITCH_TF)
                 }
             }
         }

@@ -205,22 +205,28 @@ typedef struct {
 } vlm_layer;
 
 typedef struct {
-    int n_layers, hidden, n_heads, n_kv, head_dim, inter, max_len;
+    int n_layers, hidden, n_heads, n_kv, head_dim, inter;
     float eps;
     const vlm_layer *layers;
     const float *norm; /* the final norm */
-    void *k_cache, *v_cache; /* [n_layers][n_kv][max_len][head_dim], float32 or (kv_half) fp16 */
-    int kv_half;
     /* The step's working memory, owned by the plan: allocated on its first step, grown only if a
-     * later path or activation mode needs more, freed with the plan. */
+     * wider batch, another path or activation mode needs more, freed with the plan. */
     void *scratch;
     size_t scratch_bytes;
 } vlm_decoder;
 
-/* One token at cache slot pos: x [hidden] embedded, cos/sin [head_dim] of its position;
- * writes the final-normed hidden state to out [hidden]. -1 when out of memory. */
-int vlm_decode_step(const vlm_path *p, int mode, vlm_decoder *dec, const float *x, const float *cos,
-                    const float *sin, int pos, float *out);
+/* One sequence of a step: its KV cache, [n_layers][n_kv][max_len][head_dim] float32 or
+ * (kv_half) fp16 for k and v, and the slot its token takes. */
+typedef struct {
+    void *k, *v;
+    int max_len, pos;
+} vlm_kv_slot;
+
+/* One token of each of n sequences: x [n][hidden] embedded, cos/sin [n][head_dim] of each
+ * token's position, kv[r] the cache and slot of row r; writes the final-normed hidden states
+ * to out [n][hidden]. -1 when out of memory. */
+int vlm_decode_step(const vlm_path *p, int mode, vlm_decoder *dec, int n, const float *x, const float *cos,
+                    const float *sin, const vlm_kv_slot *kv, int kv_half, float *out);
 
 /* Repacking (pack.c); each returns 0, or -1 when out of memory. m->data is posix_memalign'ed.
  * drop_source: the source arrays are views of a read-only file map, whose resident pages may
@@ -259,6 +265,14 @@ typedef struct {
     int p, t0, k0, k1;
     size_t pf;
 } vlm_span;
+
+/* Float-activation products of at most this many tokens are tiled "solo": a tile's
+ * accumulator chains depend on its width (CHAINS in the kern_* files), and a solo tile gives
+ * each of its tokens the chains of a lone token, so each token's sums run in the order they
+ * take when it is alone. Each row of a batched decode step (up to this many sequences) thus
+ * gets the bits of its own step. Int8 activations sum in integers: their rows agree at any
+ * width. */
+#define VLM_SOLO_TOKENS 8
 
 /* Decode streams each matrix from DRAM once per token, in short runs. On an idle machine
  * the hardware prefetchers keep up; when other processes load the memory system they did

@@ -490,29 +490,30 @@ static int plan_vector(PyObject *refs, PyObject *obj, npy_intp n, int allow_none
     return 0;
 }
 
-/* The KV cache array itself (written in place): float32 [layers, h_kv, max_len, d], C order. */
-static PyArrayObject *plan_cache(PyObject *obj) {
+/* A KV cache array (written in place): float32 or float16 [layers, h_kv, max_len, d], C order,
+ * of the plan's shape. */
+static int plan_cache(const vlm_decoder *dec, PyObject *obj, int type) {
     PyArrayObject *a = (PyArrayObject *)obj;
-    if (!PyArray_Check(obj) || (PyArray_TYPE(a) != NPY_FLOAT32 && PyArray_TYPE(a) != NPY_FLOAT16) ||
-        PyArray_NDIM(a) != 4 || !PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISWRITEABLE(a)) {
-        PyErr_SetString(PyExc_ValueError,
-                        "the KV cache must be writable float32 or float16 [layers, h_kv, max_len, d] in C order");
-        return NULL;
+    if (!PyArray_Check(obj) || PyArray_TYPE(a) != type || (type != NPY_FLOAT32 && type != NPY_FLOAT16) || PyArray_NDIM(a) != 4 || !PyArray_IS_C_CONTIGUOUS(a) ||
+        !PyArray_ISWRITEABLE(a) || PyArray_DIM(a, 0) != dec->n_layers || PyArray_DIM(a, 1) != dec->n_kv ||
+        PyArray_DIM(a, 3) != dec->head_dim || PyArray_DIM(a, 2) > INT_MAX) {
+        PyErr_Format(PyExc_ValueError,
+                     "a KV cache must be writable float32 or float16 [%d, %d, max_len, %d] in C order, all of one dtype",
+                     dec->n_layers, dec->n_kv, dec->head_dim);
+        return -1;
     }
-    return a;
+    return 0;
 }
 
-/* DecoderPlan(layers, norm, eps, k_cache, v_cache, n_heads); each layer is a tuple
- * (norm_in, norm_post, (q, k, v, o, gate, up, down) Matrices, their 7 biases or None). */
+/* DecoderPlan(layers, norm, eps, n_heads); each layer is a tuple
+ * (norm_in, norm_post, (q, k, v, o, gate, up, down) Matrices, their 7 biases or None).
+ * The plan holds the weights only: each step names the KV caches it reads and writes. */
 static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *layers, *norm, *kco, *vco;
+    PyObject *layers, *norm;
     float eps;
     int n_heads;
-    static char *kwlist[] = {"layers", "norm", "eps", "k_cache", "v_cache", "n_heads", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOfOOi", kwlist, &layers, &norm, &eps, &kco, &vco, &n_heads))
-        return NULL;
-    PyArrayObject *kc = plan_cache(kco), *vc = kc ? plan_cache(vco) : NULL;
-    if (!vc) return NULL;
+    static char *kwlist[] = {"layers", "norm", "eps", "n_heads", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOfi", kwlist, &layers, &norm, &eps, &n_heads)) return NULL;
     PyObject *seq = PySequence_Fast(layers, "layers must be a sequence");
     if (!seq) return NULL;
     PlanObject *self = (PlanObject *)type->tp_alloc(type, 0);
@@ -522,20 +523,12 @@ static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
     self->refs = PyList_New(0);
     self->layers = calloc(L ? L : 1, sizeof(vlm_layer));
     if (!self->refs || !self->layers) goto fail;
-    if (PyList_Append(self->refs, kco) || PyList_Append(self->refs, vco)) goto fail;
     dec->n_layers = (int)L;
-    dec->n_kv = (int)PyArray_DIM(kc, 1);
-    dec->max_len = (int)PyArray_DIM(kc, 2);
-    dec->head_dim = (int)PyArray_DIM(kc, 3);
     dec->n_heads = n_heads;
     dec->eps = eps;
-    dec->k_cache = PyArray_DATA(kc);
-    dec->v_cache = PyArray_DATA(vc);
-    dec->kv_half = PyArray_TYPE(kc) == NPY_FLOAT16;
     dec->layers = self->layers;
-    if (!PyArray_SAMESHAPE(kc, vc) || PyArray_TYPE(kc) != PyArray_TYPE(vc) || PyArray_DIM(kc, 0) != L || L < 1 || dec->n_kv < 1 || n_heads % dec->n_kv ||
-        dec->head_dim % 2 || dec->head_dim > VLM_MAX_HEAD_DIM) {
-        PyErr_SetString(PyExc_ValueError, "the KV caches, layers and heads do not agree");
+    if (L < 1 || n_heads < 1) {
+        PyErr_SetString(PyExc_ValueError, "a plan needs at least one layer and one head");
         goto fail;
     }
     for (Py_ssize_t i = 0; i < L; i++) {
@@ -556,9 +549,16 @@ static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
             if (PyList_Append(self->refs, mo)) goto fail;
             l->w[w] = &((MatrixObject *)mo)->m;
         }
-        if (i == 0) {
+        if (i == 0) { /* the shapes of the first layer, checked against every layer below */
             dec->hidden = l->w[W_Q]->cols;
             dec->inter = l->w[W_GATE]->rows;
+            dec->head_dim = l->w[W_Q]->rows / n_heads;
+            dec->n_kv = dec->head_dim ? l->w[W_K]->rows / dec->head_dim : 0;
+            if (l->w[W_Q]->rows % n_heads || dec->head_dim % 2 || dec->head_dim > VLM_MAX_HEAD_DIM || dec->n_kv < 1 ||
+                n_heads % dec->n_kv) {
+                PyErr_SetString(PyExc_ValueError, "the layers and heads do not agree");
+                goto fail;
+            }
         }
         const int H = dec->hidden, FF = dec->inter, QD = n_heads * dec->head_dim, KD = dec->n_kv * dec->head_dim;
         const int rows[W_COUNT] = {QD, KD, KD, H, FF, FF, H}, cols[W_COUNT] = {H, H, H, QD, H, H, FF};
@@ -582,33 +582,66 @@ fail:
     return NULL;
 }
 
-/* step(x, cos, sin, pos) -> the final-normed hidden state [1, hidden] of one token */
+/* step(x, cos, sin, k_caches, v_caches, slots) -> the final-normed hidden states [n, hidden]:
+ * row r of x [n, hidden] is one token, cos/sin [n, head_dim] of its position, written to
+ * slot slots[r] of k_caches[r] / v_caches[r] and attending to that cache's slots 0..slots[r]. */
 static PyObject *plan_step(PlanObject *self, PyObject *args) {
-    PyObject *xo, *co, *so;
-    int pos;
-    if (!PyArg_ParseTuple(args, "OOOi", &xo, &co, &so, &pos)) return NULL;
+    PyObject *xo, *co, *so, *ko, *vo, *po;
+    if (!PyArg_ParseTuple(args, "OOOOOO", &xo, &co, &so, &ko, &vo, &po)) return NULL;
     vlm_decoder *dec = &self->dec;
-    PyArrayObject *x = as_contiguous(xo), *c = x ? as_contiguous(co) : NULL, *s = c ? as_contiguous(so) : NULL;
+    /* tuples hold the caches alive while the step runs without the GIL */
+    PyObject *ks = PySequence_Tuple(ko), *vs = ks ? PySequence_Tuple(vo) : NULL, *ps = vs ? PySequence_Tuple(po) : NULL;
+    PyArrayObject *x = ps ? as_contiguous(xo) : NULL, *c = x ? as_contiguous(co) : NULL, *s = c ? as_contiguous(so) : NULL;
     PyArrayObject *out = NULL;
+    vlm_kv_slot *kv = NULL;
     if (!s) goto done;
-    if (PyArray_SIZE(x) != dec->hidden || PyArray_SIZE(c) != dec->head_dim || PyArray_SIZE(s) != dec->head_dim ||
-        pos < 0 || pos >= dec->max_len) {
-        PyErr_Format(PyExc_ValueError, "step needs x of %d values, cos and sin of %d, 0 <= pos < %d", dec->hidden,
-                     dec->head_dim, dec->max_len);
+    const Py_ssize_t n = PyTuple_GET_SIZE(ks);
+    if (n < 1 || PyTuple_GET_SIZE(vs) != n || PyTuple_GET_SIZE(ps) != n || PyArray_SIZE(x) != n * dec->hidden ||
+        PyArray_SIZE(c) != n * dec->head_dim || PyArray_SIZE(s) != n * dec->head_dim) {
+        PyErr_Format(PyExc_ValueError, "step needs n >= 1 caches and slots, x of n * %d values, cos and sin of n * %d",
+                     dec->hidden, dec->head_dim);
         goto done;
     }
-    const npy_intp dims[2] = {1, dec->hidden};
+    kv = malloc(sizeof(vlm_kv_slot) * n);
+    if (!kv) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    PyObject *first = PyTuple_GET_ITEM(ks, 0);
+    const int type = PyArray_Check(first) ? PyArray_TYPE((PyArrayObject *)first) : -1; /* every cache's */
+    for (Py_ssize_t r = 0; r < n; r++) {
+        PyObject *k = PyTuple_GET_ITEM(ks, r), *v = PyTuple_GET_ITEM(vs, r);
+        if (plan_cache(dec, k, type) || plan_cache(dec, v, type)) goto done;
+        if (!PyArray_SAMESHAPE((PyArrayObject *)k, (PyArrayObject *)v)) {
+            PyErr_SetString(PyExc_ValueError, "a sequence's k and v caches differ in shape");
+            goto done;
+        }
+        const long pos = PyLong_AsLong(PyTuple_GET_ITEM(ps, r));
+        const npy_intp max_len = PyArray_DIM((PyArrayObject *)k, 2);
+        if (pos == -1 && PyErr_Occurred()) goto done;
+        if (pos < 0 || pos >= max_len) {
+            PyErr_Format(PyExc_ValueError, "slot %ld is outside its cache of %zd", pos, (Py_ssize_t)max_len);
+            goto done;
+        }
+        kv[r] = (vlm_kv_slot){PyArray_DATA((PyArrayObject *)k), PyArray_DATA((PyArrayObject *)v), (int)max_len, (int)pos};
+    }
+    const npy_intp dims[2] = {n, dec->hidden};
     out = (PyArrayObject *)PyArray_SimpleNew(2, dims, NPY_FLOAT32);
     if (!out) goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS;
-    rc = vlm_decode_step(path, mode, dec, PyArray_DATA(x), PyArray_DATA(c), PyArray_DATA(s), pos, PyArray_DATA(out));
+    rc = vlm_decode_step(path, mode, dec, (int)n, PyArray_DATA(x), PyArray_DATA(c), PyArray_DATA(s), kv,
+                         type == NPY_FLOAT16, PyArray_DATA(out));
     Py_END_ALLOW_THREADS;
     if (rc) {
         Py_CLEAR(out);
         PyErr_NoMemory();
     }
 done:
+    free(kv);
+    Py_XDECREF(ks);
+    Py_XDECREF(vs);
+    Py_XDECREF(ps);
     Py_XDECREF(x);
     Py_XDECREF(c);
     Py_XDECREF(s);
@@ -617,7 +650,8 @@ done:
 
 static PyMethodDef plan_methods[] = {
     {"step", (PyCFunction)plan_step, METH_VARARGS,
-     "step(x, cos, sin, pos) -> final-normed hidden [1, hidden] of one token at cache slot pos"},
+     "step(x, cos, sin, k_caches, v_caches, slots) -> final-normed hidden [n, hidden] of one token of each of n "
+     "sequences, row r at slot slots[r] of its caches"},
     {NULL},
 };
 
@@ -626,7 +660,7 @@ static PyTypeObject PlanType = {
     .tp_basicsize = sizeof(PlanObject),
     .tp_dealloc = (destructor)plan_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A Llama / Qwen2 decoder's packed layers and KV cache, for the fused decode step.",
+    .tp_doc = "A Llama / Qwen2 decoder's packed layers, for the fused (batched) decode step.",
     .tp_new = plan_new,
     .tp_methods = plan_methods,
 };
@@ -771,7 +805,8 @@ PyMODINIT_FUNC PyInit__native(void) {
     Py_INCREF(&PlanType);
     if (PyModule_AddObject(mod, "Matrix", (PyObject *)&MatrixType) < 0 ||
         PyModule_AddObject(mod, "DecoderPlan", (PyObject *)&PlanType) < 0 ||
-        PyModule_AddIntConstant(mod, "MAX_HEAD_DIM", VLM_MAX_HEAD_DIM) < 0) {
+        PyModule_AddIntConstant(mod, "MAX_HEAD_DIM", VLM_MAX_HEAD_DIM) < 0 ||
+        PyModule_AddIntConstant(mod, "SOLO_TOKENS", VLM_SOLO_TOKENS) < 0) {
         Py_DECREF(mod);
         return NULL;
     }

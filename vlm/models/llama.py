@@ -5,7 +5,8 @@ reads top to bottom in `LlamaModel.forward`: embed -> N x (attention, MLP) -> no
 Tensor names are the Hugging Face checkpoint's: `model.layers.N.self_attn.q_proj.weight`...
 
 Decoding one token runs the same steps fused in C (`LlamaModel.decode_step`, vlm/kernels/decode.c)
-when the kernels hold every layer's weights: one call instead of ~15 per layer.
+when the kernels hold every layer's weights: one call instead of ~15 per layer. `decode_batch`
+decodes one token of each of several sequences in that one call, every weight read once for all.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -37,6 +37,7 @@ from vlm.models.layers import (
 from vlm.quant import Weight
 
 SUPPORTED = ("llama", "qwen2", "mistral")
+_UNBUILT = object()
 
 
 @dataclass
@@ -184,6 +185,13 @@ def available_memory() -> int | None:
         return None
 
 
+def _exact_batches(n: int) -> list[tuple[int, int]]:
+    """Row ranges of at most kernels.SOLO_TOKENS: the widest products whose rows are each
+    computed as when alone (beyond that the kernels' float sums change order)."""
+    width = max(kernels.SOLO_TOKENS, 1)
+    return [(a, min(n, a + width)) for a in range(0, n, width)]
+
+
 class DecoderLayer:
     def __init__(self, self_attn: Attention, mlp: GatedMLP, input_layernorm: RMSNorm,
                  post_attention_layernorm: RMSNorm):
@@ -235,7 +243,7 @@ class LlamaModel:
         # M-RoPE: which position axis (t, h, w) drives each rotary frequency.
         section = c.mrope_section or [c.head_dim // 2]
         self.rope_axis = np.repeat(np.arange(len(section)), section)
-        self._plans: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # cache -> DecoderPlan or None
+        self._plan = _UNBUILT  # the DecoderPlan, or None when the fused step cannot run
 
     def new_cache(self, max_len: int, dtype=np.float32) -> KVCache:
         c = self.config
@@ -264,21 +272,42 @@ class LlamaModel:
         The plan runs the kernels `forward` would, in the same order, so the result is
         bit-identical; cos/sin still come from `rope`, so M-RoPE and rope scaling carry over.
         """
-        plan = self.decode_plan(cache)
+        return self.decode_batch(x, [positions], [cache], [start])
+
+    def decode_batch(self, x: np.ndarray, positions: Sequence[np.ndarray], caches: Sequence[KVCache],
+                     starts: Sequence[int]) -> np.ndarray:
+        """One token of each of B sequences: x [B, hidden], row r at positions[r] ([1], or [3, 1]
+        with M-RoPE) in cache slot starts[r] of caches[r]; returns final-normed hidden [B, hidden].
+
+        With a fused plan every matrix is read once for each SOLO_TOKENS rows (one C call);
+        each row's attention reads only its own cache. Without one, each row runs `forward`
+        alone. Either way each row gets the bits of its own `decode_step`.
+        """
+        plan = self.decode_plan()
         if plan is None:
-            return self.forward(x, positions, cache, start)
-        cos, sin = self.rope(positions)
-        return plan.step(x, cos, sin, start)
+            return np.concatenate([self.forward(x[r : r + 1], positions[r], caches[r], starts[r])
+                                   for r in range(len(caches))])
+        cos, sin = self.rope(np.concatenate(positions, axis=-1))
+        return np.concatenate([plan.step(x[a:b], cos[a:b], sin[a:b], [c.k for c in caches[a:b]],
+                                         [c.v for c in caches[a:b]], starts[a:b])
+                               for a, b in _exact_batches(len(caches))])
 
-    def decode_plan(self, cache: KVCache):
-        """The C-side plan of every layer (packed weights, norms, biases, cache) for `cache`:
-        built once, or None when the fused step cannot run (no kernels, a weight the kernels
-        do not hold, an activation other than SiLU)."""
-        if cache not in self._plans:  # one per cache: each session keeps its own
-            self._plans[cache] = self._build_plan(cache)
-        return self._plans[cache]
+    def head(self, h: np.ndarray) -> np.ndarray:
+        """Logits [B, vocab] of final-normed hidden states h [B, hidden], each row the bits it
+        gets alone (numpy's BLAS sums a matrix of rows in another order than one row)."""
+        if self.lm_head.packed is None:
+            return np.concatenate([self.lm_head(h[r : r + 1]) for r in range(h.shape[0])])
+        return np.concatenate([self.lm_head(h[a:b]) for a, b in _exact_batches(h.shape[0])])
 
-    def _build_plan(self, cache: KVCache):
+    def decode_plan(self):
+        """The C-side plan of every layer (packed weights, norms, biases), shared by every
+        cache: built once, or None when the fused step cannot run (no kernels, a weight the
+        kernels do not hold, an activation other than SiLU)."""
+        if self._plan is _UNBUILT:
+            self._plan = self._build_plan()
+        return self._plan
+
+    def _build_plan(self):
         c = self.config
         fusable = (kernels.AVAILABLE and c.hidden_act in ("silu", "swish") and c.head_dim <= kernels.MAX_HEAD_DIM
                    and all(lin.packed is not None for layer in self.layers for lin in layer.linears()))
@@ -287,4 +316,4 @@ class LlamaModel:
         layers = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
                    tuple(lin.packed for lin in layer.linears()), tuple(lin.bias for lin in layer.linears()))
                   for layer in self.layers]
-        return kernels.DecoderPlan(layers, self.norm.weight, c.rms_norm_eps, cache.k, cache.v, c.num_attention_heads)
+        return kernels.DecoderPlan(layers, self.norm.weight, c.rms_norm_eps, c.num_attention_heads)
