@@ -153,3 +153,12 @@ def test_tar_shard_equals_the_folder(many, small_model, batch1, tmp_path):
     assert all(line.startswith(f'{{"path": "{shard}/') for line in out.read_text().splitlines())
     again = caption(small_model, str(shard), out, batch=4, max_new_tokens=6, progress=False)
     assert again.skipped == 12 and again.done == 0  # a tar member's id is stable: the re-run resumes
+
+
+def test_ray_missing_is_one_clear_error(folder, tmp_path, tiny_smolvlm, monkeypatch):
+    from vlm.caption_ray import caption_on_ray
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+
+    with pytest.raises(vlm.VlmError, match=r'pip install "vlm\[ray\]"'):
+        caption_on_ray(str(tiny_smolvlm), str(folder), tmp_path / "y.jsonl", "local")
