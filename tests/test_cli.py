@@ -113,3 +113,8 @@ def test_bench_reports_prefill_decode_vision_and_the_bandwidth_limit(tiny_smolvl
     code, out, err = run("bench", "-m", tiny_smolvlm, "-p", "8", "-n", "2", "-r", "1", "--parallel", "1,3")
     assert code == 0 and "| pp8 |" in out and "limit" in out
     assert "| tg2 x1 seq |" in out and "| tg2 x3 seq |" in out  # aggregate decode of sequences decoded together
+
+
+def test_serve_flags_are_checked_before_anything_starts(tmp_path):
+    assert_one_line_error(*run("serve", "--parallel", "0")[::2], "--parallel")
+    assert_one_line_error(*run("serve", "--media-dir", tmp_path / "missing")[::2], "is not a folder")

@@ -9,6 +9,7 @@ reference is generate() after the same reuse.
 from __future__ import annotations
 
 import base64
+import functools
 import http.client
 import io
 import json
@@ -16,6 +17,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -134,7 +136,7 @@ def test_concurrent_clients_get_their_sequential_greedy_answers(serve, smollm2):
         assert list(pool.map(ask, PROMPTS)) == expected
 
 
-def test_an_image_as_a_data_uri(serve, tiny_qwen2vl):
+def test_images_as_data_uris_media_paths_and_urls(serve, tiny_qwen2vl, tmp_path):
     from PIL import Image
 
     model = vlm.load(tiny_qwen2vl)
@@ -157,6 +159,26 @@ def test_an_image_as_a_data_uri(serve, tiny_qwen2vl):
     with pytest.raises(openai.BadRequestError, match="allow-remote-media"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}])
+
+    # a path under --media-dir, and an http URL with --allow-remote-media (served from loopback here)
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "img.png").write_bytes(png.getvalue())
+    (tmp_path / "secret.png").write_bytes(png.getvalue())
+    files = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(SimpleHTTPRequestHandler,
+                                                                     directory=str(tmp_path / "media")))
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        client = serve(lambda: model, media_dir=tmp_path / "media", allow_remote_media=True).wait_ready().client()
+        for url in ("img.png", f"http://127.0.0.1:{files.server_address[1]}/img.png"):
+            parts = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What?"}]
+            r = client.chat.completions.create(model="m", max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": parts}])
+            assert r.choices[0].message.content == expected.text
+        with pytest.raises(openai.BadRequestError, match="no image"):  # nothing outside the folder
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "../secret.png"}}]}])
+    finally:
+        files.shutdown()
 
 
 def test_bad_requests_get_openai_errors(serve, tiny_llm):
@@ -287,3 +309,27 @@ def test_vlm_serve_stops_cleanly_on_sigterm(tiny_llm, tmp_path):
         assert "shutting down" in proc.stderr.read()
     finally:
         proc.kill()
+
+
+def test_a_long_prompt_is_prefilled_between_the_steps_of_running_streams(serve, tiny_llm, monkeypatch):
+    """Prompt chunks are interleaved with batched decode steps: a stream keeps getting tokens
+    while a new request's long prompt is prefilled, one chunk per turn."""
+    import vlm.server
+
+    model = vlm.load(tiny_llm("llama"), prefill_chunk=16)
+    running = serve(lambda: model, parallel=2).wait_ready()
+    scheduler, steps = running.server.scheduler, []
+    real_step = vlm.server.step_together
+
+    def logged_step(sessions, tokens):
+        steps.append((len(sessions), sum(slot.prefill is not None for slot in scheduler.slots)))
+        return real_step(sessions, tokens)
+
+    monkeypatch.setattr(vlm.server, "step_together", logged_step)
+    stream = running.client().completions.create(model="m", prompt="a", max_tokens=400, temperature=0, stream=True)
+    next(iter(stream))
+    long_prompt = " ".join(["word"] * 30)  # several chunks of 16
+    r = running.client().completions.create(model="m", prompt=long_prompt, max_tokens=2, temperature=0)
+    assert r.usage.prompt_tokens > 100
+    stream.close()
+    assert sum(1 for rows, prefilling in steps if rows == 1 and prefilling == 1) >= 5  # the stream stepped on

@@ -267,6 +267,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.media_dir and not Path(args.media_dir).is_dir():
         raise VlmError(f"--media-dir {args.media_dir} is not a folder")
+    if args.parallel < 1 or not 0 <= args.port <= 65535:
+        raise VlmError("--parallel must be at least 1 and --port from 0 to 65535")
     serve(lambda: load_model(args), args.host, args.port, args.parallel, args.api_key or os.environ.get("VLM_API_KEY"),
           args.media_dir, args.allow_remote_media, log=lambda message: print(message, file=sys.stderr, flush=True))
     return 0
