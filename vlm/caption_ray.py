@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 
-import vlm
 from vlm.caption import DEFAULT_PROMPT, STAGES, CaptionSummary, caption_records, run_captioning
 from vlm.errors import VlmError
 from vlm.loader import load
@@ -63,7 +62,7 @@ def caption_on_ray(model: str, source: str, output: str | os.PathLike, address: 
         if not ray.is_initialized():
             # Workers import this tree's vlm (a checkout, not only an installed one); on another
             # machine where the path does not exist they import their own installed vlm.
-            env = {"env_vars": {"PYTHONPATH": str(Path(vlm.__file__).parents[1])}}
+            env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
             ray.init(address=None if address == "local" else address, runtime_env=env,
                      include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         context = ray.data.DataContext.get_current()
