@@ -11,6 +11,7 @@ JSONL/CSV as a local run, so the run stays resumable. Paths must be readable by 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,8 +66,8 @@ def caption_on_ray(model: str, source: str, output: str | os.PathLike, address: 
             env = {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}}
             ray.init(address=None if address == "local" else address, runtime_env=env,
                      include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the driver's own bar counts images
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts images
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # its INFO lines; failures end as one VlmError
         options = (model, load_options, prompt, batch, max_new_tokens, generate_options)
         dataset = ray.data.from_items([{"path": p} for p in todo]).map_batches(
             Captioner, fn_constructor_args=options, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=threads,
