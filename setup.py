@@ -36,11 +36,13 @@ native = Extension(
     sources=[
         KERNELS + name
         for name in ("module.c", "pool.c", "pack.c", "linear.c", "layers.c", "decode.c", "kern_portable.c",
-                     "kern_avx2.c", "kern_avxvnni.c", "kern_avx512.c", "ops_portable.c", "ops_avx2.c", "ops_avx512.c")
+                     "kern_avx2.c", "kern_avxvnni.c", "kern_avx512.c", "ops_portable.c", "ops_avx2.c", "ops_avx512.c",
+                     "kern_neon.c", "kern_neon_dot.c", "kern_neon_i8mm.c", "ops_neon.c")
     ],
     depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "ops_impl.h"],
-    # Baseline ISA only: the AVX2 and AVX-512 kernels carry their own target attributes and
-    # are picked at run time, so one build runs on any CPU of the architecture.
+    # Baseline ISA only: the AVX2 / AVX-512 and the AArch64 dot-product / I8MM kernels carry
+    # their own target attributes and are picked at run time, so one build runs on any CPU of
+    # the architecture. Each file compiles to nothing on the other architecture.
     extra_compile_args=["-O3", "-fvisibility=hidden"],
     extra_link_args=["-pthread"],
     optional=True,

@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256, help="tokens per GEMM")
     ap.add_argument("--prompt", type=int, default=512, help="prompt length of the model prefill run")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--path", choices=["portable", "avx2", "avx512"], default=None)
+    ap.add_argument("--path", default=None, help="a kernel path (vlm.kernels.paths()); default the best")
     ap.add_argument("--min-time", type=float, default=0.2, help="seconds spent per measurement")
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy reference")
     ap.add_argument("--no-model", action="store_true", help="skip the whole-model sequences")

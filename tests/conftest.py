@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny random checkpoints built locally, and the real SmolLM2 GGUF."""
+"""Shared fixtures: tiny random checkpoints built locally, the real SmolLM2 GGUF, and the
+transformers references loaded once per session.
+
+Without network or the reference tools the tests that need them are skipped; in CI (CI=true)
+those skips fail the run instead, so a failed fetch cannot turn the suite into silent passes.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -10,8 +16,24 @@ import pytest
 # The fuzz test drives scripts/fuzz_mutate.py (the tiny-model makers are in vlm.testing).
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 
+IN_CI = os.environ.get("CI", "").lower() == "true"
+# Skip reasons that mean a missing model or tool (pytest.importorskip's "could not import"),
+# not a CPU without some kernel path.
+MISSING = ("could not import", "SmolLM2 weights unavailable", "native kernels not built")
 
-@pytest.fixture(params=["avx512", "avxvnni", "avx2", "portable"])
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        reason = str(report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if any(m in reason for m in MISSING):
+            report.outcome = "failed"
+            report.longrepr = f"CI=true: a reference model or tool is missing, so this test cannot run: {reason}"
+
+
+@pytest.fixture(params=["avx512", "avxvnni", "avx2", "i8mm", "dotprod", "neon", "portable"])
 def kernel_path(request):
     """Each native-kernel dispatch path, forced in turn (skipped where the CPU lacks it or the
     kernels are not built); path, mode and threads restored afterwards."""
@@ -52,6 +74,49 @@ def smollm2_gguf() -> Path:
         return pull("smollm2-135m", quiet=True)
     except VlmError as e:
         pytest.skip(f"SmolLM2 weights unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_transformers(smollm2_gguf):
+    """transformers' float32 model and tokenizer of the SmolLM2 GGUF (its weights dequantized
+    by the gguf package), loaded once: ~15 s."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    torch.set_num_threads(1)
+    where = {"pretrained_model_name_or_path": str(smollm2_gguf.parent), "gguf_file": smollm2_gguf.name}
+    model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(**where)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(request, tiny_llm):
+    """Factory: the tiny checkpoint of a family: "llama", "qwen2", "qwen2_vl" or "idefics3"."""
+
+    def get(family: str) -> Path:
+        if family in ("qwen2_vl", "idefics3"):
+            return request.getfixturevalue({"qwen2_vl": "tiny_qwen2vl", "idefics3": "tiny_smolvlm"}[family])
+        return tiny_llm(family)
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def transformers_q4(tiny_model_dir):
+    """Factory: transformers' model of a tiny family computing with vlm's 4-bit weights
+    (dequantized), built once per family."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from hf_ref import load_transformers
+
+    made: dict = {}
+
+    def get(family: str):
+        if family not in made:
+            made[family] = load_transformers(tiny_model_dir(family), quantize="q4")
+        return made[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -78,10 +78,14 @@ def test_prompt_longer_than_context(tiny_llm):
     assert_one_line_error(code, err, "context holds 32")
 
 
-@pytest.mark.parametrize("flag", [["--top-p", "2"], ["--temperature", "-1"], ["--min-p", "1"], ["-n", "0"]])
-def test_invalid_sampling(flag, tiny_llm):
+@pytest.mark.parametrize("flag,message", [
+    (["--top-p", "2"], "invalid sampling setting: top_p must be in (0, 1]"),
+    (["--temperature", "-1"], "invalid sampling setting: temperature must be >= 0"),
+    (["--min-p", "1"], "invalid sampling setting: min_p must be in [0, 1)"),
+    (["-n", "0"], "max_new_tokens must be a whole number >= 1, got 0")])
+def test_invalid_sampling(flag, message, tiny_llm):
     code, _, err = run("generate", "-m", tiny_llm("llama"), "-p", "hi", *flag)
-    assert_one_line_error(code, err, "")
+    assert_one_line_error(code, err, message)
 
 
 def test_convert_refuses_to_overwrite_other_files(tmp_path, tiny_llm):

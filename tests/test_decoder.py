@@ -82,7 +82,9 @@ def test_q4_stays_close_to_float(arch_dir):
     _, path = arch_dir
     ids = vlm.load(path).tokenize(PROMPTS[0])
     f = vlm.load(path, quantize="f32").logits(ids)
-    for mode, bound in (("q8", 0.05), ("q4", 0.35)):  # includes the kernels' 8-bit activations
+    # Measured (llama, qwen2): q8 0.016, 0.017; q4 0.237, 0.182 (with the kernels' 8-bit
+    # activations and the f16 cache). A wrong scale, min or group layout gives ~1.
+    for mode, bound in (("q8", 0.025), ("q4", 0.3)):
         q = vlm.load(path, quantize=mode).logits(ids)
         assert np.abs(q - f).max() / np.abs(f).max() < bound, mode
 

@@ -468,13 +468,8 @@ def test_real_tensors_match_gguf_py(smollm2_gguf):
 
 
 @pytest.fixture(scope="module")
-def hf_state_dict(smollm2_gguf):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    torch.set_num_threads(1)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name, dtype=torch.float32
-    )
+def hf_state_dict(smollm2_transformers):
+    model, _ = smollm2_transformers
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 

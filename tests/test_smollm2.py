@@ -43,12 +43,10 @@ def test_reads_the_gguf_as_it_is(smollm2_gguf):
 
 
 @pytest.mark.torch
-def test_f32_matches_transformers(smollm2_gguf, f32, sequence):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name,
-                                                           dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+def test_f32_matches_transformers(smollm2_transformers, f32, sequence):
+    import torch
+
+    hf, tok = smollm2_transformers
     rendered = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert f32.render(MESSAGES) == rendered
     prompt = tok(rendered, add_special_tokens=False).input_ids
@@ -69,10 +67,15 @@ def test_agreement_with_llama_cpp(smollm2_gguf):
     llm = agreement.llama_cpp_model(smollm2_gguf)
     model = vlm.load(smollm2_gguf)
     seqs = agreement.sequences(llm, model, 32)[:3]
-    ours = [model.logits(s) for s in seqs]
-    theirs = [agreement.llama_cpp_logits(llm, s) for s in seqs]
-    # llama.cpp quantizes activations to 8 bits; transformers fp32 agrees with it on ~97%.
-    assert agreement.agreement(ours, theirs) >= 0.9
+    # Scored where llama.cpp generated: the positions that predict its greedy continuation
+    # (the prompt's positions are easy and would dilute a regression).
+    starts = [model.prepare([{"role": "user", "content": p}]).ids.size - 1 for p in agreement.PROMPTS[:3]]
+    ours = [model.logits(s)[a:-1] for s, a in zip(seqs, starts, strict=True)]
+    theirs = [agreement.llama_cpp_logits(llm, s)[a:-1] for s, a in zip(seqs, starts, strict=True)]
+    assert sum(len(x) for x in ours) >= 80
+    # Both quantize activations to 8 bits, each its own way, so near-ties flip. Measured: 0.966
+    # (84 of 87 continuation tokens); transformers fp32 agrees with llama.cpp on ~97% too.
+    assert agreement.agreement(ours, theirs) >= 0.93
 
 
 def test_default_4bit_path_stays_close_to_f32(smollm2_gguf, f32, sequence):

@@ -34,7 +34,9 @@ Knobs, each also settable from the environment at import:
 
 - path: the instruction-set variant, best the CPU supports by default ("avx512" needs
   AVX-512 F/BW/VL/DQ/VNNI; "avxvnni" needs AVX2/FMA/F16C and AVX-VNNI; "avx2" needs
-  AVX2/FMA/F16C; "portable" is plain C). `set_path(name)`; VLM_KERNEL=portable|avx2|avxvnni|avx512.
+  AVX2/FMA/F16C; on AArch64 "i8mm" needs the dot-product and 8-bit matrix-multiply
+  extensions, "dotprod" the dot product, "neon" Advanced SIMD; "portable" is plain C).
+  `set_path(name)`; VLM_KERNEL=portable|avx2|avxvnni|avx512|neon|dotprod|i8mm.
 - mode: the activations of quantized matmuls. int8 activations are x rounded per run of 32
   values to d * q (d = max|x| / 127, q int8) on the fly, as llama.cpp does, and multiplied
   with integer dot products; float activations match `QuantizedWeight.dequantize()`-based
@@ -142,7 +144,7 @@ def paths() -> list[str]:
 
 
 def set_path(name: str | None) -> None:
-    """Force a kernel path ("portable", "avx2", "avx512"); None picks the best supported."""
+    """Force a kernel path (a name from `paths()`, e.g. "portable", "avx2", "dotprod"); None picks the best."""
     if AVAILABLE:
         _native.set_path(paths()[0] if name is None else name)
 

@@ -140,6 +140,25 @@ extern const vlm_path vlm_path_avx512;
 extern const vlm_ops vlm_ops_avx2;
 extern const vlm_ops vlm_ops_avx512;
 #endif
+#if defined(__aarch64__)
+#define VLM_ARM64 1
+/* The extensions' paths need a compiler that takes their instructions in one function
+ * (target attributes: GCC 8+ for the dot product, 10+ for I8MM) or a build for a CPU that
+ * has them; other compilers (e.g. older Clang) build the "neon" path only. */
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8) || defined(__ARM_FEATURE_DOTPROD)
+#define VLM_ARM_DOTPROD 1
+#endif
+#if (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || defined(__ARM_FEATURE_MATMUL_INT8)
+#define VLM_ARM_I8MM 1
+#endif
+extern const vlm_path vlm_path_neon;
+extern const vlm_path vlm_path_dotprod;
+extern const vlm_path vlm_path_i8mm;
+extern const vlm_ops vlm_ops_neon;
+/* The AArch64 path `name` ("neon", "dotprod", "i8mm") when this CPU has its instructions
+ * (the kernel's feature bits, getauxval), else NULL (kern_neon.c). */
+const vlm_path *vlm_arm_path(const char *name);
+#endif
 
 /* Which quantized weights take int8 activations (vlm.kernels.MODES, in this order). */
 enum { MODE_W4A8, MODE_INT8, MODE_FLOAT, MODE_COUNT };

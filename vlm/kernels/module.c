@@ -688,10 +688,14 @@ static const vlm_path *find_path(const char *name) {
         __builtin_cpu_supports("f16c"))
         return &vlm_path_avx512;
 #endif
+#ifdef VLM_ARM64
+    return vlm_arm_path(name);
+#else
     return NULL;
+#endif
 }
 
-static const char *const path_order[] = {"avx512", "avxvnni", "avx2", "portable"};
+static const char *const path_order[] = {"avx512", "avxvnni", "avx2", "i8mm", "dotprod", "neon", "portable"};
 
 static PyObject *supported_paths(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(unused)) {
     PyObject *out = PyList_New(0);
@@ -704,7 +708,7 @@ static PyObject *supported_paths(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(u
     return out;
 }
 
-/* set_path(name): "portable", "avx2" or "avx512"; ValueError when this CPU lacks it. */
+/* set_path(name): a name of path_order; ValueError when this CPU lacks it. */
 static PyObject *set_path(PyObject *Py_UNUSED(mod), PyObject *arg) {
     const char *name = PyUnicode_AsUTF8(arg);
     if (!name) return NULL;

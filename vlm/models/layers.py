@@ -197,11 +197,23 @@ class MLP:
 # --- rotary embedding --------------------------------------------------------------------
 
 
+# Rope scalings we compute, with the numbers each needs (checked when a config is read).
+ROPE_SCALINGS = {
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "yarn": ("factor", "original_max_position_embeddings"),
+}
+
+
+def rope_type(scaling: dict | None) -> str:
+    """The kind of a rope scaling dict (either key transformers has used), "default" for none."""
+    return (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+
+
 def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
     """Inverse frequencies of a rotary embedding over `dim` features (float64 for accuracy)."""
     inv = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-    rope_type = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if rope_type == "llama3":
+    kind = rope_type(scaling)
+    if kind == "llama3":
         # Llama 3.x: long wavelengths slowed by `factor`, short ones kept, a smooth ramp between.
         factor = scaling["factor"]
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
@@ -211,9 +223,38 @@ def rope_inv_freq(dim: int, theta: float, scaling: dict | None = None) -> np.nda
         scaled = np.where(wavelen > old_ctx / low, inv / factor, inv)
         mid = (wavelen <= old_ctx / low) & (wavelen >= old_ctx / high)
         inv = np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-    elif rope_type not in ("default", None):
-        raise ValueError(f"unsupported rope scaling {rope_type!r}")
+    elif kind == "yarn":
+        # YaRN (as transformers computes it): frequencies that turn fewer than beta_slow times
+        # over the original context are slowed by `factor`, those turning more than beta_fast
+        # times are kept, a linear ramp over the feature index between.
+        factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+
+        def feature(rotations: float) -> float:
+            return dim * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = feature(scaling.get("beta_fast") or 32), feature(scaling.get("beta_slow") or 1)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, dim - 1)
+        ramp = np.clip((np.arange(dim // 2) - lo) / (hi - lo if hi != lo else 0.001), 0, 1)
+        inv = inv / factor * ramp + inv * (1 - ramp)
+    elif kind != "default":
+        raise VlmError(f"unsupported rope scaling {kind!r}; supported: {', '.join(ROPE_SCALINGS)}")
     return inv
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The scale on cos/sin: YaRN's attention temperature, 1 for every other rope."""
+    if rope_type(scaling) != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
 
 
 def apply_rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from vlm import kernels
 from vlm.errors import VlmError, shown
 from vlm.models.layers import (
     ACTIVATIONS,
+    ROPE_SCALINGS,
     Attention,
     Embedding,
     GatedMLP,
@@ -30,6 +31,7 @@ from vlm.models.layers import (
     Linear,
     RMSNorm,
     lookup,
+    rope_attention_factor,
     rope_inv_freq,
 )
 from vlm.quant import Weight
@@ -164,9 +166,6 @@ class TextConfig:
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 # Rope scalings `rope_inv_freq` implements, with the settings each needs.
-ROPE_SCALINGS = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
 def _positive_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
@@ -240,6 +239,7 @@ class LlamaModel:
                                             RMSNorm(w(p + "post_attention_layernorm.weight"), c.rms_norm_eps)))
         self.norm = RMSNorm(w("model.norm.weight"), c.rms_norm_eps)
         self.inv_freq = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling)
+        self.rope_scale = rope_attention_factor(c.rope_scaling)
         # M-RoPE: which position axis (t, h, w) drives each rotary frequency.
         section = c.mrope_section or [c.head_dim // 2]
         self.rope_axis = np.repeat(np.arange(len(section)), section)
@@ -256,7 +256,8 @@ class LlamaModel:
         else:
             freqs = positions[self.rope_axis].T.astype(np.float64) * self.inv_freq
         emb = np.concatenate([freqs, freqs], axis=-1)
-        return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
+        scale = self.rope_scale  # YaRN's attention temperature; 1 (exact) otherwise
+        return (np.cos(emb) * scale).astype(np.float32), (np.sin(emb) * scale).astype(np.float32)
 
     def forward(self, x: np.ndarray, positions: np.ndarray, cache: KVCache, start: int) -> np.ndarray:
         """Run embeddings x [n, hidden] at cache slots start..start+n; returns final-normed hidden [n, hidden]."""

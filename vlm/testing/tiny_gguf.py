@@ -87,7 +87,3 @@ def main() -> None:
     ap.add_argument("out")
     args = ap.parse_args()
     print(make_tiny_gguf(args.hf_dir, args.out))
-
-
-if __name__ == "__main__":
-    main()

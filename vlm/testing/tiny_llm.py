@@ -1,6 +1,6 @@
 """Make a tiny random Llama or Qwen2 checkpoint (HF directory) for parity tests; no download.
 
-    python scripts/make_tiny_llm.py OUT_DIR [--arch llama|qwen2] [--seed 0]
+    python scripts/make_tiny_llm.py OUT_DIR [--arch llama|qwen2|mistral|llama3|yarn] [--seed 0]
 
 The tokenizer is a byte-level BPE trained here on a fixed corpus, with ChatML special tokens
 and a ChatML chat template; weights are N(0, 0.08) so the logits are far from flat. Only
@@ -31,6 +31,17 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's split rule (its tokenizer.json carries it; transformers re-imposes it for model_type qwen2).
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+# Llama's weights under another config: the `mistral` model type, and the rope scalings. The
+# original context is short (64) so the scaled and the ramped frequencies all occur at head_dim 16.
+LLAMA_VARIANTS = {
+    "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"], "sliding_window": None},
+    "llama3": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+}
+ARCHS = ["llama", "qwen2", *LLAMA_VARIANTS]
 
 
 def make_tokenizer(out: Path, vocab_size: int = 384, arch: str = "llama") -> int:
@@ -68,9 +79,10 @@ def make_tiny_llm(out_dir: str | Path, arch: str = "llama", seed: int = 0, std: 
     config = {"vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
               "num_attention_heads": heads, "num_key_value_heads": kv_heads, "max_position_embeddings": 512,
               "hidden_act": "silu", "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32"}
-    if arch == "llama":
+    if arch == "llama" or arch in LLAMA_VARIANTS:
         config.update(model_type="llama", architectures=["LlamaForCausalLM"], rms_norm_eps=1e-5,
                       rope_theta=10000.0, tie_word_embeddings=False)
+        config.update(LLAMA_VARIANTS.get(arch, {}))
     elif arch == "qwen2":
         config.update(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rms_norm_eps=1e-6,
                       rope_theta=1e6, tie_word_embeddings=True)
@@ -105,11 +117,7 @@ def make_tiny_llm(out_dir: str | Path, arch: str = "llama", seed: int = 0, std: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
-    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    ap.add_argument("--arch", default="llama", choices=ARCHS)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(make_tiny_llm(args.out_dir, args.arch, args.seed))
-
-
-if __name__ == "__main__":
-    main()

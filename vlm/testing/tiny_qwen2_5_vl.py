@@ -41,7 +41,3 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(make_tiny_qwen2_5_vl(args.out_dir, args.seed))
-
-
-if __name__ == "__main__":
-    main()

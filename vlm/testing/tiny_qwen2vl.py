@@ -16,9 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from vlm.registry import KNOWN_MODELS, weights_dir
-
-GGUF = weights_dir() / KNOWN_MODELS["smollm2-135m"].filename  # fetched by `vlm pull smollm2-135m`
+from vlm.testing import SMOLLM2_GGUF as GGUF
 
 # Qwen2-VL-2B-Instruct's chat template (tokenizer_config.json / chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -137,7 +135,3 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(make_tiny_qwen2vl(args.out_dir, args.seed))
-
-
-if __name__ == "__main__":
-    main()

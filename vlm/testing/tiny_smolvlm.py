@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vlm.registry import KNOWN_MODELS, weights_dir
-
-GGUF = weights_dir() / KNOWN_MODELS["smollm2-135m"].filename  # fetched by `vlm pull smollm2-135m`
+from vlm.testing import SMOLLM2_GGUF as GGUF
 
 # SmolVLM-256M-Instruct's chat template, verbatim.
 CHAT_TEMPLATE = (
@@ -125,7 +123,3 @@ def main() -> None:
     args = ap.parse_args()
     out = make_tiny_smolvlm(args.out_dir, seed=args.seed, arch=args.arch)
     print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

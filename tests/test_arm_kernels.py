@@ -1,0 +1,69 @@
+"""The AArch64 kernels (vlm/kernels/kern_neon*.c, ops_neon.c) under emulation.
+
+tests/arm/harness.c is cross-compiled with the kernel sources by Debian's aarch64-linux-gnu-gcc
+(a plain one: the dot-product and I8MM code carries its own target attributes) and run by
+qemu-aarch64 on three CPU models, so every path is the best one somewhere and its products are
+checked there against the portable C (see the harness for what is compared and how tightly):
+- max: every extension, the "i8mm" path (SMMLA prefill, SDOT decode);
+- cortex-a76 (Raspberry Pi 5): dot product but no I8MM, the "dotprod" path;
+- cortex-a72 (Raspberry Pi 4): neither, the "neon" path (widening multiplies).
+.ci/run installs the compiler and qemu; elsewhere the test is skipped without them.
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "vlm" / "kernels"
+CC = shutil.which("aarch64-linux-gnu-gcc")
+QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
+# the C files of the kernels proper (no Python): the paths, the portable reference, packing, the pool
+SOURCES = ["kern_portable.c", "ops_portable.c", "pack.c", "linear.c", "layers.c", "pool.c",
+           "kern_neon.c", "kern_neon_dot.c", "kern_neon_i8mm.c", "ops_neon.c"]
+ARM_FILES = ("kern_neon", "ops_neon")
+# CPU model -> the Arm paths it must report, best first
+CPUS = {"max": "i8mm dotprod neon", "cortex-a76": "dotprod neon", "cortex-a72": "neon"}
+
+pytestmark = pytest.mark.skipif(not (CC and QEMU), reason="needs aarch64-linux-gnu-gcc and qemu-aarch64 "
+                                "(Debian: apt-get install gcc-aarch64-linux-gnu qemu-user)")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory) -> Path:
+    exe = tmp_path_factory.mktemp("arm") / "harness"
+    cmd = [CC, "-O2", "-Wall", "-Wextra", "-static", "-pthread", f"-I{KERNELS}", str(ROOT / "tests/arm/harness.c"),
+           *(str(KERNELS / s) for s in SOURCES), "-lm", "-o", str(exe)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    warnings = [line for line in done.stderr.splitlines() if "warning" in line and any(f in line for f in ARM_FILES)]
+    assert not warnings, "\n".join(warnings)
+    return exe
+
+
+def test_arm_kernels_match_portable_on_every_cpu_model(harness):
+    # the models run side by side; "quick": products only on each model's best path
+    runs = {cpu: subprocess.Popen([QEMU, "-cpu", cpu, str(harness), "quick"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for cpu in CPUS}
+    for cpu, proc in runs.items():
+        out, _ = proc.communicate(timeout=600)
+        assert f"paths: {CPUS[cpu]}\n" in out, f"{cpu}: {out}"
+        assert proc.returncode == 0 and " 0 failures" in out, f"{cpu}:\n{out}"
+
+
+def test_arm_files_are_empty_elsewhere():
+    """On x86 the Arm files compile to no code at all (the x86 build is unchanged)."""
+    host = shutil.which("cc") or shutil.which("gcc")
+    if not host:
+        pytest.skip("no host C compiler")
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("checked on x86 hosts")
+    for name in ("kern_neon.c", "kern_neon_dot.c", "kern_neon_i8mm.c", "ops_neon.c"):
+        asm = subprocess.run([host, "-O2", "-S", "-o", "-", str(KERNELS / name)], capture_output=True, text=True,
+                             check=True).stdout
+        assert not any(line.strip().startswith((".globl", ".type")) for line in asm.splitlines()), name
