@@ -22,7 +22,7 @@ LAYERS = [
     ["vlm.session"],
     ["vlm.generation"],
     ["vlm.runtime"],
-    ["vlm.loader", "vlm.chat", "vlm.caption", "vlm.bench", "vlm.convert", "vlm.server"],
+    ["vlm.loader", "vlm.chat", "vlm.caption", "vlm.caption_ray", "vlm.bench", "vlm.convert", "vlm.server"],
     ["vlm.cli", "vlm.__main__", "vlm.testing", "vlm"],
 ]
 

@@ -176,12 +176,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    from vlm.caption import caption
+    from vlm.caption import caption, parse_shard
 
-    model = load_model(args)
     opts = sampling_options(args)
-    summary = caption(model, args.source, args.output, prompt=args.prompt, batch=args.batch,
-                      progress=not args.quiet, **opts)
+    shard = parse_shard(args.shard) if args.shard else None
+    common = dict(prompt=args.prompt, batch=args.batch, progress=not args.quiet, shard=shard, **opts)
+    if args.ray:
+        from vlm.caption_ray import caption_on_ray
+
+        load_options = dict(quantize=args.quantize, context=args.ctx, kv_cache=args.kv_cache)
+        summary = caption_on_ray(args.model, args.source, args.output, args.ray, workers=args.workers,
+                                 threads=args.threads or 1, load_options=load_options, **common)
+    else:
+        summary = caption(load_model(args), args.source, args.output, **common)
     print(summary.text(), file=sys.stderr)
     for path, err in summary.failed:
         print(f"  failed: {shown(path, 200)}: {err}", file=sys.stderr)
@@ -301,14 +308,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--system", default=None, help="system prompt")
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("caption", help="caption a folder, glob or list of images into JSONL or CSV")
+    p = sub.add_parser("caption", help="caption a folder, glob, list or WebDataset tars of images into JSONL or CSV")
     add_model_args(p)
     add_sampling_args(p)
     p.set_defaults(max_tokens=64)
-    p.add_argument("source", help="folder (recursive), glob pattern, or text file with one image path a line")
+    p.add_argument("source", help="folder (recursive), glob, text file with one path a line, or WebDataset .tar(s)")
     p.add_argument("-o", "--output", required=True, help="results file: .jsonl or .csv (appended; re-runs resume)")
     p.add_argument("--prompt", default="Describe this image in one sentence.")
-    p.add_argument("-b", "--batch", type=whole, default=4, help="images per vision-encoder pass (default 4)")
+    p.add_argument("-b", "--batch", type=whole, default=4,
+                   help="images encoded together and captioned in one batched decode (default 4)")
+    p.add_argument("--shard", metavar="K/N", help="caption only part K of N (0-based), split by a stable hash "
+                   "of each path: N jobs (a SLURM array, say) write N files that together hold every image once")
+    p.add_argument("--ray", metavar="ADDRESS", help="caption on a Ray cluster: 'local' starts one here, an address "
+                   "('auto', host:port) joins a running one (needs pip install 'vlm[ray]')")
+    p.add_argument("--workers", type=whole, default=1, help="with --ray: model replicas, each with --threads CPUs")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_caption)
 
