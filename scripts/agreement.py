@@ -70,7 +70,7 @@ def continuation_agreement(llm, model, n_tokens: int, n_prompts: int = len(PROMP
     """Top-1 agreement of `model` with llama.cpp over the positions that predict llama.cpp's greedy
     continuation (from the last prompt token on), prompt by prompt."""
     seqs = sequences(llm, model, n_tokens)[:n_prompts]
-    starts = [len(model.tokens([{"role": "user", "content": p}])[0]) - 1 for p in PROMPTS[:n_prompts]]
+    starts = [model.prepare([{"role": "user", "content": p}]).ids.size - 1 for p in PROMPTS[:n_prompts]]
     ours = [model.logits(s)[i:] for s, i in zip(seqs, starts, strict=True)]
     theirs = [llama_cpp_logits(llm, s)[i:] for s, i in zip(seqs, starts, strict=True)]
     return agreement(ours, theirs)

@@ -26,8 +26,7 @@ def test_agrees_with_llama_cpp_on_the_same_file(file_type, llama_cpp_quant):
     path = llama_cpp_quant(file_type)
     assert {t.type_name for t in GGUFFile(path).tensors.values()} - {"F32"} == FILE_TYPES[file_type]
     model = vlm.load(path)
-    reply = model.generate(model.tokens([{"role": "user", "content": "Name a colour."}])[0].tolist(),
-                           max_new_tokens=8)
+    reply = model.generate([{"role": "user", "content": "Name a colour."}], max_new_tokens=8)
     assert len(reply.tokens) > 0 and model.tokenizer.decode(reply.tokens).strip()
     llm = agreement.llama_cpp_model(path)
     # Teacher forced on llama.cpp's own greedy continuations, over the 96 positions that predict them.
