@@ -8,6 +8,7 @@ those skips fail the run instead, so a failed fetch cannot turn the suite into s
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -33,10 +34,16 @@ def pytest_runtest_makereport(item, call):
             report.longrepr = f"CI=true: a reference model or tool is missing, so this test cannot run: {reason}"
 
 
-@pytest.fixture(params=["avx512", "avxvnni", "avx2", "i8mm", "dotprod", "neon", "portable"])
+# The kernel paths built for this machine's architecture (the Arm ones are tested on x86 under
+# qemu by test_arm_kernels.py).
+KERNEL_PATHS = (["i8mm", "dotprod", "neon"] if platform.machine() in ("aarch64", "arm64")
+                else ["avx512", "avxvnni", "avx2"]) + ["portable"]
+
+
+@pytest.fixture(params=KERNEL_PATHS)
 def kernel_path(request):
-    """Each native-kernel dispatch path, forced in turn (skipped where the CPU lacks it or the
-    kernels are not built); path, mode and threads restored afterwards."""
+    """Each native-kernel dispatch path of this architecture, forced in turn (skipped where the
+    CPU lacks it or the kernels are not built); path, mode and threads restored afterwards."""
     from vlm import kernels
 
     if request.param not in kernels.paths():
