@@ -29,12 +29,13 @@ def test_agrees_with_llama_cpp_on_the_same_file(file_type, llama_cpp_quant):
     reply = model.generate([{"role": "user", "content": "Name a colour."}], max_new_tokens=8)
     assert len(reply.tokens) > 0 and model.tokenizer.decode(reply.tokens).strip()
     llm = agreement.llama_cpp_model(path)
-    # Teacher forced on llama.cpp's own greedy continuations, over the 96 positions that predict them.
-    # Measured: Q4_K_M 0.956, Q5_K_M 0.964, Q6_K 0.944, IQ4_NL 1.000, Q8_0 0.968, and the formats read
-    # in place score the same (Q4_1 0.967): llama.cpp's 8-bit activations flip near-ties. The
-    # transcoding is not what costs agreement: on a Q5_1 file the exact float weights score as the
-    # re-quantized 8-bit ones (0.946 both, 192 positions).
-    assert agreement.continuation_agreement(llm, model, 32, 3) >= 0.93
+    # Teacher forced on llama.cpp's own greedy continuations, over the 384 positions that predict them.
+    # Measured (the layers' 8-bit matrices on int8 activations, as llama.cpp runs them): Q4_K_M 0.933,
+    # Q5_K_M 0.960, Q6_K 0.963, IQ4_NL 0.964, Q8_0 0.977; the Q4_1 file read in place scores the same
+    # way: llama.cpp's and our activation rounding flip near-ties. The transcoding is not what costs
+    # agreement: on a Q5_1 file the exact float weights score as the re-quantized 8-bit ones (0.946
+    # both). A broken transcoding scores far lower.
+    assert agreement.continuation_agreement(llm, model, 64, 6) >= 0.92
 
 
 def test_info_counts_tensor_types(llama_cpp_quant, capsys):
