@@ -107,9 +107,10 @@ def test_quantizing_the_float_model(smollm2_gguf, sequence):
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.29.mlp.down_proj.weight"):
         assert np.array_equal(requantized[name].dequantize(), original.tensors[name].dequantize())
     assert np.array_equal(build_model(ckpt, "q4").logits(sequence), build_model(original).logits(sequence))
-    q8 = build_model(ckpt, "q8").logits(sequence)
-    assert top1(q8, a) >= 0.93  # measured 0.96
-    assert np.sqrt(np.mean((q8 - a) ** 2)) <= 0.05 * np.sqrt(np.mean(a * a))  # measured 0.03
+    # 8-bit layers on int8 activations (as llama.cpp runs Q8_0); the f32 cache isolates them.
+    q8 = build_model(ckpt, "q8", kv_cache="f32").logits(sequence)
+    assert top1(q8, a) >= 0.9  # measured 0.937 (0.96 with float activations)
+    assert np.sqrt(np.mean((q8 - a) ** 2)) <= 0.06 * np.sqrt(np.mean(a * a))  # measured 0.049 (0.03)
 
 
 def test_chat_template_renders_as_llama_cpp(smollm2_gguf, f32):
