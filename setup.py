@@ -35,11 +35,11 @@ native = Extension(
     "vlm.kernels._native",
     sources=[
         KERNELS + name
-        for name in ("module.c", "pool.c", "pack.c", "linear.c", "layers.c", "decode.c", "kern_portable.c",
-                     "kern_avx2.c", "kern_avxvnni.c", "kern_avx512.c", "ops_portable.c", "ops_avx2.c", "ops_avx512.c",
-                     "kern_neon.c", "kern_neon_dot.c", "kern_neon_i8mm.c", "ops_neon.c")
+        for name in ("bindings.c", "pool.c", "pack.c", "matmul.c", "attention.c", "decode.c", "matmul_portable.c",
+                     "matmul_avx2.c", "matmul_avxvnni.c", "matmul_avx512.c", "attention_portable.c", "attention_avx2.c", "attention_avx512.c",
+                     "matmul_neon.c", "matmul_neon_dot.c", "matmul_neon_i8mm.c", "attention_neon.c")
     ],
-    depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "ops_impl.h"],
+    depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "attention_impl.h"],
     # Baseline ISA only: the AVX2 / AVX-512 and the AArch64 dot-product / I8MM kernels carry
     # their own target attributes and are picked at run time, so one build runs on any CPU of
     # the architecture. Each file compiles to nothing on the other architecture.

@@ -1,4 +1,4 @@
-"""The AArch64 kernels (vlm/kernels/kern_neon*.c, ops_neon.c) under emulation.
+"""The AArch64 kernels (vlm/kernels/matmul_neon*.c, attention_neon.c) under emulation.
 
 tests/arm/harness.c is cross-compiled with the kernel sources by Debian's aarch64-linux-gnu-gcc
 (a plain one: the dot-product and I8MM code carries its own target attributes) and run by
@@ -24,9 +24,9 @@ KERNELS = ROOT / "vlm" / "kernels"
 CC = shutil.which("aarch64-linux-gnu-gcc")
 QEMU = shutil.which("qemu-aarch64") or shutil.which("qemu-aarch64-static")
 # the C files of the kernels proper (no Python): the paths, the portable reference, packing, the pool
-SOURCES = ["kern_portable.c", "ops_portable.c", "pack.c", "linear.c", "layers.c", "pool.c",
-           "kern_neon.c", "kern_neon_dot.c", "kern_neon_i8mm.c", "ops_neon.c"]
-ARM_FILES = ("kern_neon", "ops_neon")
+SOURCES = ["matmul_portable.c", "attention_portable.c", "pack.c", "matmul.c", "attention.c", "pool.c",
+           "matmul_neon.c", "matmul_neon_dot.c", "matmul_neon_i8mm.c", "attention_neon.c"]
+ARM_FILES = ("matmul_neon", "attention_neon")
 # CPU model -> the Arm paths it must report, best first
 CPUS = {"max": "i8mm dotprod neon", "cortex-a76": "dotprod neon", "cortex-a72": "neon"}
 
@@ -63,7 +63,7 @@ def test_arm_files_are_empty_elsewhere():
         pytest.skip("no host C compiler")
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("checked on x86 hosts")
-    for name in ("kern_neon.c", "kern_neon_dot.c", "kern_neon_i8mm.c", "ops_neon.c"):
+    for name in ("matmul_neon.c", "matmul_neon_dot.c", "matmul_neon_i8mm.c", "attention_neon.c"):
         asm = subprocess.run([host, "-O2", "-S", "-o", "-", str(KERNELS / name)], capture_output=True, text=True,
                              check=True).stdout
         assert not any(line.strip().startswith((".globl", ".type")) for line in asm.splitlines()), name

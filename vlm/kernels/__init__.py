@@ -51,7 +51,7 @@ Knobs, each also settable from the environment at import:
 
 Loading the extension also sets glibc's heap policy so the MB-sized activations a forward pass
 frees are kept for the next chunk instead of being returned to the OS and faulted in again
-(see module.c).
+(see bindings.c).
 
 VLM_NO_KERNELS=1 disables the extension. If it is missing or fails to load, one warning is
 issued, AVAILABLE is False and every layer uses the numpy reference path.
@@ -67,7 +67,7 @@ import numpy as np
 
 from vlm.quant import GROUP_SIZES, HalfWeight, QuantizedWeight
 
-MODES = ("w4a8", "int8", "float")  # the order of module.c's enum
+MODES = ("w4a8", "int8", "float")  # the order of bindings.c's enum
 
 _native = None
 if os.environ.get("VLM_NO_KERNELS", "0") in ("", "0"):

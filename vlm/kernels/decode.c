@@ -19,7 +19,7 @@
  * them (decode is bound by reading the weights, so n sequences cost little more than one).
  * A product's rows are independent (int8 activations are quantized per row and summed in
  * integers), so with int8 activations each row's result is the one it gets alone; float
- * activations sum over chains whose count depends on the token tile (see the kern_* files).
+ * activations sum over chains whose count depends on the token tile (see the matmul_* files).
  */
 #include <stdlib.h>
 #include <string.h>

@@ -80,7 +80,7 @@ typedef void (*vlm_gemm_fn)(const vlm_matrix *m, const vlm_act *a, int p0, int p
  * consecutive words / entries of the token are w apart (the interleaving above). */
 typedef void (*vlm_quant_fn)(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
 
-/* Scaled dot-product attention with grouped KV heads (layers.c drives it, ops_impl.h holds
+/* Scaled dot-product attention with grouped KV heads (attention.c drives it, attention_impl.h holds
  * the kernels): o[h][i] = softmax(scale * q[h][i] . k[hk][j]) v[hk][j] over the keys j the
  * query sees, hk = h / (h / h_kv). Causal: query i sits at position offset + i and sees keys
  * 0 .. offset + i; otherwise every key. Arrays are [heads][rows][d] with the last axis
@@ -103,7 +103,7 @@ typedef struct {
 /* The scale of the scores, 1 / sqrt(d) rounded once to float (as numpy's reference does). */
 static inline float vlm_attn_scale(int d) { return (float)(1.0 / sqrt((double)d)); }
 
-/* The kernels of ops_impl.h, compiled once per path. */
+/* The kernels of attention_impl.h, compiled once per path. */
 typedef struct {
     int block; /* queries per block_fn call */
     /* Queries [i0, i1) (at most `block`) of head h against every key they see. Writes o. */
@@ -156,14 +156,14 @@ extern const vlm_path vlm_path_dotprod;
 extern const vlm_path vlm_path_i8mm;
 extern const vlm_ops vlm_ops_neon;
 /* The AArch64 path `name` ("neon", "dotprod", "i8mm") when this CPU has its instructions
- * (the kernel's feature bits, getauxval), else NULL (kern_neon.c). */
+ * (the kernel's feature bits, getauxval), else NULL (matmul_neon.c). */
 const vlm_path *vlm_arm_path(const char *name);
 #endif
 
 /* Which quantized weights take int8 activations (vlm.kernels.MODES, in this order). */
 enum { MODE_W4A8, MODE_INT8, MODE_FLOAT, MODE_COUNT };
 
-/* ---- products (linear.c) ---------------------------------------------------------------
+/* ---- products (matmul.c) ---------------------------------------------------------------
  * y = x @ W.T for n tokens. A product's activations (x quantized to int8, or interleaved for
  * the float tiles) are prepared once; products of the same x whose activations agree share
  * them, and several products run as one job on the pool. */
@@ -183,7 +183,7 @@ void vlm_products_run(const vlm_path *p, const vlm_product *prs, int count);
 /* One product with its own scratch; -1 when out of memory. */
 int vlm_linear(const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n, float *y);
 
-/* ---- attention and row ops on the pool (layers.c) ------------------------------------- */
+/* ---- attention and row ops on the pool (attention.c) ------------------------------------- */
 /* -1 when out of memory. */
 int vlm_attention(const vlm_path *p, const vlm_attn *a);
 /* y [rows][n] = rms_norm(x [rows][n]) * w (y may be x). */
@@ -267,7 +267,7 @@ typedef struct {
 } vlm_span;
 
 /* Float-activation products of at most this many tokens are tiled "solo": a tile's
- * accumulator chains depend on its width (CHAINS in the kern_* files), and a solo tile gives
+ * accumulator chains depend on its width (CHAINS in the matmul_* files), and a solo tile gives
  * each of its tokens the chains of a lone token, so each token's sums run in the order they
  * take when it is alone. Each row of a batched decode step (up to this many sequences) thus
  * gets the bits of its own step. Int8 activations sum in integers: their rows agree at any

@@ -1,4 +1,4 @@
-/* The SIMD layer of ops_impl.h in portable C: GCC/Clang vector extensions of 4 floats, which
+/* The SIMD layer of attention_impl.h in portable C: GCC/Clang vector extensions of 4 floats, which
  * the compiler maps to whatever the target has (SSE2, NEON) or to scalars. */
 #include <math.h>
 #include <string.h>
@@ -41,7 +41,7 @@ VINL float v_first(vf x) { return x[0]; }
 VINL float v_hsum(vf x) { return (x[0] + x[1]) + (x[2] + x[3]); }
 VINL float v_hmax(vf x) { return fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3])); }
 
-/* e^x as in ops_avx512.c. Rounding to an integer: adding 1.5 * 2^23 leaves n in the low
+/* e^x as in attention_avx512.c. Rounding to an integer: adding 1.5 * 2^23 leaves n in the low
  * mantissa bits (|n| < 2^22), so both the float n and its integer come from one add. */
 VINL vf v_exp(vf x) {
     const vi ok = x >= v_set1(-87.33654f);
@@ -73,4 +73,4 @@ VINL void v_store_half(uint16_t *p, vf x) {
     for (int i = 0; i < VW; i++) p[i] = vlm_float_to_half(x[i]);
 }
 
-#include "ops_impl.h"
+#include "attention_impl.h"

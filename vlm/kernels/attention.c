@@ -1,4 +1,4 @@
-/* Attention and the row ops on the thread pool; the kernels are the path's (ops_impl.h).
+/* Attention and the row ops on the thread pool; the kernels are the path's (attention_impl.h).
  *
  * How work is cut never depends on the thread count, so 1 and N threads give the same bits.
  */

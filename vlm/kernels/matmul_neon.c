@@ -2,10 +2,10 @@
  * Armv8.2 and later: Cortex-A76 / Raspberry Pi 5, Neoverse N1) and the 8-bit matrix multiply
  * (SMMLA, Armv8.6 I8MM: Neoverse V1/V2/N2, Cortex-X2 / A710 and later).
  *
- * This file is compiled three times, like kern_avx2.c: as is (VLM_NEON_LEVEL 0, the path
- * "neon"), from kern_neon_dot.c (1, "dotprod") and from kern_neon_i8mm.c (2, "i8mm"). Each
+ * This file is compiled three times, like matmul_avx2.c: as is (VLM_NEON_LEVEL 0, the path
+ * "neon"), from matmul_neon_dot.c (1, "dotprod") and from matmul_neon_i8mm.c (2, "i8mm"). Each
  * copy carries its target in function attributes, so one build, made with a plain
- * aarch64-linux-gnu-gcc, runs on any AArch64 CPU; module.c picks the path from the
+ * aarch64-linux-gnu-gcc, runs on any AArch64 CPU; bindings.c picks the path from the
  * kernel's feature bits (vlm_arm_path below). On other architectures it is empty.
  *
  * The panels are the x86 layout of kernels.h, read as it is (no repack): a 64-byte chunk is
@@ -67,7 +67,7 @@
 #endif
 #define TF 4
 
-/* Independent accumulator chains per token, as in kern_avx2.c. */
+/* Independent accumulator chains per token, as in matmul_avx2.c. */
 #define CHAINS(T) ((T) >= 4 ? 1 : 4 / (T))
 
 /* acc[i] += the dot product of bytes 4i .. 4i + 3 of w with word `lane` of x (4 int8
@@ -131,7 +131,7 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
  * values each, for the low and the high nibbles (4-bit) or for this chunk and the next
  * (8-bit, value + 128 flipped back to the signed value: chunk j holds values 4j .. 4j + 3).
  * 4-bit values stay 0 .. 15; the symmetric offset -8 is the min term (d * -8 * sum(q x))
- * as in kern_avx512.c, so it costs nothing per weight. */
+ * as in matmul_avx512.c, so it costs nothing per weight. */
 INLINE void chunk_weights(const unsigned char *qs, int i, const int fmt, int8x16_t *lo, int8x16_t *hi) {
     if (fmt == FMT_Q8) {
         const uint8x16_t bias = vdupq_n_u8(0x80);
@@ -493,7 +493,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     }
 }
 
-/* Instantiate a tile for every (format, T), as in kern_avx2.c (T <= 4). */
+/* Instantiate a tile for every (format, T), as in matmul_avx2.c (T <= 4). */
 #define CASE_T(tile, fmt, T)       \
     case T:                        \
         tile(m, a, sp, h, T, fmt); \
@@ -534,7 +534,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 #define INT8_TILE(fmt, n) SWITCH_T(tile_int8, fmt, n)
 #endif
 
-/* Columns per k slice, as in kern_avx512.c. */
+/* Columns per k slice, as in matmul_avx512.c. */
 #define K_SLICE_INT8 1024
 #define K_SLICE_FLOAT 512
 

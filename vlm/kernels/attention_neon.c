@@ -1,4 +1,4 @@
-/* The SIMD layer of ops_impl.h for AArch64 Advanced SIMD: 4 lanes, 32 registers. Every
+/* The SIMD layer of attention_impl.h for AArch64 Advanced SIMD: 4 lanes, 32 registers. Every
  * instruction used (FMLA, FRINTN, FCVTL / FCVTN for fp16 caches, FADDP / FMAXV) is in the
  * AArch64 baseline, so all three Arm paths share these ops. */
 #include "kernels.h"
@@ -46,7 +46,7 @@ VINL float v_first(vf x) { return vgetq_lane_f32(x, 0); }
 VINL float v_hsum(vf x) { return vaddvq_f32(x); }
 VINL float v_hmax(vf x) { return vmaxvq_f32(x); }
 
-/* e^x as in ops_avx512.c: n = round(x / ln 2) (FRINTN), r = x - n ln 2 in two parts, a
+/* e^x as in attention_avx512.c: n = round(x / ln 2) (FRINTN), r = x - n ln 2 in two parts, a
  * degree-6 polynomial, 2^n built in the exponent field (n >= -126 after the clamp). */
 VINL vf v_exp(vf x) {
     const uint32x4_t ok = vcgeq_f32(x, v_set1(-87.33654f));
@@ -78,6 +78,6 @@ VINL vf v_load_half(const uint16_t *p, int e) {
 
 VINL void v_store_half(uint16_t *p, vf x) { vst1_u16(p, vreinterpret_u16_f16(vcvt_f16_f32(x))); }
 
-#include "ops_impl.h"
+#include "attention_impl.h"
 
 #endif

@@ -1,4 +1,4 @@
-/* The SIMD layer of ops_impl.h for AVX-512 (F, DQ): 16 lanes, 32 registers. */
+/* The SIMD layer of attention_impl.h for AVX-512 (F, DQ): 16 lanes, 32 registers. */
 #include "kernels.h"
 
 #ifdef VLM_X86
@@ -78,6 +78,6 @@ VINL void v_store_half(uint16_t *p, vf x) {
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
 
-#include "ops_impl.h"
+#include "attention_impl.h"
 
 #endif

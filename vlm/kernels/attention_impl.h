@@ -1,5 +1,5 @@
 /* Attention kernels and row ops, written once over a small SIMD layer and compiled once per
- * path: ops_avx512.c, ops_avx2.c and ops_portable.c define the layer, then include this file.
+ * path: attention_avx512.c, attention_avx2.c and attention_portable.c define the layer, then include this file.
  *
  * The layer: a float vector type vf of VW lanes; OPS_TARGET (the function attribute of the
  * path) and VINL (an always-inlined helper of it); the tile sizes NV, RK, DD (below); and
@@ -24,7 +24,7 @@
  *   to one vector by v_sum_lanes; p @ v broadcasts each probability against v's rows. The
  *   query rows of a kv head (its g heads) share each block of keys, copied once to a fixed
  *   stride, and the block's values. It covers a range of keys, so a long cache is split
- *   over threads and the partial states are combined afterwards (layers.c).
+ *   over threads and the partial states are combined afterwards (attention.c).
  */
 
 #include <math.h>

@@ -1,4 +1,4 @@
-/* The SIMD layer of ops_impl.h for AVX2 + FMA (+ F16C for fp16 caches): 8 lanes, 16 registers. */
+/* The SIMD layer of attention_impl.h for AVX2 + FMA (+ F16C for fp16 caches): 8 lanes, 16 registers. */
 #include "kernels.h"
 
 #ifdef VLM_X86
@@ -46,7 +46,7 @@ VINL float v_hmax(vf x) {
     return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-/* e^x as in ops_avx512.c; 2^n is built in the exponent field (n >= -126 after the clamp). */
+/* e^x as in attention_avx512.c; 2^n is built in the exponent field (n >= -126 after the clamp). */
 VINL vf v_exp(vf x) {
     const vf ok = _mm256_cmp_ps(x, v_set1(-87.33654f), _CMP_GE_OQ);
     x = _mm256_max_ps(_mm256_min_ps(x, v_set1(88.0f)), v_set1(-87.33654f));
@@ -64,7 +64,7 @@ VINL vf v_exp(vf x) {
     return _mm256_and_ps(v_mul(p, _mm256_castsi256_ps(e)), ok);
 }
 
-/* Lane j of the result: the sum of p[j]'s lanes (transpose-and-add, as in ops_avx512.c). */
+/* Lane j of the result: the sum of p[j]'s lanes (transpose-and-add, as in attention_avx512.c). */
 VINL vf v_sum_lanes(const vf p[VW]) {
     vf t[4], u[2];
     for (int i = 0; i < 4; i++)
@@ -85,6 +85,6 @@ VINL void v_store_half(uint16_t *p, vf x) {
     _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
 }
 
-#include "ops_impl.h"
+#include "attention_impl.h"
 
 #endif

@@ -1,11 +1,11 @@
 /* AVX2 + FMA + F16C kernels, compiled for that target per function and chosen at run time.
  *
- * Same panel layout and tiling as the AVX-512 kernels (kern_avx512.c); a 256-bit vector
+ * Same panel layout and tiling as the AVX-512 kernels (matmul_avx512.c); a 256-bit vector
  * holds 8 rows, so each tile handles one half of a panel (h = 0: rows 0-7, h = 1: rows
  * 8-15, i.e. bytes 32h..32h+31 of every 64-byte chunk). Without vpdpbusd, int8 dot
  * products use pmaddubsw (u8 x s8 -> pairs summed to int16) then pmaddwd against ones.
  *
- * kern_avxvnni.c compiles this file again with VLM_AVX_VNNI defined: the path for CPUs with
+ * matmul_avxvnni.c compiles this file again with VLM_AVX_VNNI defined: the path for CPUs with
  * AVX-VNNI but no AVX-512 (Intel since Alder Lake, AMD since Zen 5), whose int8 products
  * are the VEX-encoded vpdpbusd, one instruction instead of three.
  */
@@ -64,7 +64,7 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
     _mm256_maskstore_ps(rows_of(m, a, sp, h, t), row_mask(m, sp.p, h), v);
 }
 
-/* --- int8 activations (see kern_avx512.c for the algebra) ------------------------------
+/* --- int8 activations (see matmul_avx512.c for the algebra) ------------------------------
  * 4-bit: a pmaddubsw lane is at most 2 * 15 * 127 = 3810, so the 8 of one run add up in
  * int16 (<= 30480) before one pmaddwd. 8-bit: u8 x s8 could saturate, so multiply |w| by
  * x carrying w's sign (the sign trick); then no min term is needed. With AVX-VNNI both
@@ -257,7 +257,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     }
 }
 
-/* Instantiate a tile for every (format, T, C), as in kern_avx512.c. */
+/* Instantiate a tile for every (format, T, C), as in matmul_avx512.c. */
 #define CASE_T(tile, fmt, T, C)       \
     case T:                           \
         tile(m, a, sp, h, T, C, fmt); \
@@ -284,7 +284,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     default: SWITCH(tile_half, FMT_BF16, n) break;            \
     }
 
-/* Columns per k slice, as in kern_avx512.c. */
+/* Columns per k slice, as in matmul_avx512.c. */
 #define K_SLICE_INT8 1024
 #define K_SLICE_FLOAT 512
 

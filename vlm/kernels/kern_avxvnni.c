@@ -1,3 +1,0 @@
-/* The AVX2 kernels again, with AVX-VNNI's vpdpbusd for the int8 products (see kern_avx2.c). */
-#define VLM_AVX_VNNI
-#include "kern_avx2.c"

@@ -1,3 +1,0 @@
-/* The AArch64 kernels again, with the dot-product extension's SDOT (see kern_neon.c). */
-#define VLM_NEON_LEVEL 1
-#include "kern_neon.c"
