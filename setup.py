@@ -39,7 +39,7 @@ native = Extension(
                      "matmul_avx2.c", "matmul_avxvnni.c", "matmul_avx512.c", "attention_portable.c", "attention_avx2.c", "attention_avx512.c",
                      "matmul_neon.c", "matmul_neon_dot.c", "matmul_neon_i8mm.c", "attention_neon.c")
     ],
-    depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "attention_impl.h"],
+    depends=[KERNELS + "kernels.h", KERNELS + "pool.h", KERNELS + "attention_impl.h", KERNELS + "matmul_halfpanel.h"],
     # Baseline ISA only: the AVX2 / AVX-512 and the AArch64 dot-product / I8MM kernels carry
     # their own target attributes and are picked at run time, so one build runs on any CPU of
     # the architecture. Each file compiles to nothing on the other architecture.
