@@ -69,7 +69,7 @@ MUTATIONS = [
              "rotated = np.concatenate([x[..., half:], -x[..., :half]], axis=-1)",
              ("tests/test_numpy_path.py",)),
     Mutation("M-RoPE decode ignores rope_delta", "vlm/session.py",
-             "np.array([pos + self.rope_delta], dtype=np.int64)", "np.array([pos], dtype=np.int64)",
+             "np.array([pos + s.rope_delta], dtype=np.int64)", "np.array([pos], dtype=np.int64)",
              ("tests/test_default_path.py::test_tiny_default_path_matches_transformers",)),
     Mutation("image digest dropped from the cache keys", "vlm/prompt.py",
              "keys += [(s.image.digest, s.start + j) for j in range(s.rows)]",
