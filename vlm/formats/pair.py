@@ -62,8 +62,8 @@ def with_mmproj(text: Checkpoint, mm: Mmproj) -> Checkpoint:
     # llama.cpp's qwen2vl text architecture is the one that carries M-RoPE sections
     have = "qwen2vl" if config.get("mrope_section") else config.get("model_type")
     if have != mm.text_architecture:
-        raise VlmError(f"{mm.path.name} is a {mm.projector} projector, which pairs with a {mm.text_architecture} "
-                       f"text model; {text.path.name} is {have}")
+        raise VlmError(f"{mm.path.name} (projector {mm.projector}) pairs with a {mm.text_architecture} text "
+                       f"model; {text.path.name} is {have}")
     if mm.out_features != config["hidden_size"]:
         raise VlmError(f"{mm.path.name} gives {mm.out_features}-wide image rows but the decoder of "
                        f"{text.path.name} is {config['hidden_size']} wide: they are not one model")
