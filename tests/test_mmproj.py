@@ -106,6 +106,22 @@ def test_cli_mmproj_and_info(qwen_pair):
     assert_one_line_error(*run("info", text)[::2], "several vision projectors")
 
 
+def test_hub_cache_quant_pairs_with_its_mmproj(qwen_pair, tmp_path, monkeypatch):
+    """`org/name:QUANT` from the local Hugging Face cache: that GGUF, with the repo's mmproj."""
+    from test_hub import cache_repo
+
+    text, mmproj = qwen_pair
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = {text.name: text.read_bytes(), mmproj.name: mmproj.read_bytes()}
+    snap = cache_repo(tmp_path / "hub", "org/tiny-VL-GGUF", files)
+    assert vlm.load("org/tiny-VL-GGUF:F32").info["mmproj"] == str(snap / mmproj.name)
+    cache_repo(tmp_path / "hub", "org/two-GGUF", {**files, "mmproj-b.gguf": files[mmproj.name]})
+    with pytest.raises(VlmError, match="several vision projectors"):
+        vlm.load("org/two-GGUF:F32")
+    assert vlm.load("org/two-GGUF:F32", mmproj="mmproj-b.gguf").info["projector"] == "qwen2vl_merger"
+
+
 # --- a Hugging Face directory whose decoder is a GGUF ---------------------------------------------
 
 

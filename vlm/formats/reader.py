@@ -17,8 +17,8 @@ from vlm.formats.pair import TEXT_GGUF_KEY, pair, text_gguf_of, with_mmproj
 def read_checkpoint(path: str | Path, mmproj: str | os.PathLike | None = None) -> Checkpoint:
     """Read any supported model file or directory, memory-mapped.
 
-    A GGUF text model is paired with `mmproj` (llama.cpp's vision projector file), or else with
-    the one `mmproj*.gguf` beside it; a Hugging Face directory with `vlm_text_gguf` in its
+    A GGUF text model is paired with `mmproj` (llama.cpp's vision projector file: a path, or a
+    file name in the text model's folder), or else with the one `mmproj*.gguf` beside it; a Hugging Face directory with `vlm_text_gguf` in its
     config.json with that GGUF's decoder (formats/pair.py).
     """
     path = Path(path)
@@ -33,7 +33,9 @@ def read_checkpoint(path: str | Path, mmproj: str | os.PathLike | None = None) -
         if path.suffix.lower() != ".gguf":
             raise VlmError(f"unrecognised model file {path} (expected a .gguf file or a model directory)")
         text = read_gguf(path)
-        projector = Path(mmproj) if mmproj is not None else find_mmproj(path)
+        projector = find_mmproj(path) if mmproj is None else Path(mmproj)
+        if mmproj is not None and not projector.exists() and (path.parent / projector).is_file():
+            projector = path.parent / projector  # a file name beside the text model (in a hub snapshot, say)
         return with_mmproj(text, read_mmproj(projector)) if projector is not None else text
     if not path.is_dir():
         raise VlmError(f"model not found: {path}")
