@@ -158,10 +158,11 @@ def llama_cpp_converter(smollm2_gguf) -> Path:
 def llama_cpp_pairs(tmp_path_factory, llama_cpp_converter, tiny_qwen2vl, tiny_smolvlm, smollm2_gguf) -> dict:
     """family -> (HF directory, folder holding llama.cpp's f32 text GGUF + mmproj of it), converted
     once by llama.cpp's own converter (~10 s): the tiny Qwen2-VL, SmolVLM and a Qwen2.5-VL whose
-    attention window is 112 px (llama.cpp's mmproj stores no window size and assumes 112)."""
+    attention window is 112 px (llama.cpp's mmproj stores no window size and assumes 112).
+    Also "<family>-<f16|q8_0>": (HF directory, folder holding only an mmproj at that precision)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from vlm.testing.llama_cpp_convert import convert_many
+    from vlm.testing.llama_cpp_convert import Job, convert
     from vlm.testing.tiny_qwen2_5_vl import PREPROCESSOR_CONFIG, TINY_VISION
     from vlm.testing.tiny_qwen2vl import save_tiny
 
@@ -170,9 +171,12 @@ def llama_cpp_pairs(tmp_path_factory, llama_cpp_converter, tiny_qwen2vl, tiny_sm
                         PREPROCESSOR_CONFIG, gguf_path=smollm2_gguf)
     dirs = {"qwen2_vl": tiny_qwen2vl, "idefics3": tiny_smolvlm, "qwen2_5_vl": qwen2_5}
     root = tmp_path_factory.mktemp("llama_cpp_pairs")
-    jobs = [(hf, root / family, True, True) for family, hf in dirs.items()]
-    convert_many(llama_cpp_converter, jobs)
-    return {family: (hf, root / family) for family, hf in dirs.items()}
+    folders = {family: (hf, root / family) for family, hf in dirs.items()}
+    folders |= {f"{family}-{kind}": (dirs[family], root / f"{family}-{kind}")
+                for family in ("qwen2_vl", "idefics3") for kind in ("f16", "q8_0")}
+    convert(llama_cpp_converter, [Job(hf, folder, text="-" not in name, outtype=name.partition("-")[2] or "f32")
+                                  for name, (hf, folder) in folders.items()])
+    return folders
 
 
 @pytest.fixture(scope="session")

@@ -42,6 +42,22 @@ def test_pair_equals_the_hf_directory(llama_cpp_pairs, family):
     assert got.generate(PROMPT, **options).tokens == want.generate(PROMPT, **options).tokens
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "idefics3"])
+def test_f16_and_q8_mmproj(llama_cpp_pairs, family):
+    """llama.cpp's f16 and Q8_0 mmproj files (qkv joined from half or 8-bit parts) encode an image
+    within those precisions' tolerance of the f32 file."""
+    def embeddings(model):
+        return model.family.encode([model.preprocess(IMAGE)])[0]
+
+    text, mmproj = pair_files(llama_cpp_pairs[family][1])
+    want = embeddings(vlm.load(text, mmproj=mmproj))
+    for kind, tol in (("f16", 2e-3), ("q8_0", 3e-2)):
+        got = vlm.load(text, mmproj=next(llama_cpp_pairs[f"{family}-{kind}"][1].glob("mmproj*.gguf")))
+        err = rel_error(embeddings(got), want)
+        print(f"{family} {kind} mmproj: embeddings rel err {err:.2e}")
+        assert err <= tol
+
+
 @pytest.fixture
 def qwen_pair(llama_cpp_pairs, tmp_path):
     """A copy of the Qwen2-VL pair's folder: (text GGUF, mmproj)."""

@@ -18,8 +18,9 @@ def read_checkpoint(path: str | Path, mmproj: str | os.PathLike | None = None) -
     """Read any supported model file or directory, memory-mapped.
 
     A GGUF text model is paired with `mmproj` (llama.cpp's vision projector file: a path, or a
-    file name in the text model's folder), or else with the one `mmproj*.gguf` beside it; a Hugging Face directory with `vlm_text_gguf` in its
-    config.json with that GGUF's decoder (formats/pair.py).
+    file name in the text model's folder), or else with the one `mmproj*.gguf` beside it; a
+    Hugging Face directory with `vlm_text_gguf` in its config.json with that GGUF's decoder
+    (formats/pair.py).
     """
     path = Path(path)
     if path.is_dir() and not (path / NATIVE_CONFIG).is_file() and not (path / "config.json").is_file():

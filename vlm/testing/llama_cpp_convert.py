@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 PARTS = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
@@ -65,41 +66,47 @@ for job in jobs:
 """
 
 
-def convert(converter: Path, hf_dir: Path, out_dir: Path, text: bool = True, mmproj: bool = True,
-            outtype: str = "f32") -> tuple[Path | None, Path | None]:
-    """(text GGUF, mmproj GGUF) of a Hugging Face VLM directory, written into `out_dir` by
-    llama.cpp's converter (each None when not asked for)."""
-    return convert_many(converter, [(hf_dir, out_dir, text, mmproj)], outtype)[0]
+@dataclass(frozen=True)
+class Job:
+    """One model to convert: what to write (the text GGUF, the mmproj) and at which precision."""
+
+    hf_dir: Path
+    out_dir: Path
+    text: bool = True
+    mmproj: bool = True
+    outtype: str = "f32"  # f32, f16, bf16, q8_0
+
+    def outputs(self) -> tuple[Path | None, Path | None]:
+        name = self.hf_dir.name
+        return (self.out_dir / f"{name}-{self.outtype}.gguf" if self.text else None,
+                self.out_dir / f"mmproj-{name}-{self.outtype}.gguf" if self.mmproj else None)
 
 
-def convert_many(converter: Path, jobs: list[tuple[Path, Path, bool, bool]], outtype: str = "f32"
-                 ) -> list[tuple[Path | None, Path | None]]:
-    """`convert` for several (hf_dir, out_dir, text, mmproj) jobs, in one process."""
-    argv, results = [], []
-    for hf_dir, out_dir, text, mmproj in jobs:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        name = hf_dir.name
-        text_out = out_dir / f"{name}-{outtype}.gguf" if text else None
-        mmproj_out = out_dir / f"mmproj-{name}-{outtype}.gguf" if mmproj else None
-        if text:
-            source = hf_dir
-            config = json.loads((hf_dir / "config.json").read_text())
+def convert(converter: Path, jobs: list[Job]) -> list[tuple[Path | None, Path | None]]:
+    """(text GGUF, mmproj GGUF) of each job's Hugging Face VLM directory (None where not asked
+    for), written by llama.cpp's converter, all in one process."""
+    argv = []
+    for job in jobs:
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        text_out, mmproj_out = job.outputs()
+        if text_out:
+            source = job.hf_dir
+            config = json.loads((source / "config.json").read_text())
             if config.get("model_type") in ("idefics3", "smolvlm"):  # llama.cpp converts SmolVLM text so
-                source = out_dir / f".{name}-text"
-                shutil.copytree(hf_dir, source, dirs_exist_ok=True)
+                source = job.out_dir / f".{job.hf_dir.name}-text"
+                shutil.copytree(job.hf_dir, source, dirs_exist_ok=True)
                 (source / "config.json").write_text(json.dumps({**config, "architectures": ["VLlama3ForCausalLM"]}))
-            argv.append([str(source), "--outtype", outtype, "--outfile", str(text_out)])
-        if mmproj:
-            argv.append([str(hf_dir), "--outtype", outtype, "--mmproj", "--outfile", str(mmproj_out)])
-        results.append((text_out, mmproj_out))
+            argv.append([str(source), "--outtype", job.outtype, "--outfile", str(text_out)])
+        if mmproj_out:
+            argv.append([str(job.hf_dir), "--outtype", job.outtype, "--mmproj", "--outfile", str(mmproj_out)])
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(converter), json.dumps(argv)], capture_output=True,
                           text=True, timeout=600)
     if done.returncode:
         raise RuntimeError(f"llama.cpp's converter failed: {done.stderr.strip()[-2000:]}")
-    for _, out_dir, _, _ in jobs:
-        for copy in out_dir.glob(".*-text"):
+    for job in jobs:
+        for copy in job.out_dir.glob(".*-text"):
             shutil.rmtree(copy)
-    return results
+    return [job.outputs() for job in jobs]
 
 
 def main() -> None:
@@ -109,7 +116,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "vlm" / "llama.cpp-sdist")
     ap.add_argument("--outtype", default="f32", choices=("f32", "f16", "bf16", "q8_0"))
     args = ap.parse_args()
-    for path in convert(fetch_converter(args.cache), args.hf_dir, args.out_dir, outtype=args.outtype):
+    for path in convert(fetch_converter(args.cache), [Job(args.hf_dir, args.out_dir, outtype=args.outtype)])[0]:
         print(path)
 
 
