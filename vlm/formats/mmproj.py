@@ -82,13 +82,7 @@ class Mmproj:
     preprocessor_config: dict
     tensors: LazyTensors  # Hugging Face names, made on lookup
     out_features: int  # width of the rows the projector gives the decoder
-    tensor_types: dict[str, int]  # GGUF tensor type -> count, as stored
     mappings: list = field(default_factory=list)
-
-
-def is_mmproj(path: Path) -> bool:
-    """Whether a GGUF file is a vision projector (its architecture is `clip`), read from its header."""
-    return GGUFFile(path).metadata.get("general.architecture") == "clip"
 
 
 def find_mmproj(model: Path) -> Path | None:
@@ -127,6 +121,9 @@ def _loaders(f: GGUFFile, proj: Projector) -> tuple[dict[str, Callable[[], Any]]
         w = f.load(name)
         return w if len(w.shape) == 2 else dequantize(w)  # norms, biases, conv kernels: float32
 
+    def fused(parts: list[str]) -> Weight:
+        return _concat_rows([one(p) for p in parts])
+
     for name, info in f.tensors.items():
         f.check(name)
         if qwen and name.startswith("v.patch_embd."):
@@ -138,8 +135,10 @@ def _loaders(f: GGUFFile, proj: Projector) -> tuple[dict[str, Callable[[], Any]]
                 missing = [p for p in parts if p not in f.tensors]
                 if missing:
                     raise VlmError(f"{f.path}: mmproj lacks tensor {missing[0]}")
+                if len({f.tensors[p].shape[1:] for p in parts}) > 1:
+                    raise VlmError(f"{f.path}: mmproj tensors {', '.join(parts)} differ in width")
                 hf = f"{proj.vision_prefix}blocks.{m.group(1)}.attn.qkv.{m.group(3)}"
-                loaders[hf] = functools.partial(lambda ps: _concat_rows([one(p) for p in ps]), parts)
+                loaders[hf] = functools.partial(fused, parts)
                 shapes[hf] = (sum(f.tensors[p].shape[0] for p in parts), *info.shape[1:])
             continue
         if m and m.group(2) in proj.block_names:
@@ -158,11 +157,31 @@ def _loaders(f: GGUFFile, proj: Projector) -> tuple[dict[str, Callable[[], Any]]
         if not slices:
             raise VlmError(f"{f.path}: mmproj lacks tensor v.patch_embd.weight")
         # [out, C, P, P] per time slice -> the Conv3D kernel [out, C, T, P, P]
+        kernel = f.tensors[slices[0]].shape
+        if len(kernel) != 4 or any(f.tensors[n].shape != kernel for n in slices):
+            raise VlmError(f"{f.path}: mmproj patch embedding has shapes "
+                           f"{', '.join(str(f.tensors[n].shape) for n in slices)}, expected [out, C, P, P] each")
         hf = proj.vision_prefix + "patch_embed.proj.weight"
         loaders[hf] = lambda: np.stack([dequantize(f.load(n)) for n in slices], axis=2)
-        out, ch, p, _ = f.tensors[slices[0]].shape
+        out, ch, p, _ = kernel
         shapes[hf] = (out, ch, len(slices), p, p)
     return loaders, shapes
+
+
+def _check_blocks(f: GGUFFile, width: int) -> None:
+    """VlmError unless every block tensor has the shape the tower's width and block 0's MLP width
+    give it (the towers take them as they come)."""
+    ffn = f.tensors.get("v.blk.0.ffn_up.weight")
+    ffn_rows = ffn.shape[0] if ffn is not None else None
+    for name, info in f.tensors.items():
+        m = _BLOCK.fullmatch(name)
+        if not m:
+            continue
+        rows = ffn_rows if m.group(2) in ("ffn_up", "ffn_gate") else width
+        want = (rows,) if m.group(3) == "bias" or m.group(2) in ("ln1", "ln2") else (
+            (width, ffn_rows) if m.group(2) == "ffn_down" else (rows, width))
+        if info.shape != want:
+            raise VlmError(f"{f.path}: mmproj tensor {name} has shape {info.shape}, expected {want}")
 
 
 def read_mmproj(path: Path) -> Mmproj:
@@ -201,6 +220,7 @@ def read_mmproj(path: Path) -> Mmproj:
 
     depth, width, heads = count("block_count"), count("embedding_length"), count("attention.head_count")
     patch = count("patch_size")
+    _check_blocks(f, width)
     mean, std = stats("image_mean"), stats("image_std")
     eps = _float32_value(num("attention.layer_norm_epsilon", 1e-6))
     p = proj.vision_prefix
@@ -236,8 +256,5 @@ def read_mmproj(path: Path) -> Mmproj:
         unit = (patch * merge) ** 2  # pixels of one merged token
         pre = {"patch_size": patch, "merge_size": merge, "temporal_patch_size": time, "image_mean": mean,
                "image_std": std, "min_pixels": QWEN_MIN_TOKENS * unit, "max_pixels": QWEN_MAX_TOKENS * unit}
-    types: dict[str, int] = {}
-    for info in f.tensors.values():
-        types[info.type_name] = types.get(info.type_name, 0) + 1
     return Mmproj(Path(path), kind, proj.model_type, proj.text_architecture, config, pre,
-                  LazyTensors(loaders, shapes), out, types, [f._map])
+                  LazyTensors(loaders, shapes), out, [f._map])
