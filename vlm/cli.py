@@ -12,7 +12,7 @@ from pathlib import Path
 from vlm.convert import DECODER_BITS, VISION_BITS
 from vlm.errors import VlmError, shown
 from vlm.quant import GROUP_SIZES, QUANTIZE_MODES
-from vlm.registry import DEFAULT_MODEL, KNOWN_MODELS
+from vlm.registry import DEFAULT_MODEL, DEFAULT_VISION_MODEL, KNOWN_MODELS
 from vlm.session import KV_CACHE_DTYPES
 
 HELP_CHAT = """commands:
@@ -40,9 +40,10 @@ def _dim(text: str) -> str:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+    p.add_argument("-m", "--model", default=None,
                    help=f"GGUF file, HF directory, converted directory, known name or Hugging Face repo id "
-                        f"org/name[:QUANT] in the local hub cache (default {DEFAULT_MODEL})")
+                        f"org/name[:QUANT] in the local hub cache (default {DEFAULT_MODEL}; with images "
+                        f"{DEFAULT_VISION_MODEL}, a small demo trained on synthetic shapes)")
     p.add_argument("--quantize", choices=[m for m in QUANTIZE_MODES if m], default=None,
                    help="decoder precision on load (default: as the file holds it)")
     p.add_argument("-t", "--threads", type=whole, default=None, help="threads (default: all cores)")
@@ -74,11 +75,19 @@ def sampling_options(args: argparse.Namespace) -> dict:
                 min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed, stop=args.stop)
 
 
+def model_name(args: argparse.Namespace) -> str:
+    """-m, else the default model for the job: the vision demo when images are given or captioned."""
+    if args.model:
+        return args.model
+    wants_images = bool(getattr(args, "image", None)) or args.func is cmd_caption
+    return DEFAULT_VISION_MODEL if wants_images else DEFAULT_MODEL
+
+
 def load_model(args: argparse.Namespace):
     from vlm.loader import load
 
-    return load(args.model, quantize=args.quantize, threads=args.threads, context=args.ctx, kv_cache=args.kv_cache,
-                mmproj=args.mmproj)
+    return load(model_name(args), quantize=args.quantize, threads=args.threads, context=args.ctx,
+                kv_cache=args.kv_cache, mmproj=args.mmproj)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -193,7 +202,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         from vlm.caption_ray import caption_on_ray
 
         load_options = dict(quantize=args.quantize, context=args.ctx, kv_cache=args.kv_cache, mmproj=args.mmproj)
-        summary = caption_on_ray(args.model, args.source, args.output, args.ray, workers=args.workers,
+        summary = caption_on_ray(model_name(args), args.source, args.output, args.ray, workers=args.workers,
                                  threads=args.threads or 1, load_options=load_options, **common)
     else:
         summary = caption(load_model(args), args.source, args.output, **common)
@@ -217,7 +226,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from vlm.formats.reader import read_checkpoint
     from vlm.registry import resolve
 
-    ckpt = read_checkpoint(resolve(args.model), args.mmproj)
+    ckpt = read_checkpoint(resolve(model_name(args)), args.mmproj)
     if ckpt.format == "gguf":  # the files' own tensor types, read from their headers (nothing transcoded)
         from vlm.formats.gguf import GGUFFile
 
