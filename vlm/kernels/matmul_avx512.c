@@ -262,7 +262,84 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
     }
 }
 
+/* --- 16-bit float weights, many tokens: a blocked GEMM ------------------------------------
+ * tile_half widens a weight column (vcvtph2ps, which takes an FMA port) for every 8 tokens
+ * and issues one load per FMA. For a long batch (prefill, a vision tower) the k slice of two
+ * panels is widened to float32 once into a buffer that stays in L1/L2 and is then read by
+ * every token tile: 16 accumulators (2 panels x 8 tokens), 2 weight loads + 8 broadcasts per
+ * 16 FMAs. Each accumulator sums in the order of tile_half's full tiles (one chain per token,
+ * k ascending, slices of K_SLICE_FLOAT resumed from y): the same bits for those tokens. */
+#define BLOCK_PANELS 2
+
+INLINE void widen_slice(const vlm_matrix *m, int p, int k0, int k1, float *out, const int fmt) {
+    const uint16_t *panel = (const uint16_t *)(m->data + (size_t)p * m->panel_bytes);
+    for (int k = k0; k < k1; k++) _mm512_store_ps(out + (size_t)(k - k0) * PANEL, load_column(panel, k, fmt));
+}
+
+/* Panels p and p + 1 (np of them: 1 or 2), tokens [t0, t0 + T), columns [k0, k1) of the
+ * widened slices w[np]. */
+INLINE void tile_block(const vlm_matrix *m, const vlm_act *a, int p, int np, int t0, int k0, int k1,
+                       const float *w0, const float *w1, const int T) {
+    const float *x = a->x + (size_t)(t0 / TF) * m->cols * TF;
+    __m512 acc[BLOCK_PANELS][TF];
+    for (int i = 0; i < np; i++) {
+        const vlm_span sp = {p + i, t0, k0, k1, 0};
+        for (int t = 0; t < T; t++) acc[i][t] = start_rows(m, a, sp, t);
+    }
+    if (np == 2) {
+        for (int k = k0; k < k1; k++) {
+            const __m512 wa = _mm512_load_ps(w0 + (size_t)(k - k0) * PANEL);
+            const __m512 wb = _mm512_load_ps(w1 + (size_t)(k - k0) * PANEL);
+            for (int t = 0; t < T; t++) {
+                const __m512 xv = _mm512_set1_ps(x[(size_t)k * TF + t]);
+                acc[0][t] = _mm512_fmadd_ps(wa, xv, acc[0][t]);
+                acc[1][t] = _mm512_fmadd_ps(wb, xv, acc[1][t]);
+            }
+        }
+    } else {
+        for (int k = k0; k < k1; k++) {
+            const __m512 wa = _mm512_load_ps(w0 + (size_t)(k - k0) * PANEL);
+            for (int t = 0; t < T; t++) acc[0][t] = _mm512_fmadd_ps(wa, _mm512_set1_ps(x[(size_t)k * TF + t]), acc[0][t]);
+        }
+    }
+    for (int i = 0; i < np; i++) {
+        const vlm_span sp = {p + i, t0, k0, k1, 0};
+        for (int t = 0; t < T; t++) store_rows(m, a, sp, t, acc[i][t]);
+    }
+}
+
+#define CASE_BLOCK(T)                                       \
+    case T:                                                 \
+        tile_block(m, a, p, np, t0, k0, k1, w[0], w[1], T); \
+        break;
+
+TARGET static void gemm_half_blocked(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
+    float w[BLOCK_PANELS][K_SLICE_FLOAT * PANEL] __attribute__((aligned(64)));
+    for (int p = p0; p < p1; p += BLOCK_PANELS) {
+        const int np = vlm_min(BLOCK_PANELS, p1 - p);
+        for (int k0 = 0; k0 < m->cols; k0 += K_SLICE_FLOAT) {
+            const int k1 = vlm_min(m->cols, k0 + K_SLICE_FLOAT);
+            for (int i = 0; i < np; i++) {
+                if (m->fmt == FMT_F16)
+                    widen_slice(m, p + i, k0, k1, w[i], FMT_F16);
+                else
+                    widen_slice(m, p + i, k0, k1, w[i], FMT_BF16);
+            }
+            for (int t0 = 0; t0 < a->n; t0 += TF) {
+                switch (vlm_min(TF, a->n - t0)) {
+                    CASE_BLOCK(1) CASE_BLOCK(2) CASE_BLOCK(3) CASE_BLOCK(4) CASE_BLOCK(5) CASE_BLOCK(6) CASE_BLOCK(7)
+                default: tile_block(m, a, p, np, t0, k0, k1, w[0], w[1], TF);
+                }
+            }
+        }
+    }
+}
+
 TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
+    if (!vlm_is_quant(m->fmt) && a->n > VLM_SOLO_TOKENS) {
+        gemm_half_blocked(m, a, p0, p1);
+        return;
+    }
     const int ahead = vlm_prefetch_start(m, p0, p1);
     /* Few tokens are tiled with the chains of one token (see VLM_SOLO_TOKENS). */
     const int solo = a->n <= VLM_SOLO_TOKENS, width = solo ? SOLO_WIDTH : TF, slice = solo ? m->cols : K_SLICE_FLOAT;
