@@ -301,9 +301,9 @@ def test_int8_activations_opt_in_for_8bit_weights():
 
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
 def test_half_weights_long_batches(kernel_path, kind):
-    """Products of more than SOLO_TOKENS rows (prefill, vision towers; on AVX-512 the blocked
-    GEMM): several k slices with a partial last one, panel pairs with a lone last panel, token
-    tiles with a tail; threads 1 and 2 agree bit for bit."""
+    """Products of more than SOLO_TOKENS rows (prefill, vision towers): several k slices with a
+    partial last one, a partial last panel, token tiles with a tail; threads 1 and 2 agree bit
+    for bit."""
     rows, cols = 50, 1100  # 4 panels, the last partial; k slices of 512, 512, 76
     w = rng_for(rows, cols, kind, "long").standard_normal((rows, cols)).astype(np.float32)
     hw = HalfWeight(w.astype(np.float16)) if kind == "f16" else \
