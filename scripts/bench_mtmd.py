@@ -1,7 +1,7 @@
 """Vision encode speed, vlm vs llama.cpp's libmtmd, at real shapes with random weights.
 
     python scripts/bench_mtmd.py [--models qwen2vl-2b,smolvlm-256m] [--precisions f16,q8] [--threads 2]
-                                 [--work DIR] [--repeat 2]
+                                 [--work DIR] [--repeat 2] [--sizes 448x448,...]
 
 Per model an HF checkpoint is written once under --work: the real vision tower (Qwen2-VL-2B's
 ViT: 32 blocks of width 1280 and its merger to 1536; SmolVLM-256M's SigLIP: 12 blocks of width
@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="f16,q8")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--sizes", help="only these of the models' image sizes, e.g. 448x448,1024x1024")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vlm-bench-mtmd")
     args = ap.parse_args()
 
@@ -143,6 +144,8 @@ def main() -> None:
             model = vlm.load(folder, threads=args.threads, vision_quantize=precision)
             with Mtmd(mmproj, text, threads=args.threads) as encoder:
                 for w, h in MODELS[name]["sizes"]:
+                    if args.sizes and f"{w}x{h}" not in args.sizes.split(","):
+                        continue
                     rgb = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
                     theirs_s, chunks = best_of(args.repeat, encoder.encode, rgb)
                     theirs = np.concatenate(chunks)
