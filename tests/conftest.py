@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 IN_CI = os.environ.get("CI", "").lower() == "true"
 # Skip reasons that mean a missing model or tool (pytest.importorskip's "could not import"),
 # not a CPU without some kernel path.
-MISSING = ("could not import", "SmolLM2 weights unavailable", "native kernels not built")
+MISSING = ("could not import", "SmolLM2 weights unavailable", "native kernels not built",
+           "llama.cpp's converter unavailable")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -137,6 +139,44 @@ def llama_cpp_quant(smollm2_gguf):
     folder = smollm2_gguf.parent / "llama.cpp-quants"
     folder.mkdir(exist_ok=True)
     return lambda kind: quantize(smollm2_gguf, folder, kind)
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_converter(smollm2_gguf) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (+ gguf-py/, conversion/) from the sdist of the installed
+    llama-cpp-python, downloaded once and kept beside the weights in llama.cpp-sdist/."""
+    pytest.importorskip("llama_cpp")
+    from vlm.testing.llama_cpp_convert import fetch_converter
+
+    try:
+        return fetch_converter(smollm2_gguf.parent / "llama.cpp-sdist")
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        pytest.skip(f"llama.cpp's converter unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def llama_cpp_pairs(tmp_path_factory, llama_cpp_converter, tiny_qwen2vl, tiny_smolvlm, smollm2_gguf) -> dict:
+    """family -> (HF directory, folder holding llama.cpp's f32 text GGUF + mmproj of it), converted
+    once by llama.cpp's own converter (~10 s): the tiny Qwen2-VL, SmolVLM and a Qwen2.5-VL whose
+    attention window is 112 px (llama.cpp's mmproj stores no window size and assumes 112).
+    Also "<family>-<f16|q8_0>": (HF directory, folder holding only an mmproj at that precision)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlm.testing.llama_cpp_convert import Job, convert
+    from vlm.testing.tiny_qwen2_5_vl import PREPROCESSOR_CONFIG, TINY_VISION
+    from vlm.testing.tiny_qwen2vl import save_tiny
+
+    qwen2_5 = save_tiny(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", Qwen2_5_VLConfig,
+                        Qwen2_5_VLForConditionalGeneration, {**TINY_VISION, "window_size": 112},
+                        PREPROCESSOR_CONFIG, gguf_path=smollm2_gguf)
+    dirs = {"qwen2_vl": tiny_qwen2vl, "idefics3": tiny_smolvlm, "qwen2_5_vl": qwen2_5}
+    root = tmp_path_factory.mktemp("llama_cpp_pairs")
+    folders = {family: (hf, root / family) for family, hf in dirs.items()}
+    folders |= {f"{family}-{kind}": (dirs[family], root / f"{family}-{kind}")
+                for family in ("qwen2_vl", "idefics3") for kind in ("f16", "q8_0")}
+    convert(llama_cpp_converter, [Job(hf, folder, text="-" not in name, outtype=name.partition("-")[2] or "f32")
+                                  for name, (hf, folder) in folders.items()])
+    return folders
 
 
 @pytest.fixture(scope="session")

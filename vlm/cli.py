@@ -49,6 +49,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-c", "--ctx", type=whole, default=None, help="context size in tokens (default: model's, max 4096)")
     p.add_argument("--kv-cache", choices=list(KV_CACHE_DTYPES), default=None,
                    help="KV cache precision (default f16; f32 with --quantize f32)")
+    add_mmproj_arg(p)
+
+
+def add_mmproj_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mmproj", metavar="PATH", default=None,
+                   help="llama.cpp vision projector (mmproj GGUF) for a GGUF text model (default: the one "
+                        "mmproj*.gguf beside it, if there is exactly one)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +77,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
 def load_model(args: argparse.Namespace):
     from vlm.loader import load
 
-    return load(args.model, quantize=args.quantize, threads=args.threads, context=args.ctx, kv_cache=args.kv_cache)
+    return load(args.model, quantize=args.quantize, threads=args.threads, context=args.ctx, kv_cache=args.kv_cache,
+                mmproj=args.mmproj)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -184,7 +192,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.ray:
         from vlm.caption_ray import caption_on_ray
 
-        load_options = dict(quantize=args.quantize, context=args.ctx, kv_cache=args.kv_cache)
+        load_options = dict(quantize=args.quantize, context=args.ctx, kv_cache=args.kv_cache, mmproj=args.mmproj)
         summary = caption_on_ray(args.model, args.source, args.output, args.ray, workers=args.workers,
                                  threads=args.threads or 1, load_options=load_options, **common)
     else:
@@ -209,13 +217,15 @@ def cmd_info(args: argparse.Namespace) -> int:
     from vlm.formats.reader import read_checkpoint
     from vlm.registry import resolve
 
-    ckpt = read_checkpoint(resolve(args.model))
-    if ckpt.format == "gguf":  # the file's own tensor types, read from its header (nothing transcoded)
+    ckpt = read_checkpoint(resolve(args.model), args.mmproj)
+    if ckpt.format == "gguf":  # the files' own tensor types, read from their headers (nothing transcoded)
         from vlm.formats.gguf import GGUFFile
 
-        stored = [(t.type_name, t.nbytes) for t in GGUFFile(ckpt.path).tensors.values()]
+        files = [ckpt.path, *([ckpt.sources["mmproj"]] if "mmproj" in ckpt.sources else [])]
+        stored = [(t.type_name, t.nbytes) for f in files for t in GGUFFile(f).tensors.values()]
     else:
-        stored = [(getattr(w, "kind", "f32"), int(w.nbytes)) for w in ckpt.tensors.values()]
+        parts = [ckpt.tensors, ckpt.decoder_tensors or {}]
+        stored = [(getattr(w, "kind", "f32"), int(w.nbytes)) for part in parts for w in part.values()]
     kinds: dict[str, int] = {}
     for kind, _ in stored:
         kinds[kind] = kinds.get(kind, 0) + 1
@@ -228,6 +238,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "layers": text.get("num_hidden_layers"), "hidden_size": text.get("hidden_size"),
         "heads": f"{text.get('num_attention_heads')} (kv {text.get('num_key_value_heads')})",
         "vocab": tok.vocab_size, "vision": "vision_config" in c,
+        **{k: v for k, v in ckpt.sources.items() if v != str(ckpt.path)},
         "tensors": f"{len(stored)} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})",
         "weights": f"{total / 2**20:.1f} MiB", "quantization": ckpt.quantization or None,
         "bos/eos": f"{tok.bos_token} / {tok.eos_token}", "chat template": bool(tok.chat_template),
@@ -358,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="describe a model")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    add_mmproj_arg(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("pull", help="fetch a known model, or org/name[:QUANT] from the Hugging Face Hub")

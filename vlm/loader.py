@@ -120,7 +120,13 @@ def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict]:
         return vision, {k: w for k, w in ckpt.tensors.items() if not k.startswith(VISION_PREFIX)}
     if family_cls is None:
         return {}, ckpt.tensors
-    return family_cls.split_tensors(ckpt.tensors)
+    vision, text = family_cls.split_tensors(ckpt.tensors)
+    if ckpt.decoder_tensors is not None:  # a pair (formats/pair.py): the decoder is another file's
+        if text:
+            raise VlmError(f"{ckpt.path} holds decoder tensors ({shown(next(iter(text)))}, ...) but its decoder "
+                           f"comes from {ckpt.sources['decoder']}; remove them")
+        text = ckpt.decoder_tensors
+    return vision, text
 
 
 def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str | None, group_size: int,
@@ -139,6 +145,15 @@ def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str
     return (family_cls, quantize_decoder(text, quantize, group_size, errors), convert_vision(vision, vision_mode))
 
 
+def image_config(ckpt: Checkpoint, family_cls: type) -> dict:
+    """The config the family is built from: without an `image_token_id` (an mmproj pair, or a
+    config that leaves it out), the id the tokenizer gives the family's placeholder."""
+    token_id = ckpt.tokenizer.tok.token_to_id(family_cls.image_token)
+    if "image_token_id" in ckpt.config or token_id is None:
+        return ckpt.config
+    return {**ckpt.config, "image_token_id": token_id}
+
+
 def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: str | None = None,
                 group_size: int = 32, context: int | None = None, prefill_chunk: int = 256,
                 kv_cache: str | None = None) -> Model:
@@ -154,18 +169,22 @@ def build_model(ckpt: Checkpoint, quantize: str | None = None, vision_quantize: 
         context = min(4096, config.max_position_embeddings) if isinstance(config.max_position_embeddings, int) else 0
     config.validate(shapes_of(text), context, np.dtype(KV_CACHE_DTYPES[kv_cache]).itemsize)
     decoder = LlamaModel(config, text)
-    family = family_cls(ckpt.config, vision, ckpt.preprocessor_config) if family_cls else None
+    family = family_cls(image_config(ckpt, family_cls), vision, ckpt.preprocessor_config) if family_cls else None
     model_type = ckpt.config.get("model_type")
     info = {"path": str(ckpt.path), "format": ckpt.format, "architecture": model_type, "quantize": quantize,
-            "kv_cache": kv_cache}
+            "kv_cache": kv_cache, **ckpt.sources}
     return Model(decoder, ckpt.tokenizer, family, context=context, prefill_chunk=prefill_chunk, info=info,
                  kv_cache=kv_cache)
 
 
 def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None, threads: int | None = None,
          context: int | None = None, prefill_chunk: int = 256, group_size: int = 32,
-         vision_quantize: str | None = None, kv_cache: str | None = None) -> Model:
+         vision_quantize: str | None = None, kv_cache: str | None = None,
+         mmproj: str | os.PathLike | None = None) -> Model:
     """Load a model from a GGUF file, a Hugging Face directory, a `vlm convert` directory or a known name.
+
+    mmproj: llama.cpp's vision projector file for a GGUF text model (default: the one
+    `mmproj*.gguf` in the text file's folder, if there is exactly one).
 
     quantize: None keeps what the file holds; "q4" (asymmetric, like Q4_1), "q4_sym" (like Q4_0)
     or "q8" quantize the decoder on load; "f32" widens everything to float32 (exact math).
@@ -176,7 +195,7 @@ def load(model: str | os.PathLike = "smollm2-135m", quantize: str | None = None,
     if threads is not None and (not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS):
         raise VlmError(f"threads must be a whole number from 1 to {MAX_THREADS}, got {threads!r:.40}")
     kernels.set_threads(threads)
-    ckpt = read_checkpoint(resolve(model))
+    ckpt = read_checkpoint(resolve(model), mmproj)
     built = build_model(ckpt, quantize, vision_quantize, group_size, context, prefill_chunk, kv_cache)
     ckpt.release_pages()
     kernels.release_free_memory()

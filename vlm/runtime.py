@@ -9,6 +9,7 @@ see docs/architecture.md.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -95,13 +96,27 @@ class Model:
             if isinstance(m["content"], list):
                 parts = m["content"]
                 n_parts += sum(1 for p in parts if p.get("type") == "image")
-                if self.family is None:  # text-only templates expect a string
-                    if any(p.get("type") == "image" for p in parts):
-                        raise VlmError("this model has no vision encoder; it cannot take images")
-                    m["content"] = "".join(p.get("text", "") for p in parts)
+                if self.family is None and any(p.get("type") == "image" for p in parts):
+                    raise VlmError("this model has no vision encoder; it cannot take images")
+                if not self._template_places_images:  # text-only templates expect a string
+                    image = self.family.image_markup or self.family.image_token if self.family else ""
+                    m["content"] = "".join(image if p.get("type") == "image" else p.get("text", "") for p in parts)
         if n_parts != n_images:
             raise VlmError(f"the messages have {n_parts} image part(s) but {n_images} image(s) were given")
         return self.tokenizer.apply_chat_template(messages)
+
+    @functools.cached_property
+    def _template_places_images(self) -> bool:
+        """Whether the chat template writes the family's placeholder for an image part. A llama.cpp
+        text GGUF's may not (a text model's template): then, as llama.cpp's mtmd does, each image
+        is written into the message's text as the projector's markup."""
+        if self.family is None:
+            return False
+        probe = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
+        try:
+            return self.family.image_token in self.tokenizer.apply_chat_template(probe)
+        except VlmError:
+            return False
 
     # --- preparing a request -----------------------------------------------------------------
 

@@ -32,6 +32,10 @@ class Checkpoint:
     files: dict[str, str] = field(default_factory=dict)  # tokenizer/processor files to carry on convert
     quantization: dict = field(default_factory=dict)
     mappings: list = field(default_factory=list)  # mmap objects of the weight files
+    # A pair (formats/pair.py): the decoder's tensors, in causal-LM names, from another file than
+    # `tensors` (then the image side only); `sources` says where each part came from.
+    decoder_tensors: Mapping[str, Weight] | None = None
+    sources: dict[str, str] = field(default_factory=dict)
 
     def release_pages(self) -> None:
         """Drop the file pages this process has touched (repacking reads every weight once).

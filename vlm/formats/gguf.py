@@ -314,7 +314,7 @@ class GGUFFile:
 
 # --- checkpoint: a llama.cpp Llama/Qwen2 file seen with Hugging Face names ----------------------------
 
-_ARCHITECTURES = ("llama", "qwen2")
+_ARCHITECTURES = ("llama", "qwen2", "qwen2vl")  # qwen2vl: Qwen2 with M-RoPE (Qwen2-VL's and Qwen2.5-VL's text)
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -395,7 +395,7 @@ def _config_from_metadata(md: dict[str, Any], arch: str, tensors: dict[str, Tens
     if "token_embd.weight" not in tensors:
         raise VlmError(f"{path}: GGUF file lacks tensor token_embd.weight")
     config: dict[str, Any] = {
-        "model_type": arch,
+        "model_type": "llama" if arch == "llama" else "qwen2",
         "architectures": ["LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM"],
         "hidden_size": hidden,
         "intermediate_size": count("feed_forward_length"),
@@ -412,6 +412,11 @@ def _config_from_metadata(md: dict[str, Any], arch: str, tensors: dict[str, Tens
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "hidden_act": "silu",
     }
+    if arch == "qwen2vl":  # llama.cpp's 4 sections (t, h, w, unused): ours are the first 3
+        sections = md.get(f"{arch}.rope.dimension_sections")
+        if not isinstance(sections, np.ndarray) or sections.size < 3:
+            raise VlmError(f"{path}: GGUF metadata lacks {arch}.rope.dimension_sections")
+        config["mrope_section"] = [int(n) for n in sections[:3]]
     scaling = md.get(f"{arch}.rope.scaling.type")
     linear = md.get(f"{arch}.rope.scale_linear")  # all that older files wrote
     if scaling is None and linear is not None:
@@ -462,6 +467,9 @@ def load_gguf_checkpoint(path: str | os.PathLike) -> GGUFCheckpoint:
     f = GGUFFile(path)
     md = f.metadata
     arch = md.get("general.architecture")
+    if arch == "clip":
+        raise VlmError(f"{f.path} is a vision projector (mmproj), not a model: load its text GGUF and "
+                       "pass this file as its mmproj (-m TEXT.gguf --mmproj MMPROJ.gguf)")
     if arch not in _ARCHITECTURES:
         raise VlmError(
             f"{f.path}: unsupported architecture {shown(repr(arch))} (supported: {', '.join(_ARCHITECTURES)})"

@@ -58,6 +58,9 @@ class VisionFamily:
     image_token: ClassVar[str]
     default_image_token_id: ClassVar[int]  # used when config.json has no image_token_id
     image_options: ClassVar[tuple[str, ...]] = ()
+    # An image written into a message's text, for chat templates that do not place image parts
+    # (llama.cpp text GGUFs may carry a text model's): llama.cpp mtmd's markup; None: the placeholder.
+    image_markup: ClassVar[str | None] = None
     tensor_map: ClassVar[dict[str, str]]  # first matching prefix wins: list specific ones first
     text_model_type: ClassVar[str] = "llama"  # the decoder architecture (vlm.models.llama)
     text_model_types: ClassVar[tuple[str, ...]] = ()  # text_config model_types accepted (empty: any)

@@ -1,6 +1,6 @@
 """Build a tiny random Qwen2-VL checkpoint (transformers layout) for tests.
 
-The architecture is Qwen2-VL's at toy sizes (vision depth 2 / width 64 / 4 heads; text 2 layers,
+The architecture is Qwen2-VL's at toy sizes (vision depth 3 / width 64 / 4 heads; text 2 layers,
 width 64, 4 heads, 2 KV heads, head_dim 16, mrope_section [2, 3, 3]) with weights ~N(0, 0.08) so
 logits are far from flat. The tokenizer is SmolLM2's byte-level BPE (read from its GGUF) plus
 Qwen2-VL's special tokens, with Qwen2-VL-2B-Instruct's chat template. Needs torch, transformers
@@ -75,7 +75,9 @@ def make_tokenizer(out_dir: str | os.PathLike, gguf_path: str | os.PathLike = GG
     return tok
 
 
-TINY_VISION = {"depth": 2, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4, "hidden_size": 64}
+# Depth 3, not 2: llama.cpp's converter maps `merger.mlp.{i}` by block index, so the tiny tower
+# needs a block 2 for its mmproj to convert (tests/test_mmproj.py).
+TINY_VISION = {"depth": 3, "embed_dim": 64, "num_heads": 4, "mlp_ratio": 4, "hidden_size": 64}
 
 
 def make_tiny_qwen2vl(out_dir: str | os.PathLike, seed: int = 0, std: float = 0.08) -> Path:

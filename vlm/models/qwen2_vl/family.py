@@ -25,6 +25,7 @@ class Qwen2VLFamily(VisionFamily):
 
     name = "Qwen2-VL"
     image_token = "<|image_pad|>"
+    image_markup = "<|vision_start|><|image_pad|><|vision_end|>"  # what mtmd writes around an image
     default_image_token_id = 151655  # Qwen2-VL-2B-Instruct's
     image_options = ("max_image_tokens",)
     # Hub names: `visual.*`, `model.*`, `lm_head.*`; transformers 5 module names: `model.visual.*`,

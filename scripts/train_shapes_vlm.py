@@ -1,0 +1,366 @@
+"""Train `smolvlm-shapes`: a small SigLIP tower + pixel shuffle + linear connector in front of the
+frozen SmolLM2-135M-Instruct (the Q4_1 GGUF of the default model, dequantized: training sees
+the weights the runtime runs), on synthetic shape scenes (vlm/testing/shapes.py).
+
+    python scripts/train_shapes_vlm.py [--out vlm/assets/smolvlm-shapes] [--seed 0]
+
+Two stages, both seeded:
+1. The tower alone (no decoder: cheap): each of its 36 image tokens is pulled towards the
+   embedding of one word of the scene written out ("3 red circle top left ... text A B"), so the
+   decoder first sees the image as something close to words it knows.
+2. Tower and connector end to end through the frozen decoder, on multi-turn conversations about
+   each scene (every answer token is a target).
+It logs the losses and, at the end, greedy accuracy on held-out scenes (a seed never used for
+training), and writes an Idefics3 directory whose safetensors hold only the tower and the
+connector; config.json's `vlm_text_gguf` names the decoder (the default model's GGUF).
+torch and transformers are needed here only (dev tools), never by the runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlm.models.idefics3.processor import Idefics3ImageProcessor
+from vlm.registry import pull
+from vlm.testing.shapes import accuracy, make_scene, scene_tokens, scene_words
+
+TILE, PATCH, SCALE = 192, 16, 2
+IMAGE_TOKENS = (TILE // PATCH) ** 2 // SCALE**2  # 36
+VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4,
+          "image_size": TILE, "patch_size": PATCH}
+# SmolLM2's unused special tokens renamed to Idefics3's image markers: the decoder's vocabulary
+# and weights stay exactly those of the GGUF.
+RENAMED = {"<jupyter_text>": "<fake_token_around_image>", "<jupyter_code>": "<image>",
+           "<jupyter_output>": "<global-img>"}
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ '<image>' }}{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint files
+# ---------------------------------------------------------------------------------------------
+
+def write_tokenizer(gguf: Path, out: Path) -> None:
+    """SmolLM2's tokenizer (from the GGUF) with three unused special tokens renamed."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.save_pretrained(out)
+    data = json.loads((out / "tokenizer.json").read_text())
+    for t in data["added_tokens"]:
+        t["content"] = RENAMED.get(t["content"], t["content"])
+    vocab = data["model"]["vocab"]
+    for old, new in RENAMED.items():
+        vocab[new] = vocab.pop(old)
+    (out / "tokenizer.json").write_text(json.dumps(data, ensure_ascii=False))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    for entry in cfg.get("added_tokens_decoder", {}).values():
+        entry["content"] = RENAMED.get(entry["content"], entry["content"])
+    cfg.update({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|im_end|>",
+                "bos_token": None, "add_bos_token": False})
+    cfg.pop("extra_special_tokens", None)
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    (out / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+    for name in ("special_tokens_map.json",):
+        (out / name).unlink(missing_ok=True)
+
+
+def write_processor_files(out: Path) -> None:
+    pre = {"image_processor_type": "Idefics3ImageProcessor", "do_image_splitting": False, "do_resize": True,
+           "size": {"longest_edge": TILE}, "max_image_size": {"longest_edge": TILE}, "resample": 1,
+           "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5] * 3,
+           "image_std": [0.5] * 3, "do_convert_rgb": True, "do_pad": True}
+    (out / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
+    (out / "processor_config.json").write_text(json.dumps({"image_seq_len": IMAGE_TOKENS,
+                                                           "processor_class": "Idefics3Processor"}, indent=2))
+
+
+def build_model(gguf: Path, tok_dir: Path):
+    """Idefics3 with a fresh tower and connector, and SmolLM2's decoder from the GGUF (frozen)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Idefics3Config, Idefics3ForConditionalGeneration
+
+    llm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    text_config = llm.config.to_dict()
+    config = Idefics3Config(vision_config=VISION, text_config=text_config, scale_factor=SCALE,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+                            pad_token_id=tok.pad_token_id)
+    model = Idefics3ForConditionalGeneration(config)
+    model.model.text_model.load_state_dict(llm.model.state_dict(), strict=True)
+    model.tie_weights()
+    assert model.lm_head.weight.data_ptr() == model.model.text_model.embed_tokens.weight.data_ptr()
+    for p in model.model.text_model.parameters():
+        p.requires_grad_(False)
+    model.config.vlm_text_gguf = "smollm2-135m"
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+class Data:
+    """Scenes made on demand from one seed, preprocessed exactly as the runtime does."""
+
+    def __init__(self, tok, seed: int):
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.tok = tok
+        self.processor = Idefics3ImageProcessor(TILE, TILE, IMAGE_TOKENS, do_image_splitting=False,
+                                                resample=1)
+        self.image_ids = tok.encode("<fake_token_around_image><global-img>" + "<image>" * IMAGE_TOKENS
+                                    + "<fake_token_around_image>", add_special_tokens=False)
+        self.word_ids = {}
+
+    def scene(self, **kw):
+        s = make_scene(self.rng, **kw)
+        return s, torch.from_numpy(self.processor(s.image).pixels[0])
+
+    def word_id(self, w: str) -> int:
+        if w not in self.word_ids:
+            ids = self.tok.encode(w, add_special_tokens=False)
+            assert len(ids) == 1, (w, ids)
+            self.word_ids[w] = ids[0]
+        return self.word_ids[w]
+
+    def conversation(self, scene, turns: int) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
+        """Ids of a chat about the scene (the image in the first user turn), labels (-100 but
+        on the answers and their <|im_end|>), rendered as the chat template writes them, and
+        (kind, start, end) of each answer."""
+        enc = lambda text: self.tok.encode(text, add_special_tokens=False)  # noqa: E731
+        qs = [scene.questions[i] for i in self.rng.permutation(len(scene.questions))[:turns]]
+        ids, labels, spans = [], [], []
+        for i, (kind, q, a) in enumerate(qs):
+            user = enc("<|im_start|>user\n") + (self.image_ids if i == 0 else []) + enc(q + "<|im_end|>\n")
+            user += enc("<|im_start|>assistant\n")
+            answer = enc(a + "<|im_end|>")
+            spans.append((kind, len(ids) + len(user), len(ids) + len(user) + len(answer)))
+            ids += user + answer + enc("\n")
+            labels += [-100] * len(user) + answer + [-100]
+        return ids, labels, spans
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Batches of (scenes, pixels) made in a worker process, so the trainer's thread only trains."""
+
+    def __init__(self, data: Data, batch: int):
+        self.data, self.batch = data, batch
+
+    def __iter__(self):
+        while True:
+            scenes, pixels = zip(*(self.data.scene() for _ in range(self.batch)), strict=True)
+            yield list(scenes), torch.stack(pixels)
+
+
+def batches(data: Data, batch: int):
+    """An endless, seeded stream of batches (one worker: the order is the same on every run)."""
+    loader = torch.utils.data.DataLoader(Batches(data, batch), batch_size=None, num_workers=1,
+                                         collate_fn=lambda x: x, prefetch_factor=4)
+    return iter(loader)
+
+
+def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, labels, mask
+
+
+def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
+    """[batch, 36, text hidden]: the tower, pixel shuffle and connector (what replaces <image>)."""
+    hidden = model.model.vision_model(pixel_values=pixels).last_hidden_state
+    return model.model.connector(hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
+    """The tower and connector alone: image token k -> the scene's k-th word, by cross-entropy
+    among the words scenes use with the decoder's embeddings as the output layer (a learned
+    scale and bias per word on top), plus a little squared error towards the embedding itself."""
+    emb = model.model.text_model.embed_tokens.weight.detach()
+    scale = emb.pow(2).sum(-1).mean()
+    vocab = sorted({data.word_id(w) for w in scene_words()})
+    column = {t: i for i, t in enumerate(vocab)}
+    words = emb[vocab]
+    scale_logits = torch.nn.Parameter(torch.ones(()))
+    bias = torch.nn.Parameter(torch.zeros(len(vocab)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([*params, scale_logits, bias], lr=lr, weight_decay=0.01)
+    t0 = time.time()
+    stream = batches(data, batch)
+    for step in range(steps):
+        scenes, pixels = next(stream)
+        target = torch.full((batch, IMAGE_TOKENS), -100, dtype=torch.long)
+        for i, s in enumerate(scenes):
+            ids = [column[data.word_id(w)] for w in scene_tokens(s)]
+            target[i, :len(ids)] = torch.tensor(ids)
+        out = image_features(model, pixels)
+        used = target >= 0
+        mse = ((out[used] - words[target[used]]).pow(2).sum(-1) / scale).mean()
+        logits = scale_logits * (out @ words.T) + bias
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
+        loss = 0.1 * mse + ce
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 50)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            acc = (logits.argmax(-1)[used] == target[used]).float().mean()
+            log(f"words {step}/{steps} mse {mse.item():.4f} ce {ce.item():.3f} word acc {acc:.3f} "
+                f"({time.time() - t0:.0f}s)")
+
+
+def stage_chat(model, data: Data, steps: int, batch: int, lr: float, turns: int,
+               checkpoint: Path | None = None) -> None:
+    """End to end through the frozen decoder on conversations about scenes; logs the answer
+    loss per question kind."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    t0 = time.time()
+    stream = batches(data, batch)
+    window: dict[str, list[float]] = {}
+    for step in range(steps):
+        scenes, pixels = next(stream)
+        rows = [data.conversation(s, turns) for s in scenes]
+        ids, labels, mask = collate([(x, y) for x, y, _ in rows], data.tok.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, None]).logits
+        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
+        per_token = per_token.view(len(rows), -1)
+        loss = per_token.sum() / (labels[:, 1:] >= 0).sum()
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 20)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            for i, (_, _, spans) in enumerate(rows):
+                for kind, a, b in spans:
+                    window.setdefault(kind, []).append(float(per_token[i, a - 1:b - 1].mean()))
+        if step % 10 == 0 or step == steps - 1:
+            kinds = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
+            log(f"chat {step}/{steps} loss {loss.item():.4f} | {kinds} ({time.time() - t0:.0f}s)")
+            window.clear()
+        if checkpoint and (step % 50 == 49 or step == steps - 1):
+            torch.save(vision_state(model), checkpoint)
+
+
+def vision_state(model) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in model.state_dict().items() if k.startswith(("model.vision_model.", "model.connector."))}
+
+
+@torch.no_grad()
+def evaluate(model, data: Data, per_task: int) -> dict[str, float]:
+    """Greedy answers (transformers, f32) on the held-out scenes of vlm.testing.shapes.accuracy."""
+    model.eval()
+
+    def answer(image, question: str) -> str:
+        pixels = torch.from_numpy(data.processor(image).pixels)
+        prompt = data.tok.encode("<|im_start|>user\n", add_special_tokens=False) + data.image_ids
+        prompt += data.tok.encode(question + "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        out = model.generate(input_ids=torch.tensor([prompt]), pixel_values=pixels[None], max_new_tokens=40,
+                             do_sample=False, eos_token_id=data.tok.eos_token_id, pad_token_id=data.tok.pad_token_id)
+        return data.tok.decode(out[0, len(prompt):], skip_special_tokens=True)
+
+    result = accuracy(answer, per_task)
+    model.train()
+    return result
+
+
+def save(model, tok_dir: Path, out: Path) -> None:
+    """The Idefics3 directory: tower + connector in fp16 safetensors, the decoder named by config."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tok_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+               if k.startswith(("model.vision_model.", "model.connector."))}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["vlm_text_gguf"] = "smollm2-135m"
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "vlm/assets/smolvlm-shapes")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--word-steps", type=int, default=1000)
+    ap.add_argument("--word-batch", type=int, default=32)
+    ap.add_argument("--chat-steps", type=int, default=450)
+    ap.add_argument("--chat-batch", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--word-lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--chat-checkpoint", type=Path, help="stage 2's progress, written every 50 steps")
+    ap.add_argument("--eval-scenes", type=int, default=25, help="held-out scenes per task")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: a worker process makes the scenes on the other core)")
+    ap.add_argument("--words-checkpoint", type=Path,
+                    help="stage 1's result: loaded if the file exists (stage 1 skipped), else written")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    t0 = time.time()
+    gguf = pull("smollm2-135m")
+    tok_dir = args.out.parent / (args.out.name + ".tokenizer-tmp")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(gguf, tok_dir)
+    write_processor_files(tok_dir)
+    model, tok = build_model(gguf, tok_dir)
+    model.train()
+    log(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
+    train = Data(tok, seed=args.seed)
+    if args.words_checkpoint and args.words_checkpoint.is_file():
+        model.load_state_dict(torch.load(args.words_checkpoint), strict=False)
+        log(f"stage 1 loaded from {args.words_checkpoint}")
+    else:
+        stage_words(model, train, args.word_steps, args.word_batch, lr=args.word_lr)
+        if args.words_checkpoint:
+            torch.save(vision_state(model), args.words_checkpoint)
+    stage_chat(model, Data(tok, seed=args.seed + 1), args.chat_steps, args.chat_batch, args.lr, args.turns,
+               args.chat_checkpoint)
+    save(model, tok_dir, args.out)
+    shutil.rmtree(tok_dir)
+    log(f"wrote {args.out} ({time.time() - t0:.0f}s of training)")
+    acc = evaluate(model, train, args.eval_scenes)
+    log("held-out accuracy (transformers, f32): " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
