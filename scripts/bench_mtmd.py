@@ -7,7 +7,7 @@ Per model an HF checkpoint is written once under --work: the real vision tower (
 ViT: 32 blocks of width 1280 and its merger to 1536; SmolVLM-256M's SigLIP: 12 blocks of width
 768, 512-px tiles, pixel shuffle 4 to 576) with random weights ~N(0, 0.02) (saved in float32), and a
 one-layer text model of the right width (mtmd needs one for its image markers). llama.cpp's
-converter (llama-cpp-python's sdist, see llama_cpp_tools.py) makes the mmproj at f16 and q8_0
+converter (llama-cpp-python's sdist, vlm.testing.llama_cpp_convert) makes the mmproj at f16 and q8_0
 and the text GGUF. Then, on the same image: mtmd's encode of the mmproj, and vlm's encode of the
 HF folder loaded with `vision_quantize` f16 / q8. Best of --repeat runs each, one process, the
 given threads for both; the relative difference of the two outputs is printed as a check that
@@ -121,26 +121,28 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "vlm-bench-mtmd")
     args = ap.parse_args()
 
-    from llama_cpp_tools import Mtmd, convert, llama_cpp_source
     from PIL import Image
 
     import vlm
     from vlm import kernels
+    from vlm.testing.llama_cpp_convert import Job, convert, fetch_converter
+    from vlm.testing.llama_cpp_mtmd import Mtmd
 
-    source = llama_cpp_source(args.work)
+    converter = fetch_converter(args.work / "llama.cpp-sdist")
     print(f"threads {args.threads}, best of {args.repeat}; kernels {kernels.info()['path']}")
     print(f"{'model':>13} {'image':>9} {'tokens':>6} {'weights':>7} {'mtmd s':>7} {'vlm s':>7} {'speedup':>7} "
           f"{'rel diff':>8}")
     for name in args.models.split(","):
         folder = make_checkpoint(name, args.work / name)
-        text = args.work / f"{name}.text.gguf"
-        if not text.is_file():
-            convert(source, folder, text, outtype="f16")
+        outtypes = {"f16": "f16", "q8": "q8_0"}
+        jobs = [Job(folder, args.work, text=outtype == "f16", outtype=outtype)  # the f16 text GGUF, once
+                for outtype in {"f16", *(outtypes[p] for p in args.precisions.split(","))}]
+        missing = [job for job in jobs if not all(path.is_file() for path in job.outputs() if path)]
+        if missing:
+            convert(converter, missing)
+        text = args.work / f"{name}-f16.gguf"
         for precision in args.precisions.split(","):
-            outtype = {"f16": "f16", "q8": "q8_0"}[precision]
-            mmproj = args.work / f"{name}.mmproj-{outtype}.gguf"
-            if not mmproj.is_file():
-                convert(source, folder, mmproj, mmproj=True, outtype=outtype)
+            mmproj = Job(folder, args.work, outtype=outtypes[precision]).outputs()[1]
             model = vlm.load(folder, threads=args.threads, vision_quantize=precision)
             with Mtmd(mmproj, text, threads=args.threads) as encoder:
                 for w, h in MODELS[name]["sizes"]:

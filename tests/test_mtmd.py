@@ -1,8 +1,8 @@
 """Our image embeddings against llama.cpp's own image encoder (libmtmd) on the same image.
 
-The tiny checkpoints are converted by llama.cpp's convert_hf_to_gguf.py (from the installed
-llama-cpp-python's source distribution) into an f32 mmproj and an f32 text GGUF (mtmd reads its
-image markers' tokens from a text model); vlm loads the HF folder. Equal embeddings prove the
+The tiny checkpoints are converted by llama.cpp's convert_hf_to_gguf.py (conftest's
+`llama_cpp_pairs`, shared with tests/test_mmproj.py) into an f32 mmproj and an f32 text GGUF (mtmd
+reads its image markers' tokens from a text model); vlm loads the HF folder. Equal embeddings prove the
 preprocessing and the towers equal llama.cpp's, except where llama.cpp departs from transformers
 (our reference) by design, which is measured here:
 
@@ -21,11 +21,7 @@ path's (tests/test_idefics3.py).
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,40 +34,21 @@ PATCH = 14  # Qwen2-VL's patch side in pixels
 
 
 @pytest.fixture(scope="session")
-def llama_cpp_converter(smollm2_gguf):
-    """vendor/llama.cpp of llama-cpp-python's sdist (the converter), cached beside the weights."""
+def mtmd_pair(request, llama_cpp_pairs):
+    """Factory: (vlm model of the HF folder, libmtmd encoder of llama.cpp's conversion of it) of
+    one tiny family, both f32, built once each."""
     pytest.importorskip("llama_cpp.mtmd_cpp")
-    from llama_cpp_tools import llama_cpp_source
-
-    try:
-        return llama_cpp_source(smollm2_gguf.parent / "llama.cpp-source")
-    except Exception as e:  # pip without network, a broken archive
-        if os.environ.get("CI", "").lower() == "true":
-            raise
-        pytest.skip(f"llama.cpp's converter unavailable: {e}")
-
-
-@pytest.fixture(scope="session")
-def mtmd_pair(request, tmp_path_factory, llama_cpp_converter):
-    """Factory: (vlm model, libmtmd encoder) of one tiny family, both f32, built once each."""
-    from llama_cpp_tools import Mtmd, convert
+    from test_mmproj import pair_files
 
     import vlm
+    from vlm.testing.llama_cpp_mtmd import Mtmd
 
     made: dict = {}
 
     def get(family: str):
         if family not in made:
-            folder = request.getfixturevalue({"qwen2_vl": "tiny_qwen2vl", "qwen2_5_vl": "tiny_qwen2_5_vl",
-                                              "idefics3": "tiny_smolvlm"}[family])
-            out = tmp_path_factory.mktemp(f"mtmd_{family}")
-            if family == "qwen2_5_vl":  # mtmd's fixed 112-px windows (see the module docstring)
-                folder = Path(shutil.copytree(folder, out / "hf"))
-                config = json.loads((folder / "config.json").read_text())
-                config["vision_config"]["window_size"] = 112
-                (folder / "config.json").write_text(json.dumps(config))
-            mmproj = convert(llama_cpp_converter, folder, out / "mmproj.gguf", mmproj=True)
-            text = convert(llama_cpp_converter, folder, out / "text.gguf")
+            folder, converted = llama_cpp_pairs[family]  # Qwen2.5-VL: mtmd's fixed 112-px windows
+            text, mmproj = pair_files(converted)
             encoder = Mtmd(mmproj, text)
             request.addfinalizer(encoder.close)
             made[family] = vlm.load(folder, quantize="f32", vision_quantize="f32"), encoder
