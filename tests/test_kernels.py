@@ -297,3 +297,24 @@ def test_int8_activations_opt_in_for_8bit_weights():
         assert np.array_equal(kernels.linear(x, kernels.prepare(w, int8_activations=True)), exact)
     finally:
         kernels.set_mode(before)
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])
+def test_half_weights_long_batches(kernel_path, kind):
+    """Products of more than SOLO_TOKENS rows (prefill, vision towers): several k slices with a
+    partial last one, a partial last panel, token tiles with a tail; threads 1 and 2 agree bit
+    for bit."""
+    rows, cols = 50, 1100  # 4 panels, the last partial; k slices of 512, 512, 76
+    w = rng_for(rows, cols, kind, "long").standard_normal((rows, cols)).astype(np.float32)
+    hw = HalfWeight(w.astype(np.float16)) if kind == "f16" else \
+        HalfWeight((w.view(np.uint32) >> 16).astype(np.uint16), bf16=True)
+    handle = kernels.prepare(hw)
+    ref_w = hw.dequantize().astype(np.float64)
+    for n in (kernels.SOLO_TOKENS + 1, 21, 64):
+        x = rng_for(n, cols, "long").standard_normal((n, cols)).astype(np.float32)
+        bound = FLOAT_TOL * (np.abs(x.astype(np.float64)) @ np.abs(ref_w).T) + 1e-30
+        kernels.set_threads(1)
+        one = kernels.linear(x, handle)
+        assert_within(one, x.astype(np.float64) @ ref_w.T, bound, f"{kind} n={n}")
+        kernels.set_threads(2)
+        np.testing.assert_array_equal(kernels.linear(x, handle), one)
