@@ -20,9 +20,9 @@ from vlm.testing.smolvlm_shapes import ask, transformers_agreement
 BUNDLED = BUNDLED_MODELS["smolvlm-shapes"]
 ROOT = Path(__file__).resolve().parent.parent
 
-# Measured on 12 scenes per task with the default 4-bit path (docs/smolvlm-shapes.md quotes 100
-# per task); the bounds sit a little under what was measured.
-BOUNDS = {task: 0.0 for task in TASKS}
+# The targets (#13); docs/smolvlm-shapes.md has what the shipped checkpoint measures.
+TARGETS = {"colour and shape, one object": 0.95, "count, 1-5 objects": 0.90, "position": 0.85,
+           "text, 1-6 characters": 0.70}
 
 
 def test_bundled_files_are_small_and_hold_only_the_image_side():
@@ -54,11 +54,12 @@ def shapes_model(smollm2_gguf):
     return vlm.load("smolvlm-shapes")
 
 
+@pytest.mark.xfail(strict=True, reason="#13: the shipped checkpoint is near chance (docs/smolvlm-shapes.md); "
+                   "a checkpoint that meets the targets turns this into a failure: then drop the mark")
 def test_held_out_accuracy_through_the_default_path(shapes_model):
     assert resolve("smolvlm-shapes") == BUNDLED
     measured = accuracy(lambda image, q: ask(shapes_model, image, q), per_task=12)
-    for task, bound in BOUNDS.items():
-        assert measured[task] >= bound, (task, measured)
+    assert all(measured[task] >= target for task, target in TARGETS.items()), measured
 
 
 def test_greedy_answers_equal_transformers_in_f32(tmp_path, smollm2_gguf):
