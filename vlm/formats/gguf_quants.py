@@ -28,7 +28,7 @@ import mmap
 import numpy as np
 
 from vlm.memory import release_pages
-from vlm.quant import IQ4_NL_VALUES, QuantizedWeight, quantize
+from vlm.quant import QuantizedWeight, quantize
 
 QK_K = 256  # values per K-quant super-block
 
