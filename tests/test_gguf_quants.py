@@ -88,3 +88,19 @@ def test_rows_are_transcoded_in_chunks(monkeypatch):
     for a, b in zip((whole.qweight, whole.scales, whole.mins), (chunked.qweight, chunked.scales, chunked.mins),
                     strict=True):
         assert np.array_equal(a, b)
+
+
+def test_iq4_nl_survives_the_native_format(tmp_path, tiny_converted):
+    """A converted model keeps an IQ4_NL matrix as it is (kind iq4_nl), and loads and runs it."""
+    import vlm
+    from vlm.formats.native import read_native, write_native
+
+    ckpt = read_native(tiny_converted)
+    name = next(n for n, w in ckpt.tensors.items() if n.endswith("mlp.up_proj.weight"))
+    rows, cols = ckpt.tensors[name].shape
+    iq4 = read_blocks("IQ4_NL", random_blocks("IQ4_NL", rows, cols))
+    write_native(tmp_path, ckpt.config, {**ckpt.tensors, name: iq4}, ckpt.files, ckpt.quantization)
+    back = read_native(tmp_path).tensors[name]
+    assert back.kind == "iq4_nl" and np.array_equal(back.dequantize(), iq4.dequantize())
+    model = vlm.load(tmp_path)
+    assert model.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2).tokens

@@ -94,7 +94,7 @@ def read_native(directory: Path) -> Checkpoint:
         try:
             if not isinstance(e, dict):
                 raise ValueError("the entry is not an object")
-            if e.get("kind") in ("q4_asym", "q4_sym", "q8"):
+            if e.get("kind") in ("q4_asym", "q4_sym", "iq4_nl", "q8"):
                 tensors[name] = _quantized(name, e, arrays)
             elif e.get("kind") in ("f16", "bf16"):
                 if arrays[name].dtype != (np.uint16 if e["kind"] == "bf16" else np.float16):
