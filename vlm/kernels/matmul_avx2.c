@@ -183,8 +183,9 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
     const __m256i bias = _mm256_set1_epi8((char)0x80);
     /* IQ4_NL: the codebook as floats, entries 0-7 and 8-15 (vpermps takes 8) */
-    const __m256 iq4_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)vlm_iq4nl_values)));
-    const __m256 iq4_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(vlm_iq4nl_values + 8))));
+    const __m128i *codebook = (const __m128i *)vlm_iq4nl_values;
+    const __m256 iq4_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(codebook)));
+    const __m256 iq4_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm_loadu_si128(codebook), 8)));
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
     const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
     const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF + lane, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF + lane;
