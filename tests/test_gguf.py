@@ -101,8 +101,8 @@ def test_unsupported_tensor_type(tmp_path):
     with pytest.raises(VlmError) as e:
         f.load("blk.0.w")
     assert str(e.value) == (
-        "unsupported GGUF tensor type TQ2_0 for blk.0.w; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, "
-        "Q5_0, IQ4_NL, IQ4_XS, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K"
+        "unsupported GGUF tensor type TQ2_0 for blk.0.w; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, IQ4_NL, "
+        "Q4_K, IQ4_XS, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K"
     )
     with pytest.raises(VlmError, match="no tensor named"):
         f.load("nope")

@@ -1,9 +1,10 @@
-"""llama.cpp's K-quants, Q5_0/Q5_1 and IQ4 types: transcoded values against gguf-py's dequantizers."""
+"""llama.cpp's K-quants, Q5_0/Q5_1 and IQ4 types: loaded values against gguf-py's dequantizers."""
 
 import numpy as np
 import pytest
 
-from vlm.formats.gguf import GGML_TYPES, GGUFFile
+from vlm import kernels
+from vlm.formats.gguf import GGML_TYPES, GGUFFile, read_blocks
 from vlm.formats.gguf_quants import TRANSCODED, transcode
 
 gguf = pytest.importorskip("gguf")
@@ -13,6 +14,8 @@ HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82),
                "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 EXACT = ("Q5_0", "IQ4_NL")  # int8 * the block's own fp16 scale: bit for bit
 FP16_PRODUCTS = ("Q4_K", "IQ4_XS")  # scales are fp16 products of two stored numbers
+TARGET = {"Q4_K": "q4_asym", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_nl"}  # the rest: q8
+LOADED = (*TRANSCODED, "IQ4_NL")  # IQ4_NL is read in place
 
 
 def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -27,33 +30,33 @@ def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 def check_against_gguf(kind: str, blocks: np.ndarray) -> None:
-    """transcode(blocks) against gguf-py's dequantization of the same bytes, within what the target
+    """The loaded blocks against gguf-py's dequantization of the same bytes, within what the target
     format allows: exact, fp16 rounding of scale products, or half an 8-bit step."""
     rows = blocks.shape[0]
     ref = gguf.quants.dequantize(blocks.reshape(rows, -1), gguf.GGMLQuantizationType[kind]).astype(np.float32)
-    w = transcode(kind, blocks)
+    w = read_blocks(kind, blocks)
     cols = ref.shape[1]
-    assert w.shape == (rows, cols) and w.group_size == 32
+    assert w.shape == (rows, cols) and w.group_size == 32 and w.kind == TARGET.get(kind, "q8")
     got = w.dequantize()
     amax = np.abs(ref).reshape(rows, -1, 32).max(axis=-1, keepdims=True)
     err = np.abs(got - ref).reshape(rows, -1, 32)
+    if kernels.AVAILABLE:  # packed for the kernels (from the views, in place) and read back: the same values
+        assert np.array_equal(kernels.unpack_rows(kernels.prepare(w), np.arange(rows)), got)
     if kind in EXACT:
-        assert w.bits == 8 and np.array_equal(got, ref)
+        assert np.array_equal(got, ref)
     elif kind in FP16_PRODUCTS:
         # Scale s (and min m) are rounded to fp16, half a unit in the 11th bit: Q4_K's w = s q + m
         # moves by at most 2^-11 (15 |s| + |m|), IQ4_XS's w = s k (|k| <= 127) by 2^-11 127 |s|.
         s = np.abs(w.scales.astype(np.float32))[..., None]
-        bound = 2.0**-11 * (15 * s + np.abs(w.mins.astype(np.float32))[..., None] if w.bits == 4 else 127 * s)
-        assert w.bits == (4 if kind == "Q4_K" else 8)
+        bound = 2.0**-11 * (15 * s + np.abs(w.mins.astype(np.float32))[..., None] if w.mins is not None else 127 * s)
         assert (err <= bound * 1.001 + amax * 2.0**-22).all()
         assert err.max() > 0  # the rounding is real: the bound is what the test checks
     else:
         # Re-quantized to 8 bits: half an 8-bit step plus the fp16 rounding of its scale.
-        assert w.bits == 8
         assert (err <= amax / 220).all()
 
 
-@pytest.mark.parametrize("kind", TRANSCODED)
+@pytest.mark.parametrize("kind", LOADED)
 def test_values_equal_gguf_dequantize(kind):
     check_against_gguf(kind, random_blocks(kind, 40, 512))
 
@@ -66,7 +69,7 @@ def test_real_llama_cpp_files(file_type, llama_cpp_quant):
     f = GGUFFile(llama_cpp_quant(file_type))
     seen = set()
     for t in f.tensors.values():
-        if t.type_name in TRANSCODED and t.type_name not in seen:
+        if t.type_name in LOADED and t.type_name not in seen:
             seen.add(t.type_name)
             _, per_block, size = GGML_TYPES[t.ggml_type]
             raw = f._data[t.offset : t.offset + t.nbytes]
@@ -85,3 +88,19 @@ def test_rows_are_transcoded_in_chunks(monkeypatch):
     for a, b in zip((whole.qweight, whole.scales, whole.mins), (chunked.qweight, chunked.scales, chunked.mins),
                     strict=True):
         assert np.array_equal(a, b)
+
+
+def test_iq4_nl_survives_the_native_format(tmp_path, tiny_converted):
+    """A converted model keeps an IQ4_NL matrix as it is (kind iq4_nl), and loads and runs it."""
+    import vlm
+    from vlm.formats.native import read_native, write_native
+
+    ckpt = read_native(tiny_converted)
+    name = next(n for n, w in ckpt.tensors.items() if n.endswith("mlp.up_proj.weight"))
+    rows, cols = ckpt.tensors[name].shape
+    iq4 = read_blocks("IQ4_NL", random_blocks("IQ4_NL", rows, cols))
+    write_native(tmp_path, ckpt.config, {**ckpt.tensors, name: iq4}, ckpt.files, ckpt.quantization)
+    back = read_native(tmp_path).tensors[name]
+    assert back.kind == "iq4_nl" and np.array_equal(back.dequantize(), iq4.dequantize())
+    model = vlm.load(tmp_path)
+    assert model.generate([{"role": "user", "content": "Hi"}], max_new_tokens=2).tokens

@@ -27,7 +27,7 @@ from vlm.quant import HalfWeight, QuantizedWeight, quantize, unpack_nibbles
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="native kernels not built")
 
-QUANT_KINDS = [(4, False), (4, True), (8, True)]  # q4_asym, q4_sym, q8
+QUANT_KINDS = ["q4_asym", "q4_sym", "iq4_nl", "q8"]
 GROUPS = [32, 64, 128]
 NS = [1, 3, 17, 64, 300]
 FLOAT_TOL = 1e-5
@@ -37,9 +37,14 @@ def rng_for(*key) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(repr(key).encode()))
 
 
-def make_quant(rows: int, cols: int, bits: int, sym: bool, group: int) -> QuantizedWeight:
-    w = rng_for(rows, cols, bits, sym, group).standard_normal((rows, cols)).astype(np.float32) * 0.05
-    return quantize(w, bits, group, sym)
+def make_quant(rows: int, cols: int, kind: str, group: int) -> QuantizedWeight:
+    rng = rng_for(rows, cols, kind, group)
+    if kind == "iq4_nl":  # as a GGUF file holds it: any indices, fp16 scales of either sign
+        scales = rng.uniform(2e-4, 6e-4, (rows, cols // group)) * rng.choice([-1, 1], (rows, cols // group))
+        return QuantizedWeight(4, group, True, rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
+                               scales.astype(np.float16), codebook=True)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
+    return quantize(w, 8 if kind == "q8" else 4, group, kind != "q4_asym")
 
 
 def magnitude(qw: QuantizedWeight) -> np.ndarray:
@@ -86,12 +91,12 @@ def assert_within(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, what: str) 
 SHAPES = [(37, 256), (16, 128), (64, 384), (1, 128)]
 
 
-@pytest.mark.parametrize("bits,sym", QUANT_KINDS, ids=["q4_asym", "q4_sym", "q8"])
+@pytest.mark.parametrize("kind", QUANT_KINDS)
 @pytest.mark.parametrize("group", GROUPS)
-def test_quantized_float_mode(kernel_path, bits, sym, group):
+def test_quantized_float_mode(kernel_path, kind, group):
     kernels.set_mode("float")
     for rows, cols in SHAPES:
-        qw = make_quant(rows, cols, bits, sym, group)
+        qw = make_quant(rows, cols, kind, group)
         handle = kernels.prepare(qw)
         w = qw.dequantize().astype(np.float64)
         mag = magnitude(qw)
@@ -103,12 +108,12 @@ def test_quantized_float_mode(kernel_path, bits, sym, group):
             assert_within(y, x.astype(np.float64) @ w.T, bound, f"{qw.kind} g{group} {rows}x{cols} n={n}")
 
 
-@pytest.mark.parametrize("bits,sym", QUANT_KINDS, ids=["q4_asym", "q4_sym", "q8"])
+@pytest.mark.parametrize("kind", QUANT_KINDS)
 @pytest.mark.parametrize("group", GROUPS)
-def test_quantized_int8_mode(kernel_path, bits, sym, group):
+def test_quantized_int8_mode(kernel_path, kind, group):
     kernels.set_mode("int8")
     for rows, cols in SHAPES:
-        qw = make_quant(rows, cols, bits, sym, group)
+        qw = make_quant(rows, cols, kind, group)
         handle = kernels.prepare(qw)
         w = qw.dequantize().astype(np.float64)
         mag = magnitude(qw)
@@ -140,13 +145,13 @@ def test_half_weights(kernel_path, kind):
 def test_w4a8_mode_picks_per_weight():
     """w4a8: 4-bit weights get int8 activations, 8-bit weights float ones."""
     x = activations(5, 256)
-    for bits, sym in QUANT_KINDS:
-        handle = kernels.prepare(make_quant(33, 256, bits, sym, 32))
+    for kind in QUANT_KINDS:
+        handle = kernels.prepare(make_quant(33, 256, kind, 32))
         out = {}
         for mode in kernels.MODES:
             kernels.set_mode(mode)
             out[mode] = kernels.linear(x, handle)
-        np.testing.assert_array_equal(out["w4a8"], out["int8" if bits == 4 else "float"])
+        np.testing.assert_array_equal(out["w4a8"], out["float" if kind == "q8" else "int8"])
         assert not np.array_equal(out["int8"], out["float"])
     kernels.set_mode("w4a8")
 
@@ -154,8 +159,8 @@ def test_w4a8_mode_picks_per_weight():
 @pytest.mark.parametrize("mode", kernels.MODES)
 def test_threads_give_identical_results(kernel_path, mode):
     kernels.set_mode(mode)
-    for bits, sym in QUANT_KINDS:
-        qw = make_quant(1000, 256, bits, sym, 64)  # enough panels for several units
+    for kind in QUANT_KINDS:
+        qw = make_quant(1000, 256, kind, 64)  # enough panels for several units
         handle = kernels.prepare(qw)
         for n in (1, 3, 64):
             x = activations(n, 256)
@@ -171,7 +176,7 @@ def test_rows_of_a_small_batch_equal_their_own_products(kernel_path, mode):
     """Up to SOLO_TOKENS rows, each row's sums run as when it is alone: bit-identical rows
     (what makes a batched decode step give each sequence the tokens of its own)."""
     kernels.set_mode(mode)
-    weights = [make_quant(40, 256, bits, sym, 64) for bits, sym in QUANT_KINDS]
+    weights = [make_quant(40, 256, kind, 64) for kind in QUANT_KINDS]
     w = rng_for("half").standard_normal((40, 250)).astype(np.float32)
     weights += [HalfWeight(w.astype(np.float16)), HalfWeight((w.view(np.uint32) >> 16).astype(np.uint16), bf16=True)]
     for w in weights:
@@ -186,7 +191,7 @@ def test_rows_of_a_small_batch_equal_their_own_products(kernel_path, mode):
 
 def test_paths_agree():
     """Every path computes the same int8 rounding, so they differ only by float summation order."""
-    qw = make_quant(50, 256, 4, False, 32)
+    qw = make_quant(50, 256, "q4_asym", 32)
     handle = kernels.prepare(qw)
     x = activations(9, 256)
     before = kernels.info()
@@ -200,7 +205,7 @@ def test_paths_agree():
 
 
 def test_linear_shapes_and_conversion():
-    qw = make_quant(40, 128, 4, False, 32)
+    qw = make_quant(40, 128, "q4_asym", 32)
     handle = kernels.prepare(qw)
     assert (handle.rows, handle.cols, handle.kind) == (40, 128, "q4_asym") and handle.nbytes > 0
     x = activations(6, 128)
@@ -221,12 +226,12 @@ def test_linear_shapes_and_conversion():
 def test_prepare_declines_what_it_does_not_handle():
     assert kernels.prepare(np.zeros((4, 32), np.float32)) is None
     assert kernels.prepare(HalfWeight(np.zeros((2, 4, 32), np.float16))) is None
-    qw = make_quant(4, 64, 8, True, 32)
+    qw = make_quant(4, 64, "q8", 32)
     assert kernels.prepare(QuantizedWeight(8, 32, False, qw.qweight, qw.scales, qw.scales)) is None
 
 
 def test_linear_layer_uses_kernels():
-    qw = make_quant(48, 128, 4, True, 32)
+    qw = make_quant(48, 128, "q4_sym", 32)
     bias = np.arange(48, dtype=np.float32)
     layer = Linear(qw, bias)
     assert layer.packed is not None

@@ -44,3 +44,27 @@ def test_info_counts_tensor_types(llama_cpp_quant, capsys):
     assert main(["info", str(llama_cpp_quant("Q4_K_M"))]) == 0
     out = capsys.readouterr().out
     assert "tensors: 272 (61 F32, 16 Q4_K, 166 Q5_0, 14 Q6_K, 15 Q8_0)" in out
+
+
+def test_iq4_nl_kept_4_bit_through_the_fused_step(llama_cpp_quant):
+    """IQ4_NL's matrices stay 4-bit (the codebook kind, read in place), and the fused decode step
+    over them gives the layer-by-layer path's logits bit for bit."""
+    import numpy as np
+
+    from vlm.models.layers import Linear
+
+    path = llama_cpp_quant("IQ4_NL")
+    fused, layered = vlm.load(path), vlm.load(path)
+    layered.decoder.decode_plan = lambda: None
+    kinds = {m.kind for m in vars(fused.decoder.layers[0].self_attn).values() if isinstance(m, Linear)}
+    assert kinds == {"iq4_nl"}
+    assert fused.decoder.decode_plan() is not None
+    ids = fused.tokenize("The quick brown fox jumps over the lazy dog.")
+    steps = []
+    for model in (fused, layered):
+        logits, _ = model.session.prefill(model.prepare(ids))
+        out = [logits]
+        for _ in range(16):
+            out.append(model.session.step(int(np.argmax(out[-1]))))
+        steps.append(np.array(out))
+    np.testing.assert_array_equal(steps[0], steps[1])

@@ -6,6 +6,7 @@ each with its own fp16 scale (and, for asymmetric 4-bit, an fp16 min):
 - 4-bit asymmetric (GGUF Q4_1):  w = d * q + m,   q in 0..15
 - 4-bit symmetric  (GGUF Q4_0):  w = d * (q - 8), q in 0..15
 - 8-bit symmetric  (GGUF Q8_0):  w = d * q,       q in -127..127
+- 4-bit codebook   (GGUF IQ4_NL): w = d * IQ4_NL_VALUES[q], q in 0..15 (a fixed non-uniform int8 grid)
 
 4-bit values are packed two to a byte in GGUF's order, so GGUF Q4_0/Q4_1 blocks map on
 without re-quantizing: inside every run of 32 values, byte j holds value j in its low
@@ -28,6 +29,8 @@ GROUP_SIZES = (32, 64, 128)
 # 4-bit scale only (like Q4_0); q8: 8-bit; f32: everything widened (exact math).
 QUANTIZE_MODES = (None, "q4", "q4_sym", "q8", "f32")
 VISION_MODES = (None, "f32", "f16", "q8")
+# llama.cpp's kvalues_iq4nl: the int8 values IQ4_NL's (and IQ4_XS's) 4-bit indices stand for.
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 
 @dataclass
@@ -42,6 +45,7 @@ class QuantizedWeight:
     qweight: np.ndarray
     scales: np.ndarray  # float16 [rows, cols // group_size], possibly strided
     mins: np.ndarray | None = None  # float16 [rows, cols // group_size]; asymmetric 4-bit only
+    codebook: bool = False  # symmetric 4-bit only: q indexes IQ4_NL_VALUES instead of meaning q - 8
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -54,7 +58,9 @@ class QuantizedWeight:
 
     @property
     def kind(self) -> str:
-        """Short name used in reports and in the converted model's config: q4_asym, q4_sym, q8."""
+        """Short name used in reports and in the converted model's config: q4_asym, q4_sym, iq4_nl, q8."""
+        if self.codebook:
+            return "iq4_nl"
         return "q8" if self.bits == 8 else ("q4_sym" if self.symmetric else "q4_asym")
 
     def dequantize(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
@@ -65,7 +71,11 @@ class QuantizedWeight:
         if self.bits == 8:
             q = self.qweight[sel].astype(np.float32).reshape(n_rows, n_groups, self.group_size)
             return (q * scales[..., None]).reshape(n_rows, -1)
-        q = unpack_nibbles(self.qweight[sel]).astype(np.float32).reshape(n_rows, n_groups, self.group_size)
+        q = unpack_nibbles(self.qweight[sel])
+        if self.codebook:
+            w = IQ4_NL_VALUES.astype(np.float32)[q].reshape(n_rows, n_groups, self.group_size) * scales[..., None]
+            return w.reshape(n_rows, -1)
+        q = q.astype(np.float32).reshape(n_rows, n_groups, self.group_size)
         if self.symmetric:
             w = (q - 8.0) * scales[..., None]
         else:

@@ -90,6 +90,7 @@ static weight make_quant(int fmt, int rows, int cols, int group, int exact) {
                     else
                         blk[i - 16] |= (unsigned char)(v << 4);
                     if (fmt == FMT_Q4S) v -= 8;
+                    if (fmt == FMT_IQ4) v = vlm_iq4nl_values[v];
                 }
                 val[(size_t)r * cols + b * RUN + i] = (int8_t)v;
             }
@@ -99,7 +100,7 @@ static weight make_quant(int fmt, int rows, int cols, int group, int exact) {
     const vlm_strided qs = {q, (ptrdiff_t)nb * bytes, bytes}, ss = {(const unsigned char *)sc, ng * 2, 2};
     const vlm_strided ms = {(const unsigned char *)mn, ng * 2, 2};
     const int rc = fmt == FMT_Q8 ? vlm_pack_q8(&w.m, qs, ss, rows, cols, group, 0)
-                                 : vlm_pack_q4(&w.m, qs, ss, ms, rows, cols, group, fmt == FMT_Q4S, 0);
+                                 : vlm_pack_q4(&w.m, qs, ss, ms, rows, cols, group, fmt, 0);
     if (rc) abort();
     for (int r = 0; r < rows; r++)
         for (int k = 0; k < cols; k++) {
@@ -147,7 +148,7 @@ static float *make_x(int n, int cols, int exact) {
 }
 
 /* ---- products ---------------------------------------------------------------------------- */
-static const char *const fmt_names[FMT_COUNT] = {"q4_asym", "q4_sym", "q8", "f16", "bf16"};
+static const char *const fmt_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "f16", "bf16"};
 
 /* y of path p against y of the portable path for one weight, one mode, n tokens. */
 static void check_linear(const vlm_path *p, const weight *w, int mode, int n, int exact, const char *what) {

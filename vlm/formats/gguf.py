@@ -1,9 +1,9 @@
 """GGUF (llama.cpp's model file format, versions 2 and 3): a reader of our own, and a checkpoint loader.
 
 The file is memory-mapped: float tensors come back as views on the map, and the quantized
-block formats that `vlm.quant` shares with GGUF (Q8_0, Q4_0, Q4_1) are split into its
+block formats that `vlm.quant` shares with GGUF (Q8_0, Q4_0, Q4_1, IQ4_NL) are split into its
 contiguous arrays without re-quantizing, so a GGUF model computes with exactly the weights
-llama.cpp would. The K-quants, Q5_0/Q5_1 and IQ4 types are transcoded into those formats
+llama.cpp would. The K-quants, Q5_0/Q5_1 and IQ4_XS are transcoded into those formats
 (see vlm.formats.gguf_quants).
 
 Layout (all little-endian): magic "GGUF", u32 version, u64 tensor count, u64 metadata count,
@@ -19,7 +19,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -73,13 +73,14 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17),
 }
 _FLOAT_TYPES = ("F32", "F16", "BF16")
-SUPPORTED_TYPES = (*_FLOAT_TYPES, "Q8_0", "Q4_0", "Q4_1", *TRANSCODED)
+SUPPORTED_TYPES = (*_FLOAT_TYPES, "Q8_0", "Q4_0", "Q4_1", "IQ4_NL", *TRANSCODED)
 
 # The interleaved block structs of the quantized types we map onto `QuantizedWeight`.
 _BLOCK_DTYPES = {
     "Q8_0": np.dtype([("d", "<f2"), ("qs", "i1", (32,))]),
     "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (16,))]),
     "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))]),
+    "IQ4_NL": np.dtype([("d", "<f2"), ("qs", "u1", (16,))]),  # Q4_0's block, the nibbles index a codebook
 }
 
 # Metadata value types: id -> struct format of a scalar (None: string, array).
@@ -287,7 +288,7 @@ class GGUFFile:
         """The tensor as stored, never re-quantized.
 
         F32 -> float32 array (a read-only view on the map); F16/BF16 -> HalfWeight (a view);
-        Q8_0/Q4_0/Q4_1 -> QuantizedWeight with group size 32 whose arrays are strided views of
+        Q8_0/Q4_0/Q4_1/IQ4_NL -> QuantizedWeight with group size 32 whose arrays are strided views of
         the blocks (nothing is copied; the kernels repack from them in place); the other block
         types -> a QuantizedWeight transcoded from them (vlm.formats.gguf_quants).
         """
@@ -303,13 +304,19 @@ class GGUFFile:
             return HalfWeight(
                 raw.view(np.float16 if kind == "F16" else np.uint16).reshape(info.shape), kind == "BF16"
             )
-        rows, cols = info.shape
-        if kind in TRANSCODED:
-            _, per_block, size = GGML_TYPES[info.ggml_type]
-            return transcode(kind, raw.reshape(rows, cols // per_block, size))
-        blocks = raw.view(_BLOCK_DTYPES[kind]).reshape(rows, cols // 32)
-        mins = blocks["m"] if kind == "Q4_1" else None
-        return QuantizedWeight(8 if kind == "Q8_0" else 4, 32, kind != "Q4_1", blocks["qs"], blocks["d"], mins)
+        _, per_block, size = GGML_TYPES[info.ggml_type]
+        return read_blocks(kind, raw.reshape(info.shape[0], info.shape[1] // per_block, size))
+
+
+def read_blocks(kind: str, blocks: np.ndarray) -> QuantizedWeight:
+    """A matrix of `kind` blocks (uint8 [rows, blocks per row, bytes per block]): Q8_0/Q4_0/Q4_1/IQ4_NL
+    as strided views of the blocks, the other types transcoded (vlm.formats.gguf_quants)."""
+    if kind in TRANSCODED:
+        return transcode(kind, blocks)
+    b = blocks.view(_BLOCK_DTYPES[kind])[..., 0]
+    mins = b["m"] if kind == "Q4_1" else None
+    return QuantizedWeight(8 if kind == "Q8_0" else 4, 32, kind != "Q4_1", b["qs"], b["d"], mins,
+                           codebook=kind == "IQ4_NL")
 
 
 # --- checkpoint: a llama.cpp Llama/Qwen2 file seen with Hugging Face names ----------------------------
@@ -441,14 +448,7 @@ def _unpermute_rows(w: Any, n_head: int, name: str) -> Any:
         return w[perm]
     if isinstance(w, HalfWeight):
         return HalfWeight(w.data[perm], w.bf16)
-    return QuantizedWeight(
-        w.bits,
-        w.group_size,
-        w.symmetric,
-        w.qweight[perm],
-        w.scales[perm],
-        None if w.mins is None else w.mins[perm],
-    )
+    return replace(w, qweight=w.qweight[perm], scales=w.scales[perm], mins=None if w.mins is None else w.mins[perm])
 
 
 def _hf_name(name: str, n_layers: int, path: str) -> str:

@@ -5,16 +5,16 @@ Each type goes where its values land exactly, or as near as our formats allow:
 - Q4_K -> 4-bit asymmetric: a super-block's sub-block of 32 is w = (d * sc) * q - (dmin * m), q in
   0..15, so its scale d * sc and min -dmin * m are a group-32 Q4_1-style pair. Exact up to the fp16
   rounding of those two products.
-- Q5_0, IQ4_NL, IQ4_XS -> 8-bit symmetric: their values are small integers times one scale per 32
-  (Q5_0: q - 16; the IQ4 types: entries of a 16-value int8 codebook), so they are int8 * fp16
-  exactly (IQ4_XS: up to the fp16 rounding of d * sub-block scale). 8 bits rather than a codebook
-  kernel: the kernels' int8 paths run them at once, at twice the bytes per weight of 4-bit.
+- IQ4_XS -> 4-bit codebook (the IQ4_NL kind): a super-block's sub-block of 32 is w = (d * (ls - 32))
+  * IQ4_NL_VALUES[q], and its nibbles are already in our run order; exact up to the fp16 rounding of
+  d * (ls - 32).
+- Q5_0 -> 8-bit symmetric: q - 16 is an int8, so int8 * fp16 exactly.
 - Q5_1, Q5_K, Q6_K, Q2_K, Q3_K -> 8-bit symmetric, re-quantized from their exact float values:
   an offset (Q5_1, Q5_K, Q2_K) or scales per 16 values (Q6_K, Q2_K, Q3_K) do not fit one symmetric
   int8 grid per 32, so each value moves by at most half an 8-bit step (max |w| of its group / 254),
   well under these types' own steps.
 
-Q8_0, Q4_0 and Q4_1 need none of this: `GGUFFile.load` reads them in place.
+Q8_0, Q4_0, Q4_1 and IQ4_NL need none of this: `GGUFFile.load` reads them in place.
 
 Rows are transcoded in chunks (a bounded float32 scratch whatever the matrix), and the file's pages
 under each chunk are dropped once read, so a load holds the source and its transcoded copy of one
@@ -31,7 +31,6 @@ from vlm.memory import release_pages
 from vlm.quant import QuantizedWeight, quantize
 
 QK_K = 256  # values per K-quant super-block
-IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8)
 
 _CHUNK_VALUES = 1 << 16  # values transcoded at once: a few MiB of scratch
 
@@ -82,17 +81,13 @@ def _q5_0(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (q.astype(np.int8) - 16).reshape(b.shape[0], -1), b[..., 0:2].copy().view(np.float16)[..., 0]
 
 
-def _iq4_nl(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return IQ4_VALUES[_nibbles(b[..., 2:])].reshape(b.shape[0], -1), b[..., 0:2].copy().view(np.float16)[..., 0]
-
-
 def _iq4_xs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = b.shape[0]
     high = _bits(b[..., 2:4]).reshape(rows, -1, 8, 2)  # 2 bits per sub-block
     low = np.stack([b[..., 4:8] & 0x0F, b[..., 4:8] >> 4], axis=-1).reshape(rows, -1, 8)  # sub-block 2i, 2i + 1
     ls = low.astype(np.int32) | ((high[..., 0] | high[..., 1] << 1).astype(np.int32) << 4)
     scales = (_half(b, 0) * (ls - 32).astype(np.float32)).astype(np.float16)
-    return IQ4_VALUES[_nibbles(b[..., 8:])].reshape(rows, -1), scales.reshape(rows, -1)
+    return b[..., 8:].reshape(rows, -1), scales.reshape(rows, -1)
 
 
 # --- float dequantizers of the re-quantized types: blocks -> float32 [rows, blocks * values] ---------
@@ -144,11 +139,12 @@ def _q3_k(b: np.ndarray) -> np.ndarray:
     return ((_half(b, 108) * scales)[..., None] * q).reshape(rows, -1)
 
 
-# kind -> (bits of the target format, exact transcoder or float dequantizer)
+# kind -> exact transcoder (by target format) or float dequantizer
 _EXACT_Q4 = {"Q4_K": _q4_k}
-_EXACT_Q8 = {"Q5_0": _q5_0, "IQ4_NL": _iq4_nl, "IQ4_XS": _iq4_xs}
+_EXACT_IQ4 = {"IQ4_XS": _iq4_xs}
+_EXACT_Q8 = {"Q5_0": _q5_0}
 _REQUANTIZED = {"Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q2_K": _q2_k, "Q3_K": _q3_k}
-TRANSCODED = (*_EXACT_Q4, *_EXACT_Q8, *_REQUANTIZED)
+TRANSCODED = (*_EXACT_Q4, *_EXACT_IQ4, *_EXACT_Q8, *_REQUANTIZED)
 
 
 def _owned(shape: tuple[int, int], dtype: type) -> np.ndarray:
@@ -163,20 +159,22 @@ def transcode(kind: str, blocks: np.ndarray) -> QuantizedWeight:
     file map) in the kernels' group-32 form; the source's file pages are dropped as they are read."""
     rows, n_blocks, _ = blocks.shape
     cols = n_blocks * (QK_K if kind.endswith("_K") or kind == "IQ4_XS" else 32)
-    bits = 4 if kind in _EXACT_Q4 else 8
+    bits = 4 if kind in _EXACT_Q4 or kind in _EXACT_IQ4 else 8
     qweight = _owned((rows, cols // 2), np.uint8) if bits == 4 else _owned((rows, cols), np.int8)
     scales = _owned((rows, cols // 32), np.float16)
-    mins = _owned((rows, cols // 32), np.float16) if bits == 4 else None
+    mins = _owned((rows, cols // 32), np.float16) if kind in _EXACT_Q4 else None
     step = max(1, _CHUNK_VALUES // cols)
     for r in range(0, rows, step):
         chunk = blocks[r : r + step]
         part = slice(r, r + chunk.shape[0])
         if kind in _EXACT_Q4:
             qweight[part], scales[part], mins[part] = _EXACT_Q4[kind](chunk)
+        elif kind in _EXACT_IQ4:
+            qweight[part], scales[part] = _EXACT_IQ4[kind](chunk)
         elif kind in _EXACT_Q8:
             qweight[part], scales[part] = _EXACT_Q8[kind](chunk)
         else:
             q = quantize(_REQUANTIZED[kind](chunk), 8, 32)
             qweight[part], scales[part] = q.qweight, q.scales
         release_pages(chunk)
-    return QuantizedWeight(bits, 32, bits == 8, qweight, scales, mins)
+    return QuantizedWeight(bits, 32, mins is None, qweight, scales, mins, codebook=kind in _EXACT_IQ4)

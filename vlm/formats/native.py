@@ -60,9 +60,9 @@ def _quantized(name: str, e: dict, arrays: dict[str, np.ndarray]) -> QuantizedWe
     the packed values, scales and mins must agree, or the kernels would read out of bounds."""
     bits, group, symmetric = e.get("bits"), e.get("group_size"), e.get("symmetric")
     qweight, scales, mins = arrays.get(name + ".qweight"), arrays.get(name + ".scales"), arrays.get(name + ".mins")
-    kinds = {(4, False): "q4_asym", (4, True): "q4_sym", (8, True): "q8"}
-    kind = kinds.get((bits, symmetric)) if type(bits) is int and type(symmetric) is bool else None
-    if kind != e["kind"] or type(group) is not int or group not in GROUP_SIZES:
+    kinds = {(4, False): ("q4_asym",), (4, True): ("q4_sym", "iq4_nl"), (8, True): ("q8",)}
+    allowed = kinds.get((bits, symmetric), ()) if type(bits) is int and type(symmetric) is bool else ()
+    if e["kind"] not in allowed or type(group) is not int or group not in GROUP_SIZES:
         raise ValueError(f"bits {bits!r:.20}, group size {group!r:.20}, symmetric {symmetric!r:.10} "
                          f"do not make a {e['kind']!r:.20} tensor")
     if qweight is None or scales is None or qweight.ndim != 2 or scales.ndim != 2:
@@ -74,7 +74,7 @@ def _quantized(name: str, e: dict, arrays: dict[str, np.ndarray]) -> QuantizedWe
                          f"disagree for {bits}-bit groups of {group}")
     if (mins is None) != symmetric or (mins is not None and (mins.shape != scales.shape or mins.dtype != np.float16)):
         raise ValueError("mins missing, unexpected or of the wrong shape")
-    return QuantizedWeight(bits, group, symmetric, qweight, scales, mins)
+    return QuantizedWeight(bits, group, symmetric, qweight, scales, mins, codebook=e["kind"] == "iq4_nl")
 
 
 def read_native(directory: Path) -> Checkpoint:
@@ -94,7 +94,7 @@ def read_native(directory: Path) -> Checkpoint:
         try:
             if not isinstance(e, dict):
                 raise ValueError("the entry is not an object")
-            if e.get("kind") in ("q4_asym", "q4_sym", "q8"):
+            if e.get("kind") in ("q4_asym", "q4_sym", "iq4_nl", "q8"):
                 tensors[name] = _quantized(name, e, arrays)
             elif e.get("kind") in ("f16", "bf16"):
                 if arrays[name].dtype != (np.uint16 if e["kind"] == "bf16" else np.float16):

@@ -4,8 +4,8 @@
 handle (None when the kernels don't handle that weight, so the caller keeps numpy);
 `linear(x, handle)` then computes x @ W.T for float32 x [..., cols] -> [..., rows].
 
-Handled: `QuantizedWeight` (4-bit asymmetric and symmetric, 8-bit symmetric; groups of 32, 64,
-128) and `HalfWeight` (fp16, bf16). Plain float32 matrices stay with numpy's BLAS.
+Handled: `QuantizedWeight` (4-bit asymmetric, symmetric and IQ4_NL codebook, 8-bit symmetric;
+groups of 32, 64, 128) and `HalfWeight` (fp16, bf16). Plain float32 matrices stay with numpy's BLAS.
 
 The layers' other hot operations, each the C twin of a numpy reference in vlm.models.layers
 (which uses them whenever the extension is loaded):
@@ -100,8 +100,8 @@ def prepare(weight, int8_activations: bool = False, drop_source_pages: bool = Fa
     if isinstance(weight, QuantizedWeight):
         if weight.group_size not in GROUP_SIZES or (weight.bits == 8 and not weight.symmetric):
             return None
-        return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.bits, weight.group_size,
-                                  weight.symmetric, int8_activations, drop_source_pages)
+        return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.kind, weight.group_size,
+                                  int8_activations, drop_source_pages)
     if isinstance(weight, HalfWeight) and weight.data.ndim == 2:
         return _native.pack_half(weight.data, weight.kind, drop_source_pages)
     return None

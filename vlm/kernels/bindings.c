@@ -26,7 +26,7 @@ typedef struct {
     PyObject_HEAD vlm_matrix m;
 } MatrixObject;
 
-static const char *const format_names[FMT_COUNT] = {"q4_asym", "q4_sym", "q8", "f16", "bf16"};
+static const char *const format_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "f16", "bf16"};
 
 static void matrix_dealloc(MatrixObject *self) {
     free(self->m.data);
@@ -48,7 +48,7 @@ static PyObject *matrix_repr(MatrixObject *self) {
 static PyGetSetDef matrix_getset[] = {
     {"rows", (getter)matrix_rows, NULL, "output features", NULL},
     {"cols", (getter)matrix_cols, NULL, "input features", NULL},
-    {"kind", (getter)matrix_kind, NULL, "q4_asym, q4_sym, q8, f16 or bf16", NULL},
+    {"kind", (getter)matrix_kind, NULL, "q4_asym, q4_sym, iq4_nl, q8, f16 or bf16", NULL},
     {"nbytes", (getter)matrix_nbytes, NULL, "bytes of the packed copy", NULL},
     {NULL},
 };
@@ -125,17 +125,20 @@ static int may_drop(int asked, PyObject *const *given, PyArrayObject *const *use
     return asked;
 }
 
-/* pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False,
- *            drop_source_pages=False) -> Matrix */
+/* pack_quant(qweight, scales, mins, kind, group_size, int8_activations=False, drop_source_pages=False)
+ * -> Matrix; kind one of the quantized format_names (QuantizedWeight.kind). */
 static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     PyObject *qo, *so, *mo;
-    int bits, group, symmetric, int8_acts = 0, drop = 0;
-    if (!PyArg_ParseTuple(args, "OOOiip|pp", &qo, &so, &mo, &bits, &group, &symmetric, &int8_acts, &drop))
-        return NULL;
-    if (!((bits == 4 || (bits == 8 && symmetric)) && (group == 32 || group == 64 || group == 128))) {
+    const char *kind;
+    int group, int8_acts = 0, drop = 0;
+    if (!PyArg_ParseTuple(args, "OOOsi|pp", &qo, &so, &mo, &kind, &group, &int8_acts, &drop)) return NULL;
+    int fmt = 0;
+    while (fmt <= FMT_Q8 && strcmp(kind, format_names[fmt])) fmt++;
+    if (fmt > FMT_Q8 || !(group == 32 || group == 64 || group == 128)) {
         PyErr_SetString(PyExc_ValueError, "unsupported quantization");
         return NULL;
     }
+    const int bits = fmt == FMT_Q8 ? 8 : 4, symmetric = fmt != FMT_Q4A;
     const int run = bits == 4 ? RUN / 2 : RUN; /* bytes of one run of 32 values */
     PyArrayObject *q = as_source(qo, bits == 4 ? NPY_UINT8 : NPY_INT8, run, "qweight");
     PyArrayObject *s = q ? as_source(so, NPY_FLOAT16, 0, "scales") : NULL;
@@ -156,7 +159,7 @@ static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     const vlm_strided no_mins = {NULL, 0, 0};
     if (bits == 4)
         rc = vlm_pack_q4(&out->m, strided(q, run), strided(s, 0), mn ? strided(mn, 0) : no_mins, rows, cols, group,
-                         symmetric, drop);
+                         fmt, drop);
     else
         rc = vlm_pack_q8(&out->m, strided(q, run), strided(s, 0), rows, cols, group, drop);
     Py_END_ALLOW_THREADS;
@@ -755,7 +758,7 @@ static PyObject *get_threads(PyObject *Py_UNUSED(mod), PyObject *Py_UNUSED(unuse
 
 static PyMethodDef methods[] = {
     {"pack_quant", pack_quant, METH_VARARGS,
-     "pack_quant(qweight, scales, mins, bits, group_size, symmetric, int8_activations=False, drop_source_pages=False)"},
+     "pack_quant(qweight, scales, mins, kind, group_size, int8_activations=False, drop_source_pages=False)"},
     {"pack_half", pack_half, METH_VARARGS, "pack_half(data, kind, drop_source_pages=False)"},
     {"unpack_rows", unpack_rows, METH_VARARGS, "unpack_rows(matrix, ids) -> float32 rows"},
     {"release_free_memory", release_free_memory, METH_NOARGS, "malloc_trim: return free heap pages to the OS"},

@@ -12,6 +12,7 @@
  *           8c + 4 + i in its high nibble, so `word & 0x0f0f0f0f` and
  *           `(word >> 4) & 0x0f0f0f0f` are 4 consecutive values each (the unit of
  *           vpdpbusd / pmaddubsw) and the nibble at bit 4p is value 8c + (p & 1) * 4 + p / 2.
+ *           4-bit codebook (IQ4_NL): the same, the nibble an index into vlm_iq4nl_values.
  *           8-bit: 8 chunks of 64 bytes; chunk j holds values 4j .. 4j + 3 of each row,
  *           stored as w + 128 (unsigned) so vpdpbusd can take them as its unsigned operand.
  *   scales: fp16 [NG][16]; mins (4-bit asymmetric only): fp16 [NG][16]. Kept in fp16
@@ -34,6 +35,7 @@
 enum vlm_format {
     FMT_Q4A,  /* 4-bit asymmetric: w = d * q + m */
     FMT_Q4S,  /* 4-bit symmetric:  w = d * (q - 8) */
+    FMT_IQ4,  /* 4-bit codebook:   w = d * vlm_iq4nl_values[q] (GGUF IQ4_NL) */
     FMT_Q8,   /* 8-bit symmetric:  w = d * q */
     FMT_F16,
     FMT_BF16,
@@ -53,6 +55,9 @@ typedef struct {
 } vlm_matrix;
 
 static inline int vlm_is_quant(int fmt) { return fmt <= FMT_Q8; }
+
+/* llama.cpp's kvalues_iq4nl: the int8 values of IQ4_NL's 16 indices (matmul_portable.c). */
+extern const int8_t vlm_iq4nl_values[16];
 
 /* The activations of one call, prepared once and read by every panel.
  *
@@ -238,9 +243,9 @@ typedef struct {
 /* The quantized sources are strided so that a GGUF file's interleaved blocks are read in
  * place: quants item (r, b) is run b of row r (16 bytes of 4-bit, 32 of 8-bit values, in
  * GGUF nibble order), scales / mins item (r, g) the fp16 of group g. mins.base is NULL
- * unless 4-bit asymmetric. */
+ * unless fmt is FMT_Q4A (vlm_pack_q4 takes the 4-bit formats: FMT_Q4A, FMT_Q4S, FMT_IQ4). */
 int vlm_pack_q4(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strided mins, int rows, int cols,
-                int group, int symmetric, int drop_source);
+                int group, int fmt, int drop_source);
 int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, int rows, int cols, int group,
                 int drop_source);
 int vlm_pack_half(vlm_matrix *m, const uint16_t *data, int fmt, int rows, int cols, int drop_source);

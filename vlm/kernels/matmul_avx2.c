@@ -44,6 +44,12 @@ INLINE __m256i bcast4(const int32_t *p) {
 
 INLINE __m256 load_half8(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
+/* vlm_iq4nl_values ^ flip (0x80: + 128, unsigned) in both 128-bit lanes, for vpshufb. */
+INLINE __m256i iq4_table(char flip) {
+    const __m128i t = _mm_xor_si128(_mm_loadu_si128((const __m128i *)vlm_iq4nl_values), _mm_set1_epi8(flip));
+    return _mm256_broadcastsi128_si256(t);
+}
+
 /* Lanes of half h of panel p that are rows of the matrix (the last panel may be partial). */
 INLINE __m256i row_mask(const vlm_matrix *m, int p, int h) {
     const int nr = m->rows - p * PANEL - 8 * h;
@@ -66,10 +72,19 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
 
 /* --- int8 activations (see matmul_avx512.c for the algebra) ------------------------------
  * 4-bit: a pmaddubsw lane is at most 2 * 15 * 127 = 3810, so the 8 of one run add up in
- * int16 (<= 30480) before one pmaddwd. 8-bit: u8 x s8 could saturate, so multiply |w| by
- * x carrying w's sign (the sign trick); then no min term is needed. With AVX-VNNI both
- * take vpdpbusd on the stored unsigned values, and 8-bit gets the -128d min term as in
- * the AVX-512 kernel. */
+ * int16 (<= 30480) before one pmaddwd. 8-bit and the IQ4_NL codebook's values: u8 x s8
+ * could saturate, so multiply |w| by x carrying w's sign (the sign trick, sign_dot); then no
+ * min term is needed. With AVX-VNNI all take vpdpbusd on unsigned values (q, w + 128, the
+ * codebook's value + 128), and 8-bit and IQ4_NL get the -128d min term as in the AVX-512
+ * kernel. */
+#ifndef VLM_AVX_VNNI
+/* isum + the sums of 4 products of signed weights w (aw = |w|) with x: exact for |x| <= 127. */
+INLINE __m256i sign_dot(__m256i isum, __m256i w, __m256i aw, __m256i x) {
+    const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)); /* |pair| <= 2 * 128 * 127 */
+    return _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
                       const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
@@ -77,7 +92,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
-    const __m256i nib = _mm256_set1_epi8(0x0f);
+    const __m256i nib = _mm256_set1_epi8(0x0f), lut = iq4_table(VNNI ? (char)0x80 : 0);
 #ifndef VLM_AVX_VNNI
     const __m256i ones = _mm256_set1_epi16(1), bias = _mm256_set1_epi8((char)0x80);
 #endif
@@ -105,33 +120,40 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 #else
                     const __m256i w = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
                     const __m256i aw = _mm256_abs_epi8(w);
-                    for (int t = 0; t < T; t++) {
-                        const __m256i sx = _mm256_sign_epi8(bcast4(xq + (size_t)(b * 8 + j) * TQ + t), w);
-                        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), ones);
-                        isum[j % C][t] = _mm256_add_epi32(isum[j % C][t], dot);
-                    }
+                    for (int t = 0; t < T; t++)
+                        isum[j % C][t] = sign_dot(isum[j % C][t], w, aw, bcast4(xq + (size_t)(b * 8 + j) * TQ + t));
 #endif
                 }
             } else {
-                /* int16 partial sums: at most 8 products per run, each <= 3810, fit */
+                /* Q4: int16 partial sums, at most 8 products per run, each <= 3810, fit */
                 for (int c = 0; c < 4; c++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
                     const __m256i v = _mm256_load_si256((const __m256i *)qs);
-                    const __m256i lo = _mm256_and_si256(v, nib);
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    __m256i lo = _mm256_and_si256(v, nib), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), nib);
+                    if (fmt == FMT_IQ4) {
+                        lo = _mm256_shuffle_epi8(lut, lo);
+                        hi = _mm256_shuffle_epi8(lut, hi);
+                    }
+#ifndef VLM_AVX_VNNI
+                    const __m256i alo = _mm256_abs_epi8(lo), ahi = _mm256_abs_epi8(hi); /* IQ4 only */
+#endif
                     for (int t = 0; t < T; t++) {
                         const __m256i xlo = bcast4(xq + (size_t)(b * 8 + 2 * c) * TQ + t);
                         const __m256i xhi = bcast4(xq + (size_t)(b * 8 + 2 * c + 1) * TQ + t);
 #ifdef VLM_AVX_VNNI
                         isum[c % C][t] = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(isum[c % C][t], lo, xlo), hi, xhi);
 #else
-                        const __m256i plo = _mm256_maddubs_epi16(lo, xlo), phi = _mm256_maddubs_epi16(hi, xhi);
-                        isum[c % C][t] = _mm256_add_epi16(isum[c % C][t], _mm256_add_epi16(plo, phi));
+                        if (fmt == FMT_IQ4) {
+                            isum[c % C][t] = sign_dot(sign_dot(isum[c % C][t], lo, alo, xlo), hi, ahi, xhi);
+                        } else {
+                            const __m256i plo = _mm256_maddubs_epi16(lo, xlo), phi = _mm256_maddubs_epi16(hi, xhi);
+                            isum[c % C][t] = _mm256_add_epi16(isum[c % C][t], _mm256_add_epi16(plo, phi));
+                        }
 #endif
                     }
                 }
 #ifndef VLM_AVX_VNNI
-                for (int j = 0; j < C; j++)
+                for (int j = 0; j < C && fmt != FMT_IQ4; j++)
                     for (int t = 0; t < T; t++) isum[j][t] = _mm256_madd_epi16(isum[j][t], ones);
 #endif
             }
@@ -141,9 +163,9 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][t]), scale, acc[t]);
             }
         }
-        if (VNNI || fmt != FMT_Q8) { /* the sign trick needs no min term for 8-bit */
+        if (VNNI || fmt == FMT_Q4A || fmt == FMT_Q4S) { /* the sign trick needs no min term */
             const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL)
-                                             : _mm256_mul_ps(d, _mm256_set1_ps(fmt == FMT_Q8 ? -128.0f : -8.0f));
+                                             : _mm256_mul_ps(d, _mm256_set1_ps(fmt == FMT_Q4S ? -8.0f : -128.0f));
             for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TQ + t]), acc[t]);
         }
     }
@@ -160,6 +182,10 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
     const __m256i bias = _mm256_set1_epi8((char)0x80);
+    /* IQ4_NL: the codebook as floats, entries 0-7 and 8-15 (vpermps takes 8) */
+    const __m128i *codebook = (const __m128i *)vlm_iq4nl_values;
+    const __m256 iq4_lo = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(codebook)));
+    const __m256 iq4_hi = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(_mm_loadu_si128(codebook), 8)));
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
     const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
     const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF + lane, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF + lane;
@@ -193,7 +219,11 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                     for (int n = 0; n < 8; n++) {
                         __m256i wi = _mm256_and_si256(n ? _mm256_srli_epi32(v, 4 * n) : v, nib);
                         if (fmt == FMT_Q4S) wi = _mm256_sub_epi32(wi, eight);
-                        const __m256 w = _mm256_cvtepi32_ps(wi);
+                        /* IQ4: entry wi & 7 of the half that bit 3 (moved to the sign bit) picks */
+                        const __m256 w = fmt == FMT_IQ4 ? _mm256_blendv_ps(_mm256_permutevar8x32_ps(iq4_lo, wi),
+                                                                           _mm256_permutevar8x32_ps(iq4_hi, wi),
+                                                                           _mm256_castsi256_ps(_mm256_slli_epi32(wi, 28)))
+                                                        : _mm256_cvtepi32_ps(wi);
                         const int k = k0 + 8 * c + (n & 1) * 4 + n / 2;
                         for (int t = 0; t < T; t++) {
                             const __m256 xv = _mm256_broadcast_ss(x + (size_t)k * TF + t);
@@ -279,6 +309,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     switch (m->fmt) {                                         \
     case FMT_Q4A: SWITCH(tile_float_quant, FMT_Q4A, n) break; \
     case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break; \
+    case FMT_IQ4: SWITCH(tile_float_quant, FMT_IQ4, n) break; \
     case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;   \
     case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;        \
     default: SWITCH(tile_half, FMT_BF16, n) break;            \

@@ -31,6 +31,11 @@ INLINE __m512i bcast4(const int32_t *p) {
 
 INLINE __m512 load_half16(const uint16_t *p) { return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)p)); }
 
+/* vlm_iq4nl_values ^ flip (0x80: + 128, unsigned) in every 128-bit lane, for vpshufb. */
+INLINE __m512i iq4_table(__m128i flip) {
+    return _mm512_broadcast_i32x4(_mm_xor_si128(_mm_loadu_si128((const __m128i *)vlm_iq4nl_values), flip));
+}
+
 /* The rows of panel p that exist (the last panel may be partial). */
 INLINE __mmask16 row_mask(const vlm_matrix *m, int p) {
     const int nr = vlm_min(PANEL, m->rows - p * PANEL);
@@ -49,15 +54,16 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int t
 
 /* --- int8 activations ------------------------------------------------------------------
  * y = sum over groups of d * sum over runs (dx * isum) + m * s, isum = vpdpbusd of the
- * unsigned weights with the int8 activations. The unsigned form of q4_sym (q) and q8
- * (w + 128) is fixed up by the min term m = -8d resp. -128d, since s = dx * sum(qx). */
+ * unsigned weights with the int8 activations. The unsigned form of q4_sym (q), iq4_nl (its
+ * codebook value + 128, looked up by vpshufb) and q8 (w + 128) is fixed up by the min term
+ * m = -8d resp. -128d, since s = dx * sum(qx). */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off);
-    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __m512i nib = _mm512_set1_epi8(0x0f), lut = iq4_table(_mm_set1_epi8((char)0x80));
     /* this tile's activations (interleaved, see vlm_act): word j of token t is xq[j * TQ + t] */
     const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
     const float *xd = a->d + (size_t)(sp.t0 / TQ) * NB * TQ, *xs = a->s + (size_t)(sp.t0 / TQ) * NG * TQ;
@@ -84,8 +90,11 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
                 for (int c = 0; c < 4; c++) {
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_load_si512(qs++);
-                    const __m512i lo = _mm512_and_si512(v, nib);
-                    const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                    __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+                    if (fmt == FMT_IQ4) {
+                        lo = _mm512_shuffle_epi8(lut, lo);
+                        hi = _mm512_shuffle_epi8(lut, hi);
+                    }
                     for (int t = 0; t < T; t++) {
                         __m512i s = _mm512_dpbusd_epi32(isum[c % C][t], lo, bcast4(xb + 2 * c * TQ + t));
                         isum[c % C][t] = _mm512_dpbusd_epi32(s, hi, bcast4(xb + (2 * c + 1) * TQ + t));
@@ -99,7 +108,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
             }
         }
         const __m512 mv = fmt == FMT_Q4A ? load_half16(mn + g * PANEL)
-                                         : _mm512_mul_ps(d, _mm512_set1_ps(fmt == FMT_Q8 ? -128.0f : -8.0f));
+                                         : _mm512_mul_ps(d, _mm512_set1_ps(fmt == FMT_Q4S ? -8.0f : -128.0f));
         for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[g * TQ + t]), acc[t]);
     }
     for (int t = 0; t < T; t++) store_rows(m, a, sp, t, acc[t]);
@@ -107,7 +116,8 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
 
 /* --- float activations, quantized weights ------------------------------------------------
  * 4-bit: vpermps looks the nibble up in a 16-float table (only the low 4 index bits
- * count), giving q (asymmetric) or q - 8 (symmetric) in one op without masking.
+ * count), giving q (asymmetric), q - 8 (symmetric) or the codebook value in one op without
+ * masking.
  * 8-bit: flip the +128 bias off and sign-extend each byte with a shift pair. */
 INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C,
                              const int fmt) {
@@ -116,8 +126,10 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off);
-    const __m512 table = fmt == FMT_Q4S ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
-                                        : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 iq4 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)vlm_iq4nl_values)));
+    const __m512 table = fmt == FMT_Q4S   ? _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7)
+                         : fmt == FMT_IQ4 ? iq4
+                                          : _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i bias = _mm512_set1_epi8((char)0x80);
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
     const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
@@ -234,6 +246,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
     switch (m->fmt) {                                               \
     case FMT_Q4A: SWITCH(tile_float_quant, FMT_Q4A, n) break;       \
     case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break;       \
+    case FMT_IQ4: SWITCH(tile_float_quant, FMT_IQ4, n) break;       \
     case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;         \
     case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;              \
     default: SWITCH(tile_half, FMT_BF16, n) break;                  \
@@ -255,6 +268,7 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
                 switch (m->fmt) {
                 case FMT_Q4A: SWITCH_T(tile_int8, FMT_Q4A, n) break;
                 case FMT_Q4S: SWITCH_T(tile_int8, FMT_Q4S, n) break;
+                case FMT_IQ4: SWITCH_T(tile_int8, FMT_IQ4, n) break;
                 default: SWITCH_T(tile_int8, FMT_Q8, n) break;
                 }
             }

@@ -131,23 +131,30 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
  * values each, for the low and the high nibbles (4-bit) or for this chunk and the next
  * (8-bit, value + 128 flipped back to the signed value: chunk j holds values 4j .. 4j + 3).
  * 4-bit values stay 0 .. 15; the symmetric offset -8 is the min term (d * -8 * sum(q x))
- * as in matmul_avx512.c, so it costs nothing per weight. */
+ * as in matmul_avx512.c, so it costs nothing per weight. IQ4_NL's nibbles are looked up in
+ * its codebook (TBL): signed values, no min term. */
 INLINE void chunk_weights(const unsigned char *qs, int i, const int fmt, int8x16_t *lo, int8x16_t *hi) {
     if (fmt == FMT_Q8) {
         const uint8x16_t bias = vdupq_n_u8(0x80);
         *lo = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 16 * i), bias));
         *hi = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 64 + 16 * i), bias));
     } else {
-        const uint8x16_t v = vld1q_u8(qs + 16 * i);
-        *lo = vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f)));
-        *hi = vreinterpretq_s8_u8(vshrq_n_u8(v, 4));
+        const uint8x16_t v = vld1q_u8(qs + 16 * i), lo4 = vandq_u8(v, vdupq_n_u8(0x0f)), hi4 = vshrq_n_u8(v, 4);
+        if (fmt == FMT_IQ4) {
+            const int8x16_t codebook = vld1q_s8(vlm_iq4nl_values);
+            *lo = vqtbl1q_s8(codebook, lo4);
+            *hi = vqtbl1q_s8(codebook, hi4);
+        } else {
+            *lo = vreinterpretq_s8_u8(lo4);
+            *hi = vreinterpretq_s8_u8(hi4);
+        }
     }
 }
 
 /* --- int8 activations, dot products ---------------------------------------------------
  * y = sum over groups of d * sum over runs (dx * isum) + min * s, with isum the integer
  * dot products of a run (exact); min is the 4-bit asymmetric min, -8d for symmetric 4-bit
- * and 0 for 8-bit. A run is 4 chunk steps: 4-bit chunk c is values 8c .. 8c + 7, 8-bit
+ * and 0 for 8-bit and IQ4_NL. A run is 4 chunk steps: 4-bit chunk c is values 8c .. 8c + 7, 8-bit
  * chunks come in pairs (the same 8 values). */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
@@ -201,7 +208,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 }
             }
         }
-        if (fmt != FMT_Q8) {
+        if (fmt == FMT_Q4A || fmt == FMT_Q4S) {
             float32x4_t mv[2];
             if (fmt == FMT_Q4A)
                 load_half8(mn + g * PANEL, mv);
@@ -309,7 +316,7 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 for (int tp = 0; tp < PAIRS; tp++)
                     acc[rp][tp] = vfmaq_f32(acc[rp][tp], vcvtq_f32_s32(isum[rp][tp]), vmulq_f32(d2[rp], dx2[tp]));
         }
-        if (fmt != FMT_Q8) {
+        if (fmt == FMT_Q4A || fmt == FMT_Q4S) {
             float32x4_t mv[2], m2[4], s2[PAIRS];
             if (fmt == FMT_Q4A)
                 load_half8(mn + g * PANEL, mv);
@@ -342,7 +349,8 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 /* --- float activations, quantized weights ----------------------------------------------
  * A value is shifted to the top of its lane and back: 4-bit q at bit 4n is (v << (28 - 4n))
  * >> 28, symmetric q - 8 the same with an arithmetic shift after flipping bit 3 of every
- * nibble (q ^ 8 read as a signed nibble is q - 8); 8-bit byte i, bias flipped, likewise. */
+ * nibble (q ^ 8 read as a signed nibble is q - 8); 8-bit byte i, bias flipped, likewise.
+ * IQ4_NL: the nibbles looked up in the codebook as in chunk_weights, then read as bytes. */
 INLINE float32x4_t field(uint32x4_t v, const int shift, const int bits, const int sign) {
     const uint32x4_t top = vshlq_u32(v, vdupq_n_s32(32 - bits - shift));
     if (sign) return vcvtq_f32_s32(vshlq_s32(vreinterpretq_s32_u32(top), vdupq_n_s32(bits - 32)));
@@ -395,16 +403,26 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                 UNROLL
                 for (int c = 0; c < 4; c++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
-                    uint32x4_t v[2];
+                    uint32x4_t v[2], lo[2], hi[2]; /* IQ4: the values of the low and the high nibbles */
                     UNROLL
                     for (int i = 0; i < 2; i++) {
                         v[i] = vld1q_u32((const uint32_t *)(qs + 16 * i));
                         if (fmt == FMT_Q4S) v[i] = veorq_u32(v[i], flip);
+                        if (fmt == FMT_IQ4) {
+                            int8x16_t l, u;
+                            chunk_weights(qs, i, fmt, &l, &u);
+                            lo[i] = vreinterpretq_u32_s8(l);
+                            hi[i] = vreinterpretq_u32_s8(u);
+                        }
                     }
                     UNROLL
                     for (int e = 0; e < 8; e++) {
                         const int sign = fmt == FMT_Q4S;
-                        const float32x4_t w[2] = {field(v[0], 4 * e, 4, sign), field(v[1], 4 * e, 4, sign)};
+                        float32x4_t w[2];
+                        UNROLL
+                        for (int i = 0; i < 2; i++)
+                            w[i] = fmt == FMT_IQ4 ? field(e & 1 ? hi[i] : lo[i], 8 * (e / 2), 8, 1)
+                                                  : field(v[i], 4 * e, 4, sign);
                         const int k = k0 + 8 * c + (e & 1) * 4 + e / 2;
                         UNROLL
                         for (int t = 0; t < T; t++)
@@ -518,6 +536,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     switch (m->fmt) {                                         \
     case FMT_Q4A: SWITCH(tile_float_quant, FMT_Q4A, n) break; \
     case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break; \
+    case FMT_IQ4: SWITCH(tile_float_quant, FMT_IQ4, n) break; \
     case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;   \
     case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;        \
     default: SWITCH(tile_half, FMT_BF16, n) break;            \

@@ -10,6 +10,8 @@
 
 #define MAX_GROUP 128
 
+const int8_t vlm_iq4nl_values[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
 float vlm_half_to_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
     const uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff;
@@ -96,7 +98,7 @@ static void load_scales(const uint16_t *src, float *dst) {
 
 /* Decode group g of a panel (the inverse of the layout in kernels.h) to the integers the
  * scales multiply: q (asymmetric, whose min term is added separately), q - 8 (symmetric
- * 4-bit) or the signed 8-bit value; and its scales d (and, FMT_Q4A, mins mn) as floats. */
+ * 4-bit), the codebook's value or the signed 8-bit value; and its scales d (and, FMT_Q4A, mins mn) as floats. */
 static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g, int8_t w[][PANEL], float *d,
                          float *mn) {
     load_scales((const uint16_t *)(panel + m->scales_off) + g * PANEL, d);
@@ -116,8 +118,13 @@ static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g,
                 for (int r = 0; r < PANEL; r++) {
                     for (int i = 0; i < 4; i++) {
                         const int byte = run[c * 64 + r * 4 + i];
-                        out[8 * c + i][r] = (int8_t)((byte & 0x0f) - offset);
-                        out[8 * c + 4 + i][r] = (int8_t)((byte >> 4) - offset);
+                        if (m->fmt == FMT_IQ4) {
+                            out[8 * c + i][r] = vlm_iq4nl_values[byte & 0x0f];
+                            out[8 * c + 4 + i][r] = vlm_iq4nl_values[byte >> 4];
+                        } else {
+                            out[8 * c + i][r] = (int8_t)((byte & 0x0f) - offset);
+                            out[8 * c + 4 + i][r] = (int8_t)((byte >> 4) - offset);
+                        }
                     }
                 }
             }

@@ -65,10 +65,10 @@ static void copy_scales(unsigned char *dst, vlm_strided src, int rows, int row0,
 }
 
 int vlm_pack_q4(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strided mins, int rows, int cols,
-                int group, int symmetric, int drop_source) {
-    const int ng = cols / group, nb = cols / RUN;
+                int group, int fmt, int drop_source) {
+    const int ng = cols / group, nb = cols / RUN, symmetric = fmt != FMT_Q4A;
     sources src = {{quants, scales, symmetric ? (vlm_strided){NULL, 0, 0} : mins}, 0};
-    m->fmt = symmetric ? FMT_Q4S : FMT_Q4A;
+    m->fmt = fmt;
     m->rows = rows;
     m->cols = cols;
     m->group = group;
@@ -179,8 +179,11 @@ void vlm_unpack_row(const vlm_matrix *m, int row, float *out) {
         }
         /* value v of a run: chunk v / 8, byte v % 4, high nibble for the second 4 of each 8 */
         const unsigned char byte = panel[(size_t)(k / RUN) * 256 + (v / 8) * 64 + r * 4 + v % 4];
-        const float q = (float)(v % 8 < 4 ? byte & 0x0f : byte >> 4);
-        if (m->fmt == FMT_Q4S) {
+        const int q4 = v % 8 < 4 ? byte & 0x0f : byte >> 4;
+        const float q = (float)q4;
+        if (m->fmt == FMT_IQ4) {
+            out[k] = (float)vlm_iq4nl_values[q4] * d;
+        } else if (m->fmt == FMT_Q4S) {
             out[k] = (q - 8.0f) * d;
         } else {
             const float w = q * d;
