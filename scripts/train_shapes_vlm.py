@@ -189,14 +189,6 @@ def collate(rows: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Te
     return ids, labels, mask
 
 
-def norm_penalty(features: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-    """Squared gap between the image tokens' norms and the embeddings' mean norm, relative to it:
-    tokens much larger than any word swamp the residual stream at their positions (a first run
-    without this ended with norms ten times the embeddings' and a decoder that ignored them)."""
-    target = embeddings.norm(dim=-1).mean()
-    return ((features.norm(dim=-1) - target) / target).pow(2).mean()
-
-
 def image_features(model, pixels: torch.Tensor) -> torch.Tensor:
     """[batch, 36, text hidden]: the tower, pixel shuffle and connector (what replaces <image>)."""
     hidden = model.model.vision_model(pixel_values=pixels).last_hidden_state
@@ -239,7 +231,7 @@ def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
         mse = ((out[used] - words[target[used]]).pow(2).sum(-1) / scale).mean()
         logits = scale_logits * (out @ words.T) + bias
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
-        loss = 0.1 * mse + ce + norm_penalty(out, emb)
+        loss = 0.1 * mse + ce
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, 50)
         opt.zero_grad()
@@ -258,7 +250,6 @@ def stage_chat(model, data: Data, steps: int, batch: int, lr: float, turns: int,
     loss per question kind."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    emb, image_id = model.model.text_model.embed_tokens, model.config.image_token_id
     t0 = time.time()
     stream = batches(data, batch)
     window: dict[str, list[float]] = {}
@@ -266,13 +257,10 @@ def stage_chat(model, data: Data, steps: int, batch: int, lr: float, turns: int,
         scenes, pixels = next(stream)
         rows = [data.conversation(s, turns) for s in scenes]
         ids, labels, mask = collate([(x, y) for x, y, _ in rows], data.tok.pad_token_id)
-        features = image_features(model, pixels)
-        embeds = emb(ids).masked_scatter((ids == image_id)[..., None], features)
-        hidden = model.model.text_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
-        logits = model.lm_head(hidden)
+        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, None]).logits
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
         per_token = per_token.view(len(rows), -1)
-        loss = per_token.sum() / (labels[:, 1:] >= 0).sum() + norm_penalty(features, emb.weight)
+        loss = per_token.sum() / (labels[:, 1:] >= 0).sum()
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, 20)
         opt.zero_grad()
@@ -332,9 +320,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "vlm/assets/smolvlm-shapes")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--word-steps", type=int, default=600)
+    ap.add_argument("--word-steps", type=int, default=1000)
     ap.add_argument("--word-batch", type=int, default=32)
-    ap.add_argument("--chat-steps", type=int, default=300)
+    ap.add_argument("--chat-steps", type=int, default=450)
     ap.add_argument("--chat-batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--word-lr", type=float, default=1e-3)
