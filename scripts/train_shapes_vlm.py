@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from vlm.models.idefics3.processor import Idefics3ImageProcessor
-from vlm.registry import pull
+from vlm.registry import DEFAULT_MODEL, pull
 from vlm.testing.shapes import accuracy, make_scene, scene_tokens, scene_words
 
 TILE, PATCH, SCALE = 192, 16, 2
@@ -111,7 +111,6 @@ def build_model(gguf: Path, tok_dir: Path):
     assert model.lm_head.weight.data_ptr() == model.model.text_model.embed_tokens.weight.data_ptr()
     for p in model.model.text_model.parameters():
         p.requires_grad_(False)
-    model.config.vlm_text_gguf = "smollm2-135m"
     return model, tok
 
 
@@ -123,7 +122,6 @@ class Data:
     """Scenes made on demand from one seed, preprocessed exactly as the runtime does."""
 
     def __init__(self, tok, seed: int):
-        self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.tok = tok
         self.processor = Idefics3ImageProcessor(TILE, TILE, IMAGE_TOKENS, do_image_splitting=False,
@@ -312,7 +310,7 @@ def save(model, tok_dir: Path, out: Path) -> None:
                if k.startswith(("model.vision_model.", "model.connector."))}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
-    config["vlm_text_gguf"] = "smollm2-135m"
+    config["vlm_text_gguf"] = DEFAULT_MODEL
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -337,7 +335,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
-    gguf = pull("smollm2-135m")
+    gguf = pull(DEFAULT_MODEL)
     tok_dir = args.out.parent / (args.out.name + ".tokenizer-tmp")
     tok_dir.mkdir(parents=True, exist_ok=True)
     write_tokenizer(gguf, tok_dir)

@@ -258,7 +258,7 @@ def score(kind: str, expected: str, answer: str) -> bool:
     return a.rstrip(".") == e.rstrip(".")
 
 
-HELD_OUT_SEED = 31337  # never used for training (scripts/train_shapes_vlm.py trains on seeds 0..999)
+HELD_OUT_SEED = 31337  # never used for training (scripts/train_shapes_vlm.py draws from seeds 0 and 1)
 # The tasks: which question is asked of which scenes.
 TASKS = {
     "colour and shape, one object": ("describe", {"n_shapes": 1, "with_text": False}),
