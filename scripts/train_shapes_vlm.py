@@ -32,10 +32,11 @@ import torch.nn.functional as F
 
 from vlm.models.idefics3.processor import Idefics3ImageProcessor
 from vlm.registry import DEFAULT_MODEL, pull
-from vlm.testing.shapes import accuracy, make_scene, scene_tokens, scene_words
+from vlm.testing.shapes import GRID, accuracy, make_scene, scene_tokens, scene_words
 
 TILE, PATCH, SCALE = 192, 16, 2
-IMAGE_TOKENS = (TILE // PATCH) ** 2 // SCALE**2  # 36
+IMAGE_TOKENS = GRID * GRID  # 36: scene_tokens lays one word on each
+assert TILE // PATCH // SCALE == GRID
 VISION = {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 6, "num_attention_heads": 4,
           "image_size": TILE, "patch_size": PATCH}
 # SmolLM2's unused special tokens renamed to Idefics3's image markers: the decoder's vocabulary
@@ -126,8 +127,8 @@ class Data:
         self.tok = tok
         self.processor = Idefics3ImageProcessor(TILE, TILE, IMAGE_TOKENS, do_image_splitting=False,
                                                 resample=1)
-        self.image_ids = tok.encode("<fake_token_around_image><global-img>" + "<image>" * IMAGE_TOKENS
-                                    + "<fake_token_around_image>", add_special_tokens=False)
+        self.image_ids = self.encode("<fake_token_around_image><global-img>" + "<image>" * IMAGE_TOKENS
+                                     + "<fake_token_around_image>")
         self.word_ids = {}
 
     def scene(self, **kw):
@@ -136,24 +137,31 @@ class Data:
 
     def word_id(self, w: str) -> int:
         if w not in self.word_ids:
-            ids = self.tok.encode(w, add_special_tokens=False)
+            ids = self.encode(w)
             assert len(ids) == 1, (w, ids)
             self.word_ids[w] = ids[0]
         return self.word_ids[w]
 
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def user_turn(self, question: str, with_image: bool) -> list[int]:
+        """A user message (the image first) and the assistant's header, as the chat template
+        writes them."""
+        image = self.image_ids if with_image else []
+        return (self.encode("<|im_start|>user\n") + image + self.encode(question + "<|im_end|>\n")
+                + self.encode("<|im_start|>assistant\n"))
+
     def conversation(self, scene, turns: int) -> tuple[list[int], list[int], list[tuple[str, int, int]]]:
         """Ids of a chat about the scene (the image in the first user turn), labels (-100 but
-        on the answers and their <|im_end|>), rendered as the chat template writes them, and
-        (kind, start, end) of each answer."""
-        enc = lambda text: self.tok.encode(text, add_special_tokens=False)  # noqa: E731
+        on the answers and their <|im_end|>), and (kind, start, end) of each answer."""
         qs = [scene.questions[i] for i in self.rng.permutation(len(scene.questions))[:turns]]
         ids, labels, spans = [], [], []
         for i, (kind, q, a) in enumerate(qs):
-            user = enc("<|im_start|>user\n") + (self.image_ids if i == 0 else []) + enc(q + "<|im_end|>\n")
-            user += enc("<|im_start|>assistant\n")
-            answer = enc(a + "<|im_end|>")
+            user = self.user_turn(q, with_image=i == 0)
+            answer = self.encode(a + "<|im_end|>")
             spans.append((kind, len(ids) + len(user), len(ids) + len(user) + len(answer)))
-            ids += user + answer + enc("\n")
+            ids += user + answer + self.encode("\n")
             labels += [-100] * len(user) + answer + [-100]
         return ids, labels, spans
 
@@ -288,8 +296,7 @@ def evaluate(model, data: Data, per_task: int) -> dict[str, float]:
 
     def answer(image, question: str) -> str:
         pixels = torch.from_numpy(data.processor(image).pixels)
-        prompt = data.tok.encode("<|im_start|>user\n", add_special_tokens=False) + data.image_ids
-        prompt += data.tok.encode(question + "<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+        prompt = data.user_turn(question, with_image=True)
         out = model.generate(input_ids=torch.tensor([prompt]), pixel_values=pixels[None], max_new_tokens=40,
                              do_sample=False, eos_token_id=data.tok.eos_token_id, pad_token_id=data.tok.pad_token_id)
         return data.tok.decode(out[0, len(prompt):], skip_special_tokens=True)
