@@ -2,14 +2,18 @@
 frozen SmolLM2-135M-Instruct (the Q4_1 GGUF of the default model, dequantized: training sees
 the weights the runtime runs), on synthetic shape scenes (vlm/testing/shapes.py).
 
-    python scripts/train_shapes_vlm.py [--out vlm/assets/smolvlm-shapes] [--seed 0]
+    python scripts/train_shapes_vlm.py [--out vlm/assets/smolvlm-shapes] [--work shapes-work] [--seed 0]
 
-Two stages, both seeded:
-1. The tower alone (no decoder: cheap): each of its 36 image tokens is pulled towards the
-   embedding of one word of the scene written out ("3 red circle top left ... text A B"), so the
-   decoder first sees the image as something close to words it knows.
-2. Tower and connector end to end through the frozen decoder, on multi-turn conversations about
-   each scene (every answer token is a target).
+The image is read as words: each of the 36 image tokens stands for one word of the scene written
+out on a 6 x 6 grid ("red circle / top left" in a shape's cell, the count in empty cells, the
+characters in the text's band: vlm.testing.shapes.scene_tokens). Three stages, all seeded:
+1. The tower alone (no decoder: cheap): image token k is classified as the scene's k-th word.
+2. The decoder's side alone, beside stage 1 in a second process (on two cores, each gets one):
+   the vector each word should be, and a vector per token position, trained through the frozen
+   decoder on multi-turn conversations about scenes whose words are known (a soft prompt). A
+   frozen 135M decoder does not learn to read a tower's first guesses end to end (the first
+   recipe's answers stayed at chance); given the words, it learns to answer from them.
+3. The tower and connector pulled onto stage 2's vectors.
 It logs the losses and, at the end, greedy accuracy on held-out scenes (a seed never used for
 training), and writes an Idefics3 directory whose safetensors hold only the tower and the
 connector; config.json's `vlm_text_gguf` names the decoder (the default model's GGUF).
@@ -22,6 +26,7 @@ import argparse
 import json
 import math
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -250,28 +255,36 @@ def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
                 f"({time.time() - t0:.0f}s)")
 
 
-def stage_chat(model, data: Data, steps: int, batch: int, lr: float, turns: int,
-               checkpoint: Path | None = None) -> None:
-    """End to end through the frozen decoder on conversations about scenes; logs the answer
-    loss per question kind."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    t0 = time.time()
-    stream = batches(data, batch)
+def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: int) -> dict[str, torch.Tensor]:
+    """The decoder's side alone (no tower: each scene's words are known): the vectors the image
+    tokens should carry, one per scene word (`table`, from its embedding) plus one per image-token
+    position (`delta`, from zero), trained end to end through the frozen decoder on conversations
+    about scenes, like a soft prompt. Logs the answer loss per question kind."""
+    text_model, lm_head = model.model.text_model, model.lm_head
+    emb = text_model.embed_tokens.weight.detach()
+    vocab = sorted({data.word_id(w) for w in scene_words()})
+    column = {t: i for i, t in enumerate(vocab)}
+    table = torch.nn.Parameter(emb[vocab].clone())
+    delta = torch.nn.Parameter(torch.zeros(IMAGE_TOKENS, emb.shape[1]))
+    opt = torch.optim.AdamW([table, delta], lr=lr, weight_decay=0.0)
+    image_id = data.tok.convert_tokens_to_ids("<image>")
     window: dict[str, list[float]] = {}
+    t0 = time.time()
     for step in range(steps):
-        scenes, pixels = next(stream)
+        scenes = [data.scene()[0] for _ in range(batch)]
         rows = [data.conversation(s, turns) for s in scenes]
         ids, labels, mask = collate([(x, y) for x, y, _ in rows], data.tok.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask, pixel_values=pixels[:, None]).logits
+        x = emb[ids].clone()
+        for i, s in enumerate(scenes):
+            x[i, ids[i] == image_id] = table[[column[data.word_id(w)] for w in scene_tokens(s)]] + delta
+        logits = lm_head(text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
         per_token = per_token.view(len(rows), -1)
         loss = per_token.sum() / (labels[:, 1:] >= 0).sum()
         for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 20)
+            g["lr"] = cosine_lr(step, steps, lr, 10)
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         with torch.no_grad():
             for i, (_, _, spans) in enumerate(rows):
@@ -279,10 +292,41 @@ def stage_chat(model, data: Data, steps: int, batch: int, lr: float, turns: int,
                     window.setdefault(kind, []).append(float(per_token[i, a - 1:b - 1].mean()))
         if step % 10 == 0 or step == steps - 1:
             kinds = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
-            log(f"chat {step}/{steps} loss {loss.item():.4f} | {kinds} ({time.time() - t0:.0f}s)")
+            log(f"prompt {step}/{steps} loss {loss.item():.4f} | {kinds} ({time.time() - t0:.0f}s)")
             window.clear()
-        if checkpoint and (step % 50 == 49 or step == steps - 1):
-            torch.save(vision_state(model), checkpoint)
+    return {"vocab": torch.tensor(vocab), "table": table.detach(), "delta": delta.detach()}
+
+
+def stage_snap(model, data: Data, prompt: dict[str, torch.Tensor], steps: int, batch: int, lr: float) -> None:
+    """The tower and connector onto stage 2's vectors: cross-entropy over the words with minus the
+    squared distance as logits (the nearest vector must be the right one) plus the squared error
+    itself (and close to it, so the decoder reads what stage 2 trained it on)."""
+    column = {int(t): i for i, t in enumerate(prompt["vocab"])}
+    table, delta = prompt["table"], prompt["delta"]
+    scale = table.pow(2).sum(-1).mean()
+    sharpness = torch.nn.Parameter(torch.tensor(10.0).log())
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([{"params": params}, {"params": [sharpness], "weight_decay": 0.0}], lr=lr,
+                            weight_decay=0.01)
+    t0 = time.time()
+    stream = batches(data, batch)
+    for step in range(steps):
+        scenes, pixels = next(stream)
+        target = torch.tensor([[column[data.word_id(w)] for w in scene_tokens(s)] for s in scenes])
+        out = image_features(model, pixels)
+        mse = (out - table[target] - delta).pow(2).sum(-1).div(scale).mean()
+        distance = torch.cdist((out - delta).flatten(0, 1), table).pow(2) / scale
+        ce = F.cross_entropy(-distance * sharpness.exp(), target.flatten())
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 50)
+        opt.zero_grad()
+        (ce + mse).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 25 == 0 or step == steps - 1:
+            acc = (distance.argmin(-1) == target.flatten()).float().mean()
+            log(f"snap {step}/{steps} ce {ce.item():.3f} mse {mse.item():.3f} nearest right {acc:.3f} "
+                f"({time.time() - t0:.0f}s)")
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -324,46 +368,69 @@ def save(model, tok_dir: Path, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "vlm/assets/smolvlm-shapes")
+    ap.add_argument("--work", type=Path, default=Path("shapes-work"),
+                    help="each stage's result (prompt.pt, words.pt): loaded if there, so a run can resume")
+    ap.add_argument("--only", choices=["prompt", "words"], help="run this stage alone and stop")
+    ap.add_argument("--one-process", action="store_true",
+                    help="run stage 2 after stage 1 instead of beside it in a second process")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--word-steps", type=int, default=1000)
+    ap.add_argument("--word-steps", type=int, default=6000)
     ap.add_argument("--word-batch", type=int, default=32)
-    ap.add_argument("--chat-steps", type=int, default=450)
-    ap.add_argument("--chat-batch", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--word-lr", type=float, default=1e-3)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--chat-checkpoint", type=Path, help="stage 2's progress, written every 50 steps")
+    ap.add_argument("--prompt-steps", type=int, default=600)
+    ap.add_argument("--prompt-batch", type=int, default=8)
+    ap.add_argument("--prompt-lr", type=float, default=3e-2)
+    ap.add_argument("--turns", type=int, default=3)
+    ap.add_argument("--snap-steps", type=int, default=600)
+    ap.add_argument("--snap-lr", type=float, default=1e-3)
     ap.add_argument("--eval-scenes", type=int, default=25, help="held-out scenes per task")
     ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: a worker process makes the scenes on the other core)")
-    ap.add_argument("--words-checkpoint", type=Path,
-                    help="stage 1's result: loaded if the file exists (stage 1 skipped), else written")
+                    help="torch threads per process (default 1: on two cores, stage 1 and its scene-making "
+                         "worker, and stage 2 beside them)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
     gguf = pull(DEFAULT_MODEL)
-    tok_dir = args.out.parent / (args.out.name + ".tokenizer-tmp")
-    tok_dir.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    tok_dir = args.work / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
     write_tokenizer(gguf, tok_dir)
     write_processor_files(tok_dir)
     model, tok = build_model(gguf, tok_dir)
     model.train()
     log(f"trainable parameters: {sum(p.numel() for p in model.parameters() if p.requires_grad):,}")
-    train = Data(tok, seed=args.seed)
-    if args.words_checkpoint and args.words_checkpoint.is_file():
-        model.load_state_dict(torch.load(args.words_checkpoint), strict=False)
-        log(f"stage 1 loaded from {args.words_checkpoint}")
+    prompt_file, words_file = args.work / "prompt.pt", args.work / "words.pt"
+
+    def run_prompt() -> None:
+        prompt = stage_prompt(model, Data(tok, seed=args.seed + 1), args.prompt_steps, args.prompt_batch,
+                              args.prompt_lr, args.turns)
+        torch.save(prompt, prompt_file)
+
+    def run_words() -> None:
+        stage_words(model, Data(tok, seed=args.seed), args.word_steps, args.word_batch, args.word_lr)
+        torch.save(vision_state(model), words_file)
+
+    if args.only:
+        {"prompt": run_prompt, "words": run_words}[args.only]()
+        return
+    beside = None
+    if not prompt_file.is_file() and not args.one_process:
+        beside = subprocess.Popen([sys.executable, __file__, "--only", "prompt", *sys.argv[1:]])
+    if words_file.is_file():
+        model.load_state_dict(torch.load(words_file), strict=False)
+        log(f"stage 1 loaded from {words_file}")
     else:
-        stage_words(model, train, args.word_steps, args.word_batch, lr=args.word_lr)
-        if args.words_checkpoint:
-            torch.save(vision_state(model), args.words_checkpoint)
-    stage_chat(model, Data(tok, seed=args.seed + 1), args.chat_steps, args.chat_batch, args.lr, args.turns,
-               args.chat_checkpoint)
+        run_words()
+    if beside is not None and beside.wait() != 0:
+        raise SystemExit("stage 2 failed")
+    if not prompt_file.is_file():
+        run_prompt()
+    stage_snap(model, Data(tok, seed=args.seed + 2), torch.load(prompt_file), args.snap_steps, args.word_batch,
+               args.snap_lr)
     save(model, tok_dir, args.out)
-    shutil.rmtree(tok_dir)
     log(f"wrote {args.out} ({time.time() - t0:.0f}s of training)")
-    acc = evaluate(model, train, args.eval_scenes)
+    acc = evaluate(model, Data(tok, seed=args.seed), args.eval_scenes)
     log("held-out accuracy (transformers, f32): " + ", ".join(f"{k} {v:.2f}" for k, v in acc.items()))
 
 

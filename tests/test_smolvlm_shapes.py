@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # The issue's targets (#13); docs/smolvlm-shapes.md has what the shipped checkpoint measures.
 TARGETS = {"colour and shape, one object": 0.95, "count, 1-5 objects": 0.90, "position": 0.85,
            "text, 1-6 characters": 0.70}
+# What the shipped checkpoint scores on the test's 48 scenes, less a margin for other CPUs' rounding.
+FLOORS = {"colour and shape, one object": 0.8, "count, 1-5 objects": 0.8, "position": 0.4}
 
 
 def test_bundled_files_are_small_and_hold_only_the_image_side():
@@ -54,12 +56,22 @@ def shapes_model(smollm2_gguf):
     return vlm.load("smolvlm-shapes")
 
 
-@pytest.mark.xfail(strict=True, reason="#13: the shipped checkpoint is near chance (docs/smolvlm-shapes.md); "
-                   "a checkpoint that meets the targets turns this into a failure: then drop the mark")
-def test_held_out_accuracy_through_the_default_path(shapes_model):
+@pytest.fixture(scope="module")
+def held_out_accuracy(shapes_model):
+    """About 50 held-out scenes (12 per task) through the default 4-bit path."""
     assert resolve("smolvlm-shapes") == BUNDLED
-    measured = accuracy(lambda image, q: ask(shapes_model, image, q), per_task=12)
-    assert all(measured[task] >= target for task, target in TARGETS.items()), measured
+    return accuracy(lambda image, q: ask(shapes_model, image, q), per_task=12)
+
+
+def test_held_out_accuracy_stays_at_what_the_shipped_checkpoint_measures(held_out_accuracy):
+    """The same 48 scenes every run: a vision path that breaks falls to chance here."""
+    assert all(held_out_accuracy[task] >= floor for task, floor in FLOORS.items()), held_out_accuracy
+
+
+@pytest.mark.xfail(strict=True, reason="#13: not every target is met yet (docs/smolvlm-shapes.md); a "
+                   "checkpoint that meets them all turns this into a failure: then drop the mark")
+def test_held_out_accuracy_meets_the_targets(held_out_accuracy):
+    assert all(held_out_accuracy[task] >= target for task, target in TARGETS.items()), held_out_accuracy
 
 
 def test_greedy_answers_equal_transformers_in_f32(tmp_path, smollm2_gguf):
