@@ -271,7 +271,7 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: in
     window: dict[str, list[float]] = {}
     t0 = time.time()
     for step in range(steps):
-        scenes = [data.scene()[0] for _ in range(batch)]
+        scenes = [make_scene(data.rng) for _ in range(batch)]  # no pixels: the words are known
         rows = [data.conversation(s, turns) for s in scenes]
         ids, labels, mask = collate([(x, y) for x, y, _ in rows], data.tok.pad_token_id)
         x = emb[ids].clone()
