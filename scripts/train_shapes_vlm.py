@@ -135,6 +135,9 @@ class Data:
         self.image_ids = self.encode("<fake_token_around_image><global-img>" + "<image>" * IMAGE_TOKENS
                                      + "<fake_token_around_image>")
         self.word_ids = {}
+        # The words scene_tokens writes, as token ids: the classes image tokens are sorted into.
+        self.vocab = sorted({self.word_id(w) for w in scene_words()})
+        self.column = {t: i for i, t in enumerate(self.vocab)}
 
     def scene(self, **kw):
         s = make_scene(self.rng, **kw)
@@ -146,6 +149,10 @@ class Data:
             assert len(ids) == 1, (w, ids)
             self.word_ids[w] = ids[0]
         return self.word_ids[w]
+
+    def targets(self, scenes) -> torch.Tensor:
+        """[scenes, 36]: each image token's word as a column of `vocab`."""
+        return torch.tensor([[self.column[self.word_id(w)] for w in scene_tokens(s)] for s in scenes])
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False)
@@ -222,24 +229,18 @@ def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
     scale and bias per word on top), plus a little squared error towards the embedding itself."""
     emb = model.model.text_model.embed_tokens.weight.detach()
     scale = emb.pow(2).sum(-1).mean()
-    vocab = sorted({data.word_id(w) for w in scene_words()})
-    column = {t: i for i, t in enumerate(vocab)}
-    words = emb[vocab]
+    words = emb[data.vocab]
     scale_logits = torch.nn.Parameter(torch.ones(()))
-    bias = torch.nn.Parameter(torch.zeros(len(vocab)))
+    bias = torch.nn.Parameter(torch.zeros(len(data.vocab)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([*params, scale_logits, bias], lr=lr, weight_decay=0.01)
     t0 = time.time()
     stream = batches(data, batch)
     for step in range(steps):
         scenes, pixels = next(stream)
-        target = torch.full((batch, IMAGE_TOKENS), -100, dtype=torch.long)
-        for i, s in enumerate(scenes):
-            ids = [column[data.word_id(w)] for w in scene_tokens(s)]
-            target[i, :len(ids)] = torch.tensor(ids)
+        target = data.targets(scenes)
         out = image_features(model, pixels)
-        used = target >= 0
-        mse = ((out[used] - words[target[used]]).pow(2).sum(-1) / scale).mean()
+        mse = ((out - words[target]).pow(2).sum(-1) / scale).mean()
         logits = scale_logits * (out @ words.T) + bias
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         loss = 0.1 * mse + ce
@@ -250,7 +251,7 @@ def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % 25 == 0 or step == steps - 1:
-            acc = (logits.argmax(-1)[used] == target[used]).float().mean()
+            acc = (logits.argmax(-1) == target).float().mean()
             log(f"words {step}/{steps} mse {mse.item():.4f} ce {ce.item():.3f} word acc {acc:.3f} "
                 f"({time.time() - t0:.0f}s)")
 
@@ -262,9 +263,7 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: in
     about scenes, like a soft prompt. Logs the answer loss per question kind."""
     text_model, lm_head = model.model.text_model, model.lm_head
     emb = text_model.embed_tokens.weight.detach()
-    vocab = sorted({data.word_id(w) for w in scene_words()})
-    column = {t: i for i, t in enumerate(vocab)}
-    table = torch.nn.Parameter(emb[vocab].clone())
+    table = torch.nn.Parameter(emb[data.vocab].clone())
     delta = torch.nn.Parameter(torch.zeros(IMAGE_TOKENS, emb.shape[1]))
     opt = torch.optim.AdamW([table, delta], lr=lr, weight_decay=0.0)
     image_id = data.tok.convert_tokens_to_ids("<image>")
@@ -275,8 +274,8 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: in
         rows = [data.conversation(s, turns) for s in scenes]
         ids, labels, mask = collate([(x, y) for x, y, _ in rows], data.tok.pad_token_id)
         x = emb[ids].clone()
-        for i, s in enumerate(scenes):
-            x[i, ids[i] == image_id] = table[[column[data.word_id(w)] for w in scene_tokens(s)]] + delta
+        for i, words in enumerate(data.targets(scenes)):
+            x[i, ids[i] == image_id] = table[words] + delta
         logits = lm_head(text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
         per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
         per_token = per_token.view(len(rows), -1)
@@ -294,14 +293,14 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: in
             kinds = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
             log(f"prompt {step}/{steps} loss {loss.item():.4f} | {kinds} ({time.time() - t0:.0f}s)")
             window.clear()
-    return {"vocab": torch.tensor(vocab), "table": table.detach(), "delta": delta.detach()}
+    return {"vocab": torch.tensor(data.vocab), "table": table.detach(), "delta": delta.detach()}
 
 
 def stage_snap(model, data: Data, prompt: dict[str, torch.Tensor], steps: int, batch: int, lr: float) -> None:
     """The tower and connector onto stage 2's vectors: cross-entropy over the words with minus the
     squared distance as logits (the nearest vector must be the right one) plus the squared error
     itself (and close to it, so the decoder reads what stage 2 trained it on)."""
-    column = {int(t): i for i, t in enumerate(prompt["vocab"])}
+    assert prompt["vocab"].tolist() == data.vocab
     table, delta = prompt["table"], prompt["delta"]
     scale = table.pow(2).sum(-1).mean()
     sharpness = torch.nn.Parameter(torch.tensor(10.0).log())
@@ -312,7 +311,7 @@ def stage_snap(model, data: Data, prompt: dict[str, torch.Tensor], steps: int, b
     stream = batches(data, batch)
     for step in range(steps):
         scenes, pixels = next(stream)
-        target = torch.tensor([[column[data.word_id(w)] for w in scene_tokens(s)] for s in scenes])
+        target = data.targets(scenes)
         out = image_features(model, pixels)
         mse = (out - table[target] - delta).pow(2).sum(-1).div(scale).mean()
         distance = torch.cdist((out - delta).flatten(0, 1), table).pow(2) / scale
