@@ -323,6 +323,7 @@ def test_a_long_prompt_is_prefilled_between_the_steps_of_running_streams(serve, 
 
     def logged_step(sessions, tokens):
         steps.append((len(sessions), sum(slot.prefill is not None for slot in scheduler.slots)))
+        time.sleep(0.005)  # the tiny model's 400 tokens must outlast the second request's arrival on a loaded CI box
         return real_step(sessions, tokens)
 
     monkeypatch.setattr(vlm.server, "step_together", logged_step)
