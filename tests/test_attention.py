@@ -3,7 +3,8 @@
 The kernels sum in float32 and take e^x from a polynomial good to a few ulp, so an output is
 within ~1e-6 of v's scale; 1e-5 leaves room. Every dispatch path is forced in turn.
 Two kernels are covered: the block kernel (queries in lanes: prefill, vision) and the rows
-kernel (a few queries: decode), the latter also with the cache split over threads (t > 256).
+kernel (one query: a decode step), the latter also with the cache split over threads (t > 256).
+Any call of two or more queries takes the block kernel (see attention.c).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ CASES = [
     (12, 2, 1, 4096, 128, 4095),  # decode over a long cache: keys split over units
     (4, 4, 1, 1, 80, 0),  # the first token
     (4, 2, 1, 50, 64, 20),  # one query whose position is not the last key
-    (9, 3, 7, 40, 64, 33),  # a few queries after a cached prefix: per-row causal limits
+    (9, 3, 7, 40, 64, 33),  # a few queries after a cached prefix: per-lane causal limits
     (6, 1, 7, 7, 72, None),  # bidirectional; d not a multiple of any vector width
     (12, 2, 300, 300, 64, 0),  # a prefill chunk
     (9, 3, 300, 812, 80, 512),  # a chunk after a cached prefix

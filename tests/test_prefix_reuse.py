@@ -8,6 +8,7 @@ import pytest
 from hf_ref import FAMILIES, VISION, image, user
 
 import vlm
+from vlm.session import PromptInputs
 
 
 def next_logits(model: vlm.Model, prompt, images=()) -> tuple[np.ndarray, int]:
@@ -49,6 +50,24 @@ def test_second_turn_reuses_the_first_and_equals_fresh_prefill(family, n_images,
     # The reused rows (the prompt's, and the reply's as far as its text tokenizes back to the
     # same ids: those written by the decode step) are the rows a fresh prefill writes.
     np.testing.assert_array_equal(model.cache.k[0, :, :cached], fresh_model.cache.k[0, :, :cached])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_prompt_is_computed_bit_for_bit_alike_whatever_chunks_it_is_prefilled_in(family, tiny_model_dir):
+    """A prompt's logits and cache rows do not depend on how much of it came from the cache or
+    on the chunk size: a server slot that reuses a prefix answers as a fresh one does."""
+    path = tiny_model_dir(family)
+    ids = np.random.default_rng(0).integers(3, 200, 40)
+    fresh_model = default_model(path)
+    fresh, _ = fresh_model.session.prefill(PromptInputs.from_ids(ids))
+    for chunk in (256, 5):
+        model = vlm.load(path, quantize="q4", prefill_chunk=chunk)
+        for tail in (1, 2, 3, 7, 15, 16, 17, 33):
+            model.session.prefill(PromptInputs.from_ids(np.r_[ids[:-tail], 2, 1]))  # another ending
+            logits, cached = model.session.prefill(PromptInputs.from_ids(ids))
+            assert cached == min(ids.size - tail, ids.size - 2)
+            np.testing.assert_array_equal(logits, fresh, err_msg=f"chunk {chunk}, tail {tail}")
+            np.testing.assert_array_equal(model.cache.k[:, :, :ids.size], fresh_model.cache.k[:, :, :ids.size])
 
 
 @pytest.mark.parametrize("family", VISION)

@@ -75,9 +75,12 @@ class Session:
         return tuple(self._held)
 
     def reusable_prefix(self, keys: list) -> int:
-        """How many leading positions of `keys` are already cached (at least one is left to run)."""
+        """How many leading positions of `keys` are already cached. At least two are left to run:
+        a chunk of one query takes the decode step's attention kernel, which sums in another
+        order than the prompt kernel (attention.c), and the reused prompt's logits would then
+        differ in the last bits from a fresh prefill's."""
         n = 0
-        limit = min(len(self._held), len(keys) - 1)
+        limit = min(len(self._held), len(keys) - 2)
         while n < limit and self._held[n] == keys[n]:
             n += 1
         return n
@@ -116,8 +119,11 @@ class Session:
             del self._held[start:]
             self.rope_delta = inputs.rope_delta
         out = np.empty((n, decoder.config.vocab_size), dtype=np.float32) if all_logits else None
-        for a in range(start, n, self.prefill_chunk):
+        a = start
+        while a < n:
             b = min(n, a + self.prefill_chunk)
+            if b == n - 1:  # no chunk of one query after this one (see reusable_prefix)
+                b = n
             with self.lock:
                 self.version += 1
                 if len(self._held) != a:
@@ -133,6 +139,7 @@ class Session:
                 elif b == n:
                     out = decoder.lm_head(h[-1:])[0]
             yield (out if b == n else None), start
+            a = b
 
     def step(self, token: int) -> np.ndarray:
         """Feed one token at the next cache position; returns the next-token logits."""

@@ -71,7 +71,10 @@ static void rows_task(void *ctx, int u) {
 int vlm_attention(const vlm_path *p, const vlm_attn *a) {
     attn_job j = {.a = a, .ops = p->ops};
     if (a->n <= 0) return 0;
-    if (2 * a->n >= j.ops->block) { /* enough queries to fill the lanes of a block */
+    /* Every call of more than one query takes the block kernel, however few: a query's sums
+     * then run in one order whichever chunk of a prompt holds it (a prefix reused from the
+     * cache leaves chunks of any size), so its result does not depend on the others. */
+    if (a->n >= 2) {
         j.blocks = ceil_div(a->n, j.ops->block);
         vlm_pool_run(block_task, &j, a->h * j.blocks);
         return 0;
