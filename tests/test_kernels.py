@@ -223,6 +223,31 @@ def test_linear_shapes_and_conversion():
         kernels.linear(x, qw)
 
 
+@pytest.mark.parametrize("mode", kernels.MODES)
+def test_products_of_one_x_equal_their_own(kernel_path, mode):
+    """linears(x, [...]) shares x's prepared activations where the matrices agree (same group:
+    q/k/v, gate/up) and not where they do not (another group, 8-bit, 16-bit): each product
+    equals its own linear(x, m) bit for bit."""
+    kernels.set_mode(mode)
+    half = HalfWeight(rng_for("half").standard_normal((24, 256)).astype(np.float16))
+    weights = [make_quant(40, 256, "q4_asym", 32), make_quant(8, 256, "q4_asym", 32),
+               make_quant(33, 256, "q8", 64), half]
+    handles = [kernels.prepare(w) for w in weights]
+    for n in (1, 5, 19):
+        x = activations(n, 256)
+        for some in (handles[:2], handles[1:], handles):
+            got = kernels.linears(x, some)
+            assert len(got) == len(some)
+            for y, h in zip(got, some, strict=True):
+                np.testing.assert_array_equal(y, kernels.linear(x, h), err_msg=f"{mode} n={n} {h.kind}")
+    with pytest.raises(ValueError):  # not x's features
+        kernels.linears(x, [handles[0], kernels.prepare(make_quant(8, 128, "q4_asym", 32))])
+    with pytest.raises(TypeError):
+        kernels.linears(x, handles + handles[:1])  # more than four
+    with pytest.raises(TypeError):
+        kernels.linears(x, [])
+
+
 def test_prepare_declines_what_it_does_not_handle():
     assert kernels.prepare(np.zeros((4, 32), np.float32)) is None
     assert kernels.prepare(HalfWeight(np.zeros((2, 4, 32), np.float16))) is None

@@ -2,7 +2,9 @@
 
 `prepare(weight)` repacks a weight once, at load, into the kernels' layout and returns an opaque
 handle (None when the kernels don't handle that weight, so the caller keeps numpy);
-`linear(x, handle)` then computes x @ W.T for float32 x [..., cols] -> [..., rows].
+`linear(x, handle)` then computes x @ W.T for float32 x [..., cols] -> [..., rows];
+`linears(x, handles)` the products of one x with up to four matrices at once (x's int8
+activations prepared once for all, one job on the thread pool: q/k/v, gate/up).
 
 Handled: `QuantizedWeight` (4-bit asymmetric, symmetric and IQ4_NL codebook, 8-bit symmetric;
 groups of 32, 64, 128) and `HalfWeight` (fp16, bf16). Plain float32 matrices stay with numpy's BLAS.
@@ -119,6 +121,7 @@ def _unavailable(*args) -> np.ndarray:
 
 # The C functions themselves (linear runs ~200 times per decoded token): no Python wrappers.
 linear = _native.linear if AVAILABLE else _unavailable
+linears = _native.linears if AVAILABLE else _unavailable
 attention = _native.attention if AVAILABLE else _unavailable
 rms_norm = _native.rms_norm if AVAILABLE else _unavailable
 swiglu = _native.swiglu if AVAILABLE else _unavailable

@@ -238,45 +238,81 @@ static PyObject *unpack_rows(PyObject *Py_UNUSED(mod), PyObject *args) {
 
 /* ---- linear -------------------------------------------------------------------------- */
 
-/* linear(x, matrix) -> y: x float32 [..., cols] (converted if needed), y float32 [..., rows]. */
+/* linear(x, matrix) -> y: x float32 [..., cols] (converted if needed), y float32 [..., rows].
+ * linears(x, matrices) -> (y, ...): several matrices of x's cols (at most VLM_MAX_PRODUCTS),
+ * x's activations prepared once for all and one job on the pool (q/k/v, gate/up). */
+static PyObject *products(PyObject *xo, PyObject *const *mats, Py_ssize_t count) {
+    const vlm_matrix *ms[VLM_MAX_PRODUCTS];
+    for (Py_ssize_t i = 0; i < count; i++) {
+        ms[i] = &((MatrixObject *)mats[i])->m;
+        if (ms[i]->cols != ms[0]->cols) {
+            PyErr_SetString(PyExc_ValueError, "linears needs matrices of the same input features");
+            return NULL;
+        }
+    }
+    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(xo, NPY_FLOAT32, NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST);
+    if (!x) return NULL;
+    const int nd = PyArray_NDIM(x), cols = ms[0]->cols;
+    if (nd < 1 || PyArray_DIM(x, nd - 1) != cols) {
+        PyErr_Format(PyExc_ValueError, "x must have %d features in its last axis", cols);
+        Py_DECREF(x);
+        return NULL;
+    }
+    PyObject *out = PyTuple_New(count);
+    float *ys[VLM_MAX_PRODUCTS];
+    npy_intp dims[NPY_MAXDIMS];
+    for (int i = 0; i < nd; i++) dims[i] = PyArray_DIM(x, i);
+    for (Py_ssize_t i = 0; out && i < count; i++) {
+        dims[nd - 1] = ms[i]->rows;
+        PyArrayObject *y = (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
+        if (!y) Py_CLEAR(out);
+        else {
+            PyTuple_SET_ITEM(out, i, (PyObject *)y);
+            ys[i] = PyArray_DATA(y);
+            if (!cols) memset(ys[i], 0, PyArray_NBYTES(y)); /* an empty sum */
+        }
+    }
+    const npy_intp n = cols ? PyArray_SIZE(x) / cols : 0;
+    int rc = 0;
+    if (out && n > 0) {
+        Py_BEGIN_ALLOW_THREADS;
+        rc = vlm_linears(path, mode, ms, (int)count, PyArray_DATA(x), (int)n, ys);
+        Py_END_ALLOW_THREADS;
+    }
+    Py_DECREF(x);
+    if (rc) {
+        Py_CLEAR(out);
+        return PyErr_NoMemory();
+    }
+    return out;
+}
+
 static PyObject *linear(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 2 || !PyObject_TypeCheck(args[1], &MatrixType)) {
         PyErr_SetString(PyExc_TypeError, "linear(x, matrix) takes an array and a prepared Matrix");
         return NULL;
     }
-    const vlm_matrix *m = &((MatrixObject *)args[1])->m;
-    const int flags = NPY_ARRAY_IN_ARRAY | NPY_ARRAY_FORCECAST;
-    PyArrayObject *x = (PyArrayObject *)PyArray_FROM_OTF(args[0], NPY_FLOAT32, flags);
-    if (!x) return NULL;
-    const int nd = PyArray_NDIM(x);
-    if (nd < 1 || PyArray_DIM(x, nd - 1) != m->cols) {
-        PyErr_Format(PyExc_ValueError, "x must have %d features in its last axis", m->cols);
-        Py_DECREF(x);
+    PyObject *ys = products(args[0], args + 1, 1);
+    PyObject *y = ys ? PyTuple_GET_ITEM(ys, 0) : NULL;
+    Py_XINCREF(y);
+    Py_XDECREF(ys);
+    return y;
+}
+
+static PyObject *linears(PyObject *Py_UNUSED(mod), PyObject *const *args, Py_ssize_t nargs) {
+    PyObject *seq = nargs == 2 ? PySequence_Fast(args[1], "linears(x, matrices) takes a sequence of matrices") : NULL;
+    if (!seq) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "linears(x, matrices) takes two arguments");
         return NULL;
     }
-    npy_intp dims[NPY_MAXDIMS];
-    for (int i = 0; i < nd; i++) dims[i] = PyArray_DIM(x, i);
-    dims[nd - 1] = m->rows;
-    PyArrayObject *y = (PyArrayObject *)PyArray_SimpleNew(nd, dims, NPY_FLOAT32);
-    if (!y) {
-        Py_DECREF(x);
-        return NULL;
-    }
-    const npy_intp n = m->cols ? PyArray_SIZE(x) / m->cols : 0;
-    int rc = 0;
-    if (n > 0 && m->rows > 0) {
-        Py_BEGIN_ALLOW_THREADS;
-        rc = vlm_linear(path, mode, m, PyArray_DATA(x), (int)n, PyArray_DATA(y));
-        Py_END_ALLOW_THREADS;
-    } else if (m->rows > 0) {
-        memset(PyArray_DATA(y), 0, PyArray_NBYTES(y)); /* cols == 0: an empty sum */
-    }
-    Py_DECREF(x);
-    if (rc) {
-        Py_DECREF(y);
-        return PyErr_NoMemory();
-    }
-    return (PyObject *)y;
+    const Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
+    PyObject **mats = PySequence_Fast_ITEMS(seq);
+    int ok = count >= 1 && count <= VLM_MAX_PRODUCTS;
+    for (Py_ssize_t i = 0; ok && i < count; i++) ok = PyObject_TypeCheck(mats[i], &MatrixType);
+    PyObject *out = ok ? products(args[0], mats, count) : NULL;
+    if (!ok) PyErr_Format(PyExc_TypeError, "linears takes 1 to %d prepared Matrix objects", VLM_MAX_PRODUCTS);
+    Py_DECREF(seq);
+    return out;
 }
 
 /* ---- attention and row ops ----------------------------------------------------------- */
@@ -763,6 +799,8 @@ static PyMethodDef methods[] = {
     {"unpack_rows", unpack_rows, METH_VARARGS, "unpack_rows(matrix, ids) -> float32 rows"},
     {"release_free_memory", release_free_memory, METH_NOARGS, "malloc_trim: return free heap pages to the OS"},
     {"linear", (PyCFunction)(void (*)(void))linear, METH_FASTCALL, "linear(x, matrix) -> x @ W.T"},
+    {"linears", (PyCFunction)(void (*)(void))linears, METH_FASTCALL,
+     "linears(x, matrices) -> (x @ W.T, ...), x's activations prepared once"},
     {"attention", attention, METH_VARARGS, "attention(q, k, v, causal_offset) -> o"},
     {"rms_norm", rms_norm, METH_VARARGS, "rms_norm(x, weight, eps) -> y"},
     {"swiglu", swiglu, METH_VARARGS, "swiglu(gate, up) -> silu(gate) * up"},

@@ -46,13 +46,9 @@ static void store_kv(const vlm_path *p, void *head, int half, size_t row, const 
 /* ys[i] = x @ W_i.T + b_i for the layer's matrices ws[0..count) and n rows of x, sharing activations. */
 static void project(const vlm_path *p, int mode, const vlm_layer *l, const int *ws, int count, const float *x, int n,
                     float *const *ys, unsigned char *scratch) {
-    vlm_product prs[3];
-    for (int i = 0; i < count; i++) {
-        const vlm_matrix *m = l->w[ws[i]];
-        vlm_product_init(&prs[i], p, mode, m, x, n, ys[i], scratch, i ? &prs[0] : NULL);
-        scratch += vlm_act_bytes(p, mode, m, n);
-    }
-    vlm_products_run(p, prs, count);
+    const vlm_matrix *ms[3];
+    for (int i = 0; i < count; i++) ms[i] = l->w[ws[i]];
+    vlm_products_of(p, mode, ms, count, x, n, ys, scratch);
     for (int i = 0; i < count; i++)
         for (int r = 0; r < n; r++) add_bias(ys[i] + (size_t)r * l->w[ws[i]]->rows, l->bias[ws[i]], l->w[ws[i]]->rows);
 }

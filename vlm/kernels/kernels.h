@@ -185,8 +185,15 @@ size_t vlm_act_bytes(const vlm_path *p, int mode, const vlm_matrix *m, int n);
 void vlm_product_init(vlm_product *pr, const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n,
                       float *y, void *scratch, const vlm_product *like);
 void vlm_products_run(const vlm_path *p, const vlm_product *prs, int count);
-/* One product with its own scratch; -1 when out of memory. */
-int vlm_linear(const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n, float *y);
+/* At most this many products of one x per call below. */
+#define VLM_MAX_PRODUCTS 4
+/* ys[i] = x @ ms[i].T for the count matrices (all of x's cols): the activations prepared once
+ * where they can be shared (scratch: the sum of their vlm_act_bytes), one job on the pool. */
+void vlm_products_of(const vlm_path *p, int mode, const vlm_matrix *const *ms, int count, const float *x, int n,
+                     float *const *ys, void *scratch);
+/* The same with its own scratch; -1 when out of memory. */
+int vlm_linears(const vlm_path *p, int mode, const vlm_matrix *const *ms, int count, const float *x, int n,
+                float *const *ys);
 
 /* ---- attention and row ops on the pool (attention.c) ------------------------------------- */
 /* -1 when out of memory. */

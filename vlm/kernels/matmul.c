@@ -99,14 +99,13 @@ void vlm_product_init(vlm_product *pr, const vlm_path *p, int mode, const vlm_ma
 /* Units of work per thread: more than one so a thread that is slowed down (the machine
  * is shared) hands its share to the others. */
 #define UNITS_PER_THREAD 4
-#define MAX_PRODUCTS 4
 
 typedef struct {
     const vlm_path *p;
     const vlm_product *prs;
     int count;
-    int per_unit[MAX_PRODUCTS]; /* panels per unit */
-    int first[MAX_PRODUCTS + 1]; /* the first unit of each product */
+    int per_unit[VLM_MAX_PRODUCTS]; /* panels per unit */
+    int first[VLM_MAX_PRODUCTS + 1]; /* the first unit of each product */
 } gemm_job;
 
 static void gemm_task(void *ctx, int u) {
@@ -118,12 +117,12 @@ static void gemm_task(void *ctx, int u) {
     (pr->int8 ? j->p->gemm_int8 : j->p->gemm_float)(pr->m, &pr->a, p0, p1);
 }
 
-/* Products in batches of MAX_PRODUCTS, each batch one job; a product's panels are cut in
+/* Products in batches of VLM_MAX_PRODUCTS, each batch one job; a product's panels are cut in
  * units as if it ran alone. */
 void vlm_products_run(const vlm_path *p, const vlm_product *prs, int count) {
     const int threads = vlm_pool_threads();
-    for (int b = 0; b < count; b += MAX_PRODUCTS) {
-        gemm_job j = {.p = p, .prs = prs + b, .count = vlm_min(MAX_PRODUCTS, count - b)};
+    for (int b = 0; b < count; b += VLM_MAX_PRODUCTS) {
+        gemm_job j = {.p = p, .prs = prs + b, .count = vlm_min(VLM_MAX_PRODUCTS, count - b)};
         for (int i = 0; i < j.count; i++) {
             const int panels = j.prs[i].m->panels;
             j.per_unit[i] = ceil_div(panels, (long)threads * UNITS_PER_THREAD);
@@ -133,13 +132,24 @@ void vlm_products_run(const vlm_path *p, const vlm_product *prs, int count) {
     }
 }
 
-int vlm_linear(const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n, float *y) {
-    const size_t bytes = vlm_act_bytes(p, mode, m, n);
+void vlm_products_of(const vlm_path *p, int mode, const vlm_matrix *const *ms, int count, const float *x, int n,
+                     float *const *ys, void *scratch) {
+    vlm_product prs[VLM_MAX_PRODUCTS];
+    unsigned char *s = scratch;
+    for (int i = 0; i < count; i++) {
+        vlm_product_init(&prs[i], p, mode, ms[i], x, n, ys[i], s, i ? &prs[0] : NULL);
+        s += vlm_act_bytes(p, mode, ms[i], n);
+    }
+    vlm_products_run(p, prs, count);
+}
+
+int vlm_linears(const vlm_path *p, int mode, const vlm_matrix *const *ms, int count, const float *x, int n,
+                float *const *ys) {
+    size_t bytes = 0;
+    for (int i = 0; i < count; i++) bytes += vlm_act_bytes(p, mode, ms[i], n);
     void *scratch = bytes ? malloc(bytes) : NULL;
     if (bytes && !scratch) return -1;
-    vlm_product pr;
-    vlm_product_init(&pr, p, mode, m, x, n, y, scratch, NULL);
-    vlm_products_run(p, &pr, 1);
+    vlm_products_of(p, mode, ms, count, x, n, ys, scratch);
     free(scratch);
     return 0;
 }

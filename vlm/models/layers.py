@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -71,6 +71,18 @@ class Linear:
         if self.bias is not None:
             y += self.bias
         return y
+
+
+def project(x: np.ndarray, linears: Sequence[Linear]) -> list[np.ndarray]:
+    """[linear(x) for linear in linears], in one kernel call when the kernels hold them all
+    (x prepared once: the same values, bit for bit)."""
+    if len(linears) > 1 and all(linear.packed is not None for linear in linears):
+        ys = kernels.linears(x, [linear.packed for linear in linears])
+        for y, linear in zip(ys, linears, strict=True):
+            if linear.bias is not None:
+                y += linear.bias
+        return list(ys)
+    return [linear(x) for linear in linears]
 
 
 class Embedding:
@@ -177,7 +189,7 @@ class GatedMLP:
         self.act = activation(act)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, [self.gate_proj, self.up_proj])
         if self.act is silu and kernels.AVAILABLE:
             return self.down_proj(kernels.swiglu(gate, up))
         return self.down_proj(self.act(gate) * up)
@@ -330,9 +342,10 @@ class Attention:
     def qkv(self, x: np.ndarray, cos: np.ndarray | None, sin: np.ndarray | None):
         """Projected (and rotated) q [h, n, d], k and v [h_kv, n, d]."""
         n = x.shape[0]
-        q = self.q_proj(x).reshape(n, self.n_heads, self.head_dim).transpose(1, 0, 2)
-        k = self.k_proj(x).reshape(n, self.n_kv_heads, self.head_dim).transpose(1, 0, 2)
-        v = self.v_proj(x).reshape(n, self.n_kv_heads, self.head_dim).transpose(1, 0, 2)
+        q, k, v = project(x, [self.q_proj, self.k_proj, self.v_proj])
+        q = q.reshape(n, self.n_heads, self.head_dim).transpose(1, 0, 2)
+        k = k.reshape(n, self.n_kv_heads, self.head_dim).transpose(1, 0, 2)
+        v = v.reshape(n, self.n_kv_heads, self.head_dim).transpose(1, 0, 2)
         if cos is not None:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         return q, k, v
