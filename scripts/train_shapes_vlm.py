@@ -14,6 +14,8 @@ characters in the text's band: vlm.testing.shapes.scene_tokens). Three stages, a
    frozen 135M decoder does not learn to read a tower's first guesses end to end (the first
    recipe's answers stayed at chance); given the words, it learns to answer from them.
 3. The tower and connector pulled onto stage 2's vectors.
+4. The tower and connector end to end through the frozen decoder, on both cores: near the
+   vectors is enough for colours, shapes and counts, not for printed characters.
 It logs the losses and, at the end, greedy accuracy on held-out scenes (a seed never used for
 training), and writes an Idefics3 directory whose safetensors hold only the tower and the
 connector; config.json's `vlm_text_gguf` names the decoder (the default model's GGUF).
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 from vlm.models.idefics3.processor import Idefics3ImageProcessor
 from vlm.registry import DEFAULT_MODEL, pull
@@ -256,19 +259,43 @@ def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
                 f"({time.time() - t0:.0f}s)")
 
 
+def answer_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean cross-entropy of the answer tokens (the vocabulary's logits only where one is
+    predicted) and the loss at each position (0 elsewhere)."""
+    hidden, target = hidden[:, :-1], labels[:, 1:]
+    answered = target >= 0
+    loss_at = F.cross_entropy(model.lm_head(hidden[answered]), target[answered], reduction="none")
+    return loss_at.mean(), torch.zeros(target.shape).masked_scatter(answered, loss_at.detach())
+
+
+class KindLog:
+    """Logs the answer loss per question kind, averaged over the steps since the last line."""
+
+    def __init__(self, stage: str, steps: int):
+        self.stage, self.steps, self.window, self.t0 = stage, steps, {}, time.time()
+
+    def add(self, step: int, loss: torch.Tensor, rows, per_token: torch.Tensor) -> None:
+        for i, (_, _, spans) in enumerate(rows):
+            for kind, a, b in spans:
+                self.window.setdefault(kind, []).append(float(per_token[i, a - 1:b - 1].mean()))
+        if step % 10 == 0 or step == self.steps - 1:
+            kinds = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(self.window.items()))
+            log(f"{self.stage} {step}/{self.steps} loss {loss.item():.4f} | {kinds} ({time.time() - self.t0:.0f}s)")
+            self.window.clear()
+
+
 def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: int) -> dict[str, torch.Tensor]:
     """The decoder's side alone (no tower: each scene's words are known): the vectors the image
     tokens should carry, one per scene word (`table`, from its embedding) plus one per image-token
     position (`delta`, from zero), trained end to end through the frozen decoder on conversations
     about scenes, like a soft prompt. Logs the answer loss per question kind."""
-    text_model, lm_head = model.model.text_model, model.lm_head
+    text_model = model.model.text_model
     emb = text_model.embed_tokens.weight.detach()
     table = torch.nn.Parameter(emb[data.vocab].clone())
     delta = torch.nn.Parameter(torch.zeros(IMAGE_TOKENS, emb.shape[1]))
     opt = torch.optim.AdamW([table, delta], lr=lr, weight_decay=0.0)
     image_id = data.tok.convert_tokens_to_ids("<image>")
-    window: dict[str, list[float]] = {}
-    t0 = time.time()
+    kinds = KindLog("prompt", steps)
     for step in range(steps):
         scenes = [make_scene(data.rng) for _ in range(batch)]  # no pixels: the words are known
         rows = [data.conversation(s, turns) for s in scenes]
@@ -276,23 +303,13 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: in
         x = emb[ids].clone()
         for i, words in enumerate(data.targets(scenes)):
             x[i, ids[i] == image_id] = table[words] + delta
-        logits = lm_head(text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state)
-        per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="none")
-        per_token = per_token.view(len(rows), -1)
-        loss = per_token.sum() / (labels[:, 1:] >= 0).sum()
+        loss, per_token = answer_loss(model, text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state, labels)
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, steps, lr, 10)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        with torch.no_grad():
-            for i, (_, _, spans) in enumerate(rows):
-                for kind, a, b in spans:
-                    window.setdefault(kind, []).append(float(per_token[i, a - 1:b - 1].mean()))
-        if step % 10 == 0 or step == steps - 1:
-            kinds = " ".join(f"{k} {np.mean(v):.3f}" for k, v in sorted(window.items()))
-            log(f"prompt {step}/{steps} loss {loss.item():.4f} | {kinds} ({time.time() - t0:.0f}s)")
-            window.clear()
+        kinds.add(step, loss, rows, per_token)
     return {"vocab": torch.tensor(data.vocab), "table": table.detach(), "delta": delta.detach()}
 
 
@@ -326,6 +343,30 @@ def stage_snap(model, data: Data, prompt: dict[str, torch.Tensor], steps: int, b
             acc = (distance.argmin(-1) == target.flatten()).float().mean()
             log(f"snap {step}/{steps} ce {ce.item():.3f} mse {mse.item():.3f} nearest right {acc:.3f} "
                 f"({time.time() - t0:.0f}s)")
+
+
+def stage_tune(model, data: Data, steps: int, batch: int, lr: float, turns: int) -> None:
+    """The tower and connector end to end through the frozen decoder, from the snapped weights,
+    on the conversations' answers. Stage 3 leaves each image token near its word's vector but
+    not on it; colours, shapes and counts are read from such vectors, printed characters are
+    not (text 0% after stage 3, with 84% of the tower's letters nearest the right word)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    kinds = KindLog("tune", steps)
+    for step in range(steps):
+        scenes = [data.scene() for _ in range(batch)]
+        rows = [data.conversation(s, turns) for s, _ in scenes]
+        ids, labels, mask = collate([(x, y) for x, y, _ in rows], data.tok.pad_token_id)
+        pixels = torch.stack([p for _, p in scenes])[:, None]
+        hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
+        loss, per_token = answer_loss(model, hidden, labels)
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, steps, lr, 10)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        kinds.add(step, loss, rows, per_token)
 
 
 def vision_state(model) -> dict[str, torch.Tensor]:
@@ -376,12 +417,15 @@ def main() -> None:
     ap.add_argument("--word-steps", type=int, default=6000)
     ap.add_argument("--word-batch", type=int, default=32)
     ap.add_argument("--word-lr", type=float, default=1e-3)
-    ap.add_argument("--prompt-steps", type=int, default=600)
+    ap.add_argument("--prompt-steps", type=int, default=700)
     ap.add_argument("--prompt-batch", type=int, default=8)
     ap.add_argument("--prompt-lr", type=float, default=3e-2)
     ap.add_argument("--turns", type=int, default=3)
     ap.add_argument("--snap-steps", type=int, default=600)
     ap.add_argument("--snap-lr", type=float, default=1e-3)
+    ap.add_argument("--tune-steps", type=int, default=300)
+    ap.add_argument("--tune-batch", type=int, default=8)
+    ap.add_argument("--tune-lr", type=float, default=3e-4)
     ap.add_argument("--eval-scenes", type=int, default=25, help="held-out scenes per task")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (default 1: on two cores, stage 1 and its scene-making "
@@ -427,6 +471,11 @@ def main() -> None:
         run_prompt()
     stage_snap(model, Data(tok, seed=args.seed + 2), torch.load(prompt_file), args.snap_steps, args.word_batch,
                args.snap_lr)
+    save(model, tok_dir, args.out)  # stage 4 starts from the snapped weights as saved (fp16)
+    model.load_state_dict({k: v.float() for k, v in load_file(str(args.out / "model.safetensors")).items()},
+                          strict=False)
+    torch.set_num_threads(2 * args.threads)  # stage 2's process has finished: its core too
+    stage_tune(model, Data(tok, seed=args.seed + 3), args.tune_steps, args.tune_batch, args.tune_lr, args.turns)
     save(model, tok_dir, args.out)
     log(f"wrote {args.out} ({time.time() - t0:.0f}s of training)")
     acc = evaluate(model, Data(tok, seed=args.seed), args.eval_scenes)

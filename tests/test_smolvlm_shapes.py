@@ -14,7 +14,7 @@ import pytest
 
 import vlm
 from vlm.registry import BUNDLED_MODELS, DEFAULT_MODEL, resolve
-from vlm.testing.shapes import TASKS, accuracy, held_out_questions, make_scene, score
+from vlm.testing.shapes import GRID, PLACES, TASKS, accuracy, held_out_questions, make_scene, scene_tokens, score
 from vlm.testing.smolvlm_shapes import ask, transformers_agreement
 
 BUNDLED = BUNDLED_MODELS["smolvlm-shapes"]
@@ -49,6 +49,21 @@ def test_scenes_are_seeded_and_scored_by_the_fact_asked():
     assert score("describe", "I see a red circle and a blue star.", "I see a red circle and a blue star.")
     assert not score("describe", "I see a red circle and a blue star.", "I see a red circle.")
     assert len(held_out_questions(2)) == 2 * len(TASKS)
+
+
+def test_scene_tokens_put_each_word_where_the_tower_sees_it():
+    """The layout the checkpoint was trained on: a shape's colour and name above its place in
+    the answer's own words; each character of the text in the column it is drawn in."""
+    rng = np.random.default_rng(7)
+    scene = next(s for s in (make_scene(rng, with_text=True) for _ in range(50)) if len(s.text) < 6)
+    words = [scene_tokens(scene)[r * GRID:(r + 1) * GRID] for r in range(GRID)]
+    for s in scene.shapes:
+        r, c = 2 * s.cell[0], 2 * s.cell[1]
+        assert words[r][c:c + 2] == [" " + s.colour, " " + s.shape]
+        answer = f"The {s.shape} is {PLACES[s.cell]}."
+        assert answer.endswith(" ".join(w.strip() for w in dict.fromkeys(words[r + 1][c:c + 2])) + ".")
+    band, c = words[2 * scene.text_row], scene.text_column
+    assert band == [" text"] * c + list(scene.text) + [" text"] * (GRID - c - len(scene.text))
 
 
 @pytest.fixture(scope="module")

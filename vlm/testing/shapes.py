@@ -3,7 +3,8 @@ answers, and the scoring of answers. Pillow and numpy only (the accuracy test ru
 
 A scene holds one to five shapes, each a named colour, in its own cell of a 3 x 3 grid (so
 "where" has one answer: "at the top left" ... "in the centre"), sometimes a rendered string of
-one to six characters in a band of its own; on a plain, gradient or noisy background, at a
+one to six characters in a band of its own (one character per column of the 6 x 6 image-token
+grid, from a random column on); on a plain, gradient or noisy background, at a
 random size and aspect ratio, JPEG-compressed. Squares and rectangles are told apart after the
 image processor squashes the picture to a square tile because aspect ratios stay within 3:4..4:3
 and rectangles are at least 2.2 times longer than wide.
@@ -33,6 +34,7 @@ PLACES = {
     (2, 0): "at the bottom left", (2, 1): "at the bottom", (2, 2): "at the bottom right",
 }
 TEXT_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ0123456789"  # no I/O: they read as 1/0
+GRID = 6  # image tokens per side (a 192-px tile, 16-px patches, pixel shuffle 2): 2 x 2 per scene cell
 
 DESCRIBE = ("What is in this image?", "Describe the image.", "What do you see?", "Describe this picture.",
             "What is shown in the picture?", "What can you see in this image?")
@@ -63,6 +65,7 @@ class Scene:
     shapes: list[Shape]  # in reading order (by cell, row-major)
     text: str | None = None
     text_row: int | None = None  # the band of cells the text is in
+    text_column: int | None = None  # the image-token column of its first character
     questions: list[tuple[str, str, str]] = field(default_factory=list)  # (kind, question, answer)
 
 
@@ -174,21 +177,23 @@ def make_scene(rng: np.random.Generator, n_shapes: int | None = None, with_text:
         cy = (s.cell[0] + rng.uniform(0.35, 0.65)) * ch
         _draw_shape(draw, rng, s, cx, cy, r, _jitter(rng, COLOURS[s.colour]))
 
-    text = None
-    if with_text:
+    text, text_column = None, None
+    if with_text:  # one character per image-token column, from a random column on
         text = "".join(rng.choice(list(TEXT_ALPHABET), size=int(rng.integers(1, 7))))
+        text_column = int(rng.integers(0, GRID - len(text) + 1))
+        pitch = w / GRID
         size = int(ch * rng.uniform(0.45, 0.7))
         font = _font(size)
-        box = draw.textbbox((0, 0), text, font=font)
-        while box[2] - box[0] > 0.9 * w and size > 8:
+        while max(draw.textlength(c, font=font) for c in text) > 0.85 * pitch and size > 8:
             size = int(size * 0.9)
             font = _font(size)
-            box = draw.textbbox((0, 0), text, font=font)
-        tx = rng.uniform(0.02 * w, max(0.02 * w, w - (box[2] - box[0]) - 0.02 * w)) - box[0]
-        ty = (text_row + 0.5) * ch - (box[1] + box[3]) / 2
         bg = np.asarray(image.crop((0, int(text_row * ch), w, int((text_row + 1) * ch)))).reshape(-1, 3).mean(0)
-        ink = (15, 15, 15) if bg.mean() > 110 else (245, 245, 245)
-        draw.text((tx, ty), text, fill=_jitter(rng, ink), font=font)
+        ink = _jitter(rng, (15, 15, 15) if bg.mean() > 110 else (245, 245, 245))
+        cy = (text_row + 0.5 + rng.uniform(-0.08, 0.08)) * ch
+        for k, c in enumerate(text):
+            box = draw.textbbox((0, 0), c, font=font)
+            cx = (text_column + k + 0.5 + rng.uniform(-0.06, 0.06)) * pitch
+            draw.text((cx - (box[0] + box[2]) / 2, cy - (box[1] + box[3]) / 2), c, fill=ink, font=font)
 
     if rng.random() < 0.3:
         image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 1.0)))
@@ -196,7 +201,7 @@ def make_scene(rng: np.random.Generator, n_shapes: int | None = None, with_text:
     image.save(buf, format="JPEG", quality=int(rng.integers(30, 96)))
     image = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
-    scene = Scene(image, shapes, text, text_row)
+    scene = Scene(image, shapes, text, text_row, text_column)
     scene.questions.append(("describe", str(rng.choice(DESCRIBE)), describe(shapes, text)))
     scene.questions.append(("count", str(rng.choice(COUNT)), count_answer(n)))
     kinds = [s.shape for s in shapes]
@@ -217,29 +222,31 @@ def make_scene(rng: np.random.Generator, n_shapes: int | None = None, with_text:
     return scene
 
 
-ROWS, COLUMNS = (" top", " middle", " bottom"), (" left", " centre", " right")
-GRID = 6  # image tokens per side (a 192-px tile, 16-px patches, pixel shuffle 2): 2 x 2 per scene cell
+PLACE_WORDS = (" top", " bottom", " left", " right", " centre")
 
 
 def scene_words() -> list[str]:
     """Every word `scene_tokens` can write."""
     return ([str(n) for n in range(1, 6)] + [" " + c for c in COLOURS] + [" " + s for s in SHAPES]
-            + list(ROWS) + list(COLUMNS) + [" text"] + list(TEXT_ALPHABET))
+            + list(PLACE_WORDS) + [" text"] + list(TEXT_ALPHABET))
 
 
 def scene_tokens(scene: Scene) -> list[str]:
     """The scene as one word per image token (6 x 6, row-major): the targets the vision tower is
     first trained to put on its tokens. Each cell of the 3 x 3 scene grid owns 2 x 2 tokens:
-    a shape's colour and name above its row and column words; an empty cell says the number of
-    shapes four times; the text's band holds its characters from the left, then " text"."""
+    a shape's colour and name above its place in the answers' own words (" top" " left" for
+    "at the top left", " top" " top" for "at the top", " centre" " centre" for "in the
+    centre"); an empty cell says the number of shapes four times; the text's band holds each
+    character in the column it is drawn in, " text" elsewhere."""
     grid = [[str(len(scene.shapes))] * GRID for _ in range(GRID)]
     for s in scene.shapes:
         r, c = 2 * s.cell[0], 2 * s.cell[1]
+        place = PLACES[s.cell].split()[2:]  # "at the top left" -> top, left
         grid[r][c], grid[r][c + 1] = " " + s.colour, " " + s.shape
-        grid[r + 1][c], grid[r + 1][c + 1] = ROWS[s.cell[0]], COLUMNS[s.cell[1]]
+        grid[r + 1][c], grid[r + 1][c + 1] = " " + place[0], " " + place[-1]
     if scene.text:
-        r = 2 * scene.text_row
-        grid[r] = [*scene.text, *[" text"] * (GRID - len(scene.text))]
+        r, c = 2 * scene.text_row, scene.text_column
+        grid[r] = [" text"] * c + [*scene.text] + [" text"] * (GRID - c - len(scene.text))
         grid[r + 1] = [" text"] * GRID
     return [w for row in grid for w in row]
 
