@@ -2,7 +2,7 @@
  * (cross-compiled with the kernel sources, run with qemu-aarch64 on several CPU models).
  *
  * Every Arm path the CPU has ("neon", "dotprod", "i8mm") is compared with the portable path
- * on the shapes, groups and token counts of tests/test_kernels.py, through vlm_linear (so the
+ * on the shapes, groups and token counts of tests/test_kernels.py, through vlm_linears (so the
  * activations are prepared and interleaved as in the package):
  * - exact data: integer activations whose runs reach +-127 (so the int8 scale is 1 and q = x),
  *   power-of-two scales, mins and 16-bit weights on a 1/4 grid. Every product and partial sum
@@ -151,12 +151,17 @@ static float *make_x(int n, int cols, int exact) {
 static const char *const fmt_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "f16", "bf16"};
 
 /* y of path p against y of the portable path for one weight, one mode, n tokens. */
+/* y = x @ m.T through the library's entry point, one matrix. */
+static int linear(const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n, float *y) {
+    return vlm_linears(p, mode, &m, 1, x, n, &y);
+}
+
 static void check_linear(const vlm_path *p, const weight *w, int mode, int n, int exact, const char *what) {
     const vlm_matrix *m = &w->m;
     const int K = m->cols, R = m->rows, int8 = vlm_is_quant(m->fmt) && mode != MODE_FLOAT;
     float *x = make_x(n, K, exact);
     float *ref = malloc(sizeof(float) * ((size_t)n * R + 1)), *y = malloc(sizeof(float) * ((size_t)n * R + 1));
-    if (vlm_linear(&vlm_path_portable, mode, m, x, n, ref) || vlm_linear(p, mode, m, x, n, y)) abort();
+    if (linear(&vlm_path_portable, mode, m, x, n, ref) || linear(p, mode, m, x, n, y)) abort();
     /* the activations the kernels multiply: x, or its int8 rounding */
     float *xa = malloc(sizeof(float) * ((size_t)n * K + 1));
     memcpy(xa, x, sizeof(float) * (size_t)n * K);
@@ -240,9 +245,9 @@ static void check_rows_alone(const vlm_path *p) {
             const int K = w.m.cols, R = w.m.rows;
             for (int n = 2; n <= VLM_SOLO_TOKENS; n++) {
                 float *x = make_x(n, K, 0), *y = malloc(sizeof(float) * n * R), *one = malloc(sizeof(float) * R);
-                if (vlm_linear(p, mode, &w.m, x, n, y)) abort();
+                if (linear(p, mode, &w.m, x, n, y)) abort();
                 for (int t = 0; t < n; t++) {
-                    if (vlm_linear(p, mode, &w.m, x + (size_t)t * K, 1, one)) abort();
+                    if (linear(p, mode, &w.m, x + (size_t)t * K, 1, one)) abort();
                     if (memcmp(one, y + (size_t)t * R, sizeof(float) * R)) {
                         FAIL("%s: %s mode %d, token %d of %d differs from its own product\n", p->name, fmt_names[fmt],
                              mode, t, n);
@@ -404,7 +409,7 @@ static int count_run(char **argv) {
     weight w = make_quant(fmt, 256, 1024, 32, 0);
     const int n = atoi(argv[5]);
     float *x = make_x(n, 1024, 0), *y = malloc(sizeof(float) * 256 * (size_t)n);
-    const int rc = vlm_linear(p, strcmp(argv[4], "int8") ? MODE_FLOAT : MODE_INT8, &w.m, x, n, y);
+    const int rc = linear(p, strcmp(argv[4], "int8") ? MODE_FLOAT : MODE_INT8, &w.m, x, n, y);
     printf("%s %s %s n=%d: done\n", p->name, argv[3], argv[4], n);
     return rc ? 1 : 0;
 }
