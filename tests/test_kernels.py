@@ -240,6 +240,9 @@ def test_products_of_one_x_equal_their_own(kernel_path, mode):
             assert len(got) == len(some)
             for y, h in zip(got, some, strict=True):
                 np.testing.assert_array_equal(y, kernels.linear(x, h), err_msg=f"{mode} n={n} {h.kind}")
+    empty = kernels.prepare(HalfWeight(np.zeros((0, 256), np.float16)))  # no rows: an empty product
+    assert [y.shape for y in kernels.linears(x, [empty, handles[0]])] == [(19, 0), (19, 40)]
+    assert kernels.linear(x, empty).shape == (19, 0)
     with pytest.raises(ValueError):  # not x's features
         kernels.linears(x, [handles[0], kernels.prepare(make_quant(8, 128, "q4_asym", 32))])
     with pytest.raises(TypeError):

@@ -125,7 +125,7 @@ void vlm_products_run(const vlm_path *p, const vlm_product *prs, int count) {
         gemm_job j = {.p = p, .prs = prs + b, .count = vlm_min(VLM_MAX_PRODUCTS, count - b)};
         for (int i = 0; i < j.count; i++) {
             const int panels = j.prs[i].m->panels;
-            j.per_unit[i] = ceil_div(panels, (long)threads * UNITS_PER_THREAD);
+            j.per_unit[i] = panels ? ceil_div(panels, (long)threads * UNITS_PER_THREAD) : 1; /* 0 rows: no unit */
             j.first[i + 1] = j.first[i] + ceil_div(panels, j.per_unit[i]);
         }
         vlm_pool_run(gemm_task, &j, j.first[j.count]);
