@@ -83,12 +83,15 @@ def main() -> None:
     ap.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: fetched into weights/)")
     ap.add_argument("--tokens", type=int, default=64, help="continuation length per prompt")
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--all-positions", action="store_true",
+                    help="count the prompts' positions too (default: only those predicting the continuation)")
     args = ap.parse_args()
     gguf = Path(args.gguf) if args.gguf else vlm.pull("smollm2-135m")
     llm = llama_cpp_model(gguf)
     q4 = vlm.load(gguf)
     f32 = vlm.load(gguf, quantize="f32")
     seqs = sequences(llm, q4, args.tokens)
+    starts = [0 if args.all_positions else q4.prepare([{"role": "user", "content": p}]).ids.size - 1 for p in PROMPTS]
     rows = {"llama.cpp": [llama_cpp_logits(llm, s) for s in seqs],
             "vlm 4-bit (default)": [q4.logits(s) for s in seqs],
             "vlm f32": [f32.logits(s) for s in seqs]}
@@ -98,7 +101,8 @@ def main() -> None:
 
         hf = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
         rows["transformers f32"] = [transformers_logits(hf, s) for s in seqs]
-    n = sum(len(s) for s in seqs)
+    rows = {name: [x[i:] for x, i in zip(logits, starts, strict=True)] for name, logits in rows.items()}
+    n = sum(len(x) for x in rows["llama.cpp"])
     print(f"{len(seqs)} sequences, {n} positions; top-1 agreement (teacher forced):")
     names = list(rows)
     print("| | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))

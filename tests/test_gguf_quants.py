@@ -12,9 +12,10 @@ gguf = pytest.importorskip("gguf")
 # Byte offsets of each type's fp16 super-scales inside its block (the rest may be any bytes).
 HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,),
                "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,), "IQ4_XS": (0,)}
-EXACT = ("Q5_0", "IQ4_NL")  # int8 * the block's own fp16 scale: bit for bit
-FP16_PRODUCTS = ("Q4_K", "IQ4_XS")  # scales are fp16 products of two stored numbers
-TARGET = {"Q4_K": "q4_asym", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_nl"}  # the rest: q8
+EXACT = ("Q5_0", "Q5_1", "IQ4_NL")  # integers * the block's own fp16 scale (+ fp16 min): bit for bit
+FP16_PRODUCTS = ("Q4_K", "Q5_K", "IQ4_XS")  # scales are fp16 products of two stored numbers
+# the kind each type loads as (the rest: q8)
+TARGET = {"Q4_K": "q4_asym", "Q5_1": "q8_asym", "Q5_K": "q8_asym", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_nl"}
 LOADED = (*TRANSCODED, "IQ4_NL")  # IQ4_NL is read in place
 
 
@@ -46,9 +47,11 @@ def check_against_gguf(kind: str, blocks: np.ndarray) -> None:
         assert np.array_equal(got, ref)
     elif kind in FP16_PRODUCTS:
         # Scale s (and min m) are rounded to fp16, half a unit in the 11th bit: Q4_K's w = s q + m
-        # moves by at most 2^-11 (15 |s| + |m|), IQ4_XS's w = s k (|k| <= 127) by 2^-11 127 |s|.
+        # moves by at most 2^-11 (15 |s| + |m|), Q5_K's by 2^-11 (31 |s| + |m|), IQ4_XS's w = s k
+        # (|k| <= 127) by 2^-11 127 |s|.
         s = np.abs(w.scales.astype(np.float32))[..., None]
-        bound = 2.0**-11 * (15 * s + np.abs(w.mins.astype(np.float32))[..., None] if w.mins is not None else 127 * s)
+        q_max = 31 if kind == "Q5_K" else 15
+        bound = 2.0**-11 * (q_max * s + np.abs(w.mins.astype(np.float32))[..., None] if w.mins is not None else 127 * s)
         assert (err <= bound * 1.001 + amax * 2.0**-22).all()
         assert err.max() > 0  # the rounding is real: the bound is what the test checks
     else:

@@ -27,7 +27,7 @@ from vlm.quant import HalfWeight, QuantizedWeight, quantize, unpack_nibbles
 
 pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="native kernels not built")
 
-QUANT_KINDS = ["q4_asym", "q4_sym", "iq4_nl", "q8"]
+QUANT_KINDS = ["q4_asym", "q4_sym", "iq4_nl", "q8", "q8_asym"]
 GROUPS = [32, 64, 128]
 NS = [1, 3, 17, 64, 300]
 FLOAT_TOL = 1e-5
@@ -43,15 +43,21 @@ def make_quant(rows: int, cols: int, kind: str, group: int) -> QuantizedWeight:
         scales = rng.uniform(2e-4, 6e-4, (rows, cols // group)) * rng.choice([-1, 1], (rows, cols // group))
         return QuantizedWeight(4, group, True, rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
                                scales.astype(np.float16), codebook=True)
+    if kind == "q8_asym":  # as GGUF Q5_1 / Q5_K transcode: q in 0..31, a scale and a min per group
+        shape = (rows, cols // group)
+        return QuantizedWeight(8, group, False, rng.integers(0, 32, (rows, cols), dtype=np.int8),
+                               rng.uniform(2e-3, 4e-3, shape).astype(np.float16),
+                               rng.uniform(-0.06, -0.03, shape).astype(np.float16))
     w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.05
     return quantize(w, 8 if kind == "q8" else 4, group, kind != "q4_asym")
 
 
 def magnitude(qw: QuantizedWeight) -> np.ndarray:
     """Elementwise bound on the terms the kernels add up (see the module docstring)."""
-    if qw.bits == 4 and not qw.symmetric:
+    if not qw.symmetric:
         rows, cols = qw.shape
-        q = unpack_nibbles(qw.qweight).astype(np.float64).reshape(rows, -1, qw.group_size)
+        q = (unpack_nibbles(qw.qweight) if qw.bits == 4 else np.abs(qw.qweight)).astype(np.float64)
+        q = q.reshape(rows, -1, qw.group_size)
         d = np.abs(qw.scales.astype(np.float64))[..., None]
         m = np.abs(qw.mins.astype(np.float64))[..., None]
         return (d * q + m).reshape(rows, cols)
@@ -151,7 +157,7 @@ def test_w4a8_mode_picks_per_weight():
         for mode in kernels.MODES:
             kernels.set_mode(mode)
             out[mode] = kernels.linear(x, handle)
-        np.testing.assert_array_equal(out["w4a8"], out["float" if kind == "q8" else "int8"])
+        np.testing.assert_array_equal(out["w4a8"], out["float" if kind.startswith("q8") else "int8"])
         assert not np.array_equal(out["int8"], out["float"])
     kernels.set_mode("w4a8")
 
@@ -254,8 +260,8 @@ def test_products_of_one_x_equal_their_own(kernel_path, mode):
 def test_prepare_declines_what_it_does_not_handle():
     assert kernels.prepare(np.zeros((4, 32), np.float32)) is None
     assert kernels.prepare(HalfWeight(np.zeros((2, 4, 32), np.float16))) is None
-    qw = make_quant(4, 64, "q8", 32)
-    assert kernels.prepare(QuantizedWeight(8, 32, False, qw.qweight, qw.scales, qw.scales)) is None
+    group_16 = QuantizedWeight(8, 16, True, np.zeros((4, 48), np.int8), np.ones((4, 3), np.float16))
+    assert kernels.prepare(group_16) is None  # a group the kernels do not take
 
 
 def test_linear_layer_uses_kernels():

@@ -1,11 +1,12 @@
 """Group-wise weight quantization: the format every loader produces and every kernel reads.
 
 A quantized matrix W [rows, cols] is cut along `cols` into groups of `group_size` values,
-each with its own fp16 scale (and, for asymmetric 4-bit, an fp16 min):
+each with its own fp16 scale (and, for the asymmetric forms, an fp16 min):
 
 - 4-bit asymmetric (GGUF Q4_1):  w = d * q + m,   q in 0..15
 - 4-bit symmetric  (GGUF Q4_0):  w = d * (q - 8), q in 0..15
 - 8-bit symmetric  (GGUF Q8_0):  w = d * q,       q in -127..127
+- 8-bit asymmetric (GGUF Q5_1, Q5_K): w = d * q + m, q in -128..127 (0..31 from those files)
 - 4-bit codebook   (GGUF IQ4_NL): w = d * IQ4_NL_VALUES[q], q in 0..15 (a fixed non-uniform int8 grid)
 
 4-bit values are packed two to a byte in GGUF's order, so GGUF Q4_0/Q4_1 blocks map on
@@ -44,7 +45,7 @@ class QuantizedWeight:
     # file's interleaved blocks, a strided view [rows, cols // 32, 16 or 32] of one run per block.
     qweight: np.ndarray
     scales: np.ndarray  # float16 [rows, cols // group_size], possibly strided
-    mins: np.ndarray | None = None  # float16 [rows, cols // group_size]; asymmetric 4-bit only
+    mins: np.ndarray | None = None  # float16 [rows, cols // group_size]; asymmetric forms only
     codebook: bool = False  # symmetric 4-bit only: q indexes IQ4_NL_VALUES instead of meaning q - 8
 
     @property
@@ -58,10 +59,13 @@ class QuantizedWeight:
 
     @property
     def kind(self) -> str:
-        """Short name used in reports and in the converted model's config: q4_asym, q4_sym, iq4_nl, q8."""
+        """Short name used in reports and in the converted model's config: q4_asym, q4_sym, iq4_nl,
+        q8, q8_asym."""
         if self.codebook:
             return "iq4_nl"
-        return "q8" if self.bits == 8 else ("q4_sym" if self.symmetric else "q4_asym")
+        if self.bits == 8:
+            return "q8" if self.symmetric else "q8_asym"
+        return "q4_sym" if self.symmetric else "q4_asym"
 
     def dequantize(self, rows: slice | np.ndarray | None = None) -> np.ndarray:
         """Float32 values of the matrix, or of the rows selected by a slice or index array."""
@@ -70,7 +74,10 @@ class QuantizedWeight:
         n_rows, n_groups = scales.shape
         if self.bits == 8:
             q = self.qweight[sel].astype(np.float32).reshape(n_rows, n_groups, self.group_size)
-            return (q * scales[..., None]).reshape(n_rows, -1)
+            w = q * scales[..., None]
+            if not self.symmetric:
+                w = w + self.mins[sel].astype(np.float32)[..., None]
+            return w.reshape(n_rows, -1)
         q = unpack_nibbles(self.qweight[sel])
         if self.codebook:
             w = IQ4_NL_VALUES.astype(np.float32)[q].reshape(n_rows, n_groups, self.group_size) * scales[..., None]

@@ -65,7 +65,7 @@ typedef struct {
 
 /* A quantized weight in GGUF's block order (as vlm.quant hands it to pack_quant). */
 static weight make_quant(int fmt, int rows, int cols, int group, int exact) {
-    const int nb = cols / RUN, ng = cols / group, bytes = fmt == FMT_Q8 ? 32 : 16;
+    const int nb = cols / RUN, ng = cols / group, bytes = vlm_is_8bit(fmt) ? 32 : 16;
     unsigned char *q = malloc((size_t)rows * nb * bytes);
     uint16_t *sc = malloc(sizeof(uint16_t) * rows * ng), *mn = malloc(sizeof(uint16_t) * rows * ng);
     int8_t *val = malloc((size_t)rows * cols); /* the integer each scale multiplies */
@@ -80,8 +80,8 @@ static weight make_quant(int fmt, int rows, int cols, int group, int exact) {
             unsigned char *blk = q + ((size_t)r * nb + b) * bytes;
             for (int i = 0; i < RUN; i++) {
                 int v;
-                if (fmt == FMT_Q8) {
-                    v = rnd_int(-128, 127);
+                if (vlm_is_8bit(fmt)) {
+                    v = fmt == FMT_Q8A ? rnd_int(0, 31) : rnd_int(-128, 127);
                     ((int8_t *)blk)[i] = (int8_t)v;
                 } else {
                     v = rnd_int(0, 15);
@@ -99,14 +99,15 @@ static weight make_quant(int fmt, int rows, int cols, int group, int exact) {
     weight w = {{0}, malloc(sizeof(double) * rows * cols)};
     const vlm_strided qs = {q, (ptrdiff_t)nb * bytes, bytes}, ss = {(const unsigned char *)sc, ng * 2, 2};
     const vlm_strided ms = {(const unsigned char *)mn, ng * 2, 2};
-    const int rc = fmt == FMT_Q8 ? vlm_pack_q8(&w.m, qs, ss, rows, cols, group, 0)
-                                 : vlm_pack_q4(&w.m, qs, ss, ms, rows, cols, group, fmt, 0);
+    const vlm_strided no_mins = {NULL, 0, 0};
+    const int rc = vlm_is_8bit(fmt) ? vlm_pack_q8(&w.m, qs, ss, fmt == FMT_Q8A ? ms : no_mins, rows, cols, group, 0)
+                                    : vlm_pack_q4(&w.m, qs, ss, ms, rows, cols, group, fmt, 0);
     if (rc) abort();
     for (int r = 0; r < rows; r++)
         for (int k = 0; k < cols; k++) {
             const int g = k / group;
             const double d = fabs(vlm_half_to_float(sc[r * ng + g])), v = abs(val[(size_t)r * cols + k]);
-            w.mag[(size_t)r * cols + k] = d * v + (fmt == FMT_Q4A ? fabs(vlm_half_to_float(mn[r * ng + g])) : 0.0);
+            w.mag[(size_t)r * cols + k] = d * v + (vlm_has_mins(fmt) ? fabs(vlm_half_to_float(mn[r * ng + g])) : 0.0);
         }
     free(q);
     free(sc);
@@ -148,7 +149,7 @@ static float *make_x(int n, int cols, int exact) {
 }
 
 /* ---- products ---------------------------------------------------------------------------- */
-static const char *const fmt_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "f16", "bf16"};
+static const char *const fmt_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "q8_asym", "f16", "bf16"};
 
 /* y of path p against y of the portable path for one weight, one mode, n tokens. */
 /* y = x @ m.T through the library's entry point, one matrix. */
@@ -208,7 +209,7 @@ static const int NS[] = {1, 3, 17, 64, 300};
 #define COUNT(a) (int)(sizeof(a) / sizeof *(a))
 
 static void check_products(const vlm_path *p) {
-    for (int fmt = FMT_Q4A; fmt <= FMT_Q8; fmt++)
+    for (int fmt = FMT_Q4A; fmt <= FMT_Q8A; fmt++)
         for (int gi = 0; gi < COUNT(GROUPS); gi++)
             for (int s = 0; s < COUNT(SHAPES); s++)
                 for (int exact = 0; exact < 2; exact++) {
@@ -405,7 +406,7 @@ static int count_run(char **argv) {
     const vlm_path *p = vlm_arm_path(argv[2]);
     int fmt = 0;
     while (fmt < FMT_COUNT && strcmp(fmt_names[fmt], argv[3])) fmt++;
-    if (!p || fmt > FMT_Q8) return 2;
+    if (!p || !vlm_is_quant(fmt)) return 2;
     weight w = make_quant(fmt, 256, 1024, 32, 0);
     const int n = atoi(argv[5]);
     float *x = make_x(n, 1024, 0), *y = malloc(sizeof(float) * 256 * (size_t)n);

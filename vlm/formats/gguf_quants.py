@@ -9,10 +9,12 @@ Each type goes where its values land exactly, or as near as our formats allow:
   * IQ4_NL_VALUES[q], and its nibbles are already in our run order; exact up to the fp16 rounding of
   d * (ls - 32).
 - Q5_0 -> 8-bit symmetric: q - 16 is an int8, so int8 * fp16 exactly.
-- Q5_1, Q5_K, Q6_K, Q2_K, Q3_K -> 8-bit symmetric, re-quantized from their exact float values:
-  an offset (Q5_1, Q5_K, Q2_K) or scales per 16 values (Q6_K, Q2_K, Q3_K) do not fit one symmetric
-  int8 grid per 32, so each value moves by at most half an 8-bit step (max |w| of its group / 254),
-  well under these types' own steps.
+- Q5_1 -> 8-bit asymmetric: w = d * q + m, q in 0..31, with the block's own fp16 d and m: exact.
+- Q5_K -> 8-bit asymmetric: as Q4_K with 5-bit q; exact up to the fp16 rounding of d * sc and
+  dmin * m.
+- Q6_K, Q2_K, Q3_K -> 8-bit symmetric, re-quantized from their exact float values: scales per 16
+  values do not fit one int8 grid per 32, so each value moves by at most half an 8-bit step
+  (max |w| of its group / 254), well under these types' own steps.
 
 Q8_0, Q4_0, Q4_1 and IQ4_NL need none of this: `GGUFFile.load` reads them in place.
 
@@ -62,18 +64,22 @@ def _k_scales(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --- exact transcoders: blocks uint8 [rows, blocks, bytes] -> the target's arrays for those rows ----------
 
 
+def _k_groups(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: each sub-block's scale d * sc and min -dmin * m, fp16 [rows, sub-blocks]."""
+    sc, mn = _k_scales(b[..., 4:16])
+    scales, mins = _half(b, 0) * sc, -(_half(b, 2) * mn)
+    return scales.astype(np.float16).reshape(b.shape[0], -1), mins.astype(np.float16).reshape(b.shape[0], -1)
+
+
 def _q4_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = b.shape[0]
-    d, dmin = _half(b, 0), _half(b, 2)
-    sc, mn = _k_scales(b[..., 4:16])
     # 4 chunks of 32 bytes; chunk j: sub-block 2j in the low nibbles, 2j + 1 in the high ones, value
     # l of each at byte l. Our runs want value i low and value i + 16 high in byte i.
     q = b[..., 16:].reshape(rows, -1, 4, 2, 16)
     first, second = q[..., 0, :], q[..., 1, :]  # bytes 0..15 and 16..31 of a chunk
     even = (first & 0x0F) | (second << 4)
     odd = (first >> 4) | (second & 0xF0)
-    qweight = np.stack([even, odd], axis=-2).reshape(rows, -1)
-    return qweight, (d * sc).astype(np.float16).reshape(rows, -1), (-(dmin * mn)).astype(np.float16).reshape(rows, -1)
+    return np.stack([even, odd], axis=-2).reshape(rows, -1), *_k_groups(b)
 
 
 def _q5_0(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -90,23 +96,22 @@ def _iq4_xs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b[..., 8:].reshape(rows, -1), scales.reshape(rows, -1)
 
 
-# --- float dequantizers of the re-quantized types: blocks -> float32 [rows, blocks * values] ---------
-
-
-def _q5_1(b: np.ndarray) -> np.ndarray:
-    q = (_nibbles(b[..., 8:]) | (_bits(b[..., 4:8]) << 4)).astype(np.float32)
-    return (_half(b, 0) * q + _half(b, 2)).reshape(b.shape[0], -1)
-
-
-def _q5_k(b: np.ndarray) -> np.ndarray:
+def _q5_1(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = b.shape[0]
-    d, dmin = _half(b, 0), _half(b, 2)
-    sc, mn = _k_scales(b[..., 4:16])
+    q = _nibbles(b[..., 8:]) | (_bits(b[..., 4:8]) << 4)
+    half = b[..., 0:4].copy().view(np.float16)  # d, m
+    return q.astype(np.int8).reshape(rows, -1), half[..., 0], half[..., 1]
+
+
+def _q5_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = b.shape[0]
     qs = b[..., 48:].reshape(rows, -1, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(2, 1)
     low = (qs & 0x0F).reshape(rows, -1, 8, 32)
     high = (b[..., 16:48].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
-    q = (low | (high << 4)).astype(np.float32)
-    return ((d * sc)[..., None] * q - (dmin * mn)[..., None]).reshape(rows, -1)
+    return (low | (high << 4)).astype(np.int8).reshape(rows, -1), *_k_groups(b)
+
+
+# --- float dequantizers of the re-quantized types: blocks -> float32 [rows, blocks * values] ---------
 
 
 def _q6_k(b: np.ndarray) -> np.ndarray:
@@ -143,8 +148,9 @@ def _q3_k(b: np.ndarray) -> np.ndarray:
 _EXACT_Q4 = {"Q4_K": _q4_k}
 _EXACT_IQ4 = {"IQ4_XS": _iq4_xs}
 _EXACT_Q8 = {"Q5_0": _q5_0}
-_REQUANTIZED = {"Q5_1": _q5_1, "Q5_K": _q5_k, "Q6_K": _q6_k, "Q2_K": _q2_k, "Q3_K": _q3_k}
-TRANSCODED = (*_EXACT_Q4, *_EXACT_IQ4, *_EXACT_Q8, *_REQUANTIZED)
+_EXACT_Q8_ASYM = {"Q5_1": _q5_1, "Q5_K": _q5_k}
+_REQUANTIZED = {"Q6_K": _q6_k, "Q2_K": _q2_k, "Q3_K": _q3_k}
+TRANSCODED = (*_EXACT_Q4, *_EXACT_IQ4, *_EXACT_Q8, *_EXACT_Q8_ASYM, *_REQUANTIZED)
 
 
 def _owned(shape: tuple[int, int], dtype: type) -> np.ndarray:
@@ -162,13 +168,13 @@ def transcode(kind: str, blocks: np.ndarray) -> QuantizedWeight:
     bits = 4 if kind in _EXACT_Q4 or kind in _EXACT_IQ4 else 8
     qweight = _owned((rows, cols // 2), np.uint8) if bits == 4 else _owned((rows, cols), np.int8)
     scales = _owned((rows, cols // 32), np.float16)
-    mins = _owned((rows, cols // 32), np.float16) if kind in _EXACT_Q4 else None
+    mins = _owned((rows, cols // 32), np.float16) if kind in _EXACT_Q4 or kind in _EXACT_Q8_ASYM else None
     step = max(1, _CHUNK_VALUES // cols)
     for r in range(0, rows, step):
         chunk = blocks[r : r + step]
         part = slice(r, r + chunk.shape[0])
-        if kind in _EXACT_Q4:
-            qweight[part], scales[part], mins[part] = _EXACT_Q4[kind](chunk)
+        if kind in _EXACT_Q4 or kind in _EXACT_Q8_ASYM:
+            qweight[part], scales[part], mins[part] = {**_EXACT_Q4, **_EXACT_Q8_ASYM}[kind](chunk)
         elif kind in _EXACT_IQ4:
             qweight[part], scales[part] = _EXACT_IQ4[kind](chunk)
         elif kind in _EXACT_Q8:

@@ -26,7 +26,7 @@ typedef struct {
     PyObject_HEAD vlm_matrix m;
 } MatrixObject;
 
-static const char *const format_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "f16", "bf16"};
+static const char *const format_names[FMT_COUNT] = {"q4_asym", "q4_sym", "iq4_nl", "q8", "q8_asym", "f16", "bf16"};
 
 static void matrix_dealloc(MatrixObject *self) {
     free(self->m.data);
@@ -133,18 +133,18 @@ static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     int group, int8_acts = 0, drop = 0;
     if (!PyArg_ParseTuple(args, "OOOsi|pp", &qo, &so, &mo, &kind, &group, &int8_acts, &drop)) return NULL;
     int fmt = 0;
-    while (fmt <= FMT_Q8 && strcmp(kind, format_names[fmt])) fmt++;
-    if (fmt > FMT_Q8 || !(group == 32 || group == 64 || group == 128)) {
+    while (fmt <= FMT_Q8A && strcmp(kind, format_names[fmt])) fmt++;
+    if (fmt > FMT_Q8A || !(group == 32 || group == 64 || group == 128)) {
         PyErr_SetString(PyExc_ValueError, "unsupported quantization");
         return NULL;
     }
-    const int bits = fmt == FMT_Q8 ? 8 : 4, symmetric = fmt != FMT_Q4A;
+    const int bits = vlm_is_8bit(fmt) ? 8 : 4, symmetric = !vlm_has_mins(fmt);
     const int run = bits == 4 ? RUN / 2 : RUN; /* bytes of one run of 32 values */
     PyArrayObject *q = as_source(qo, bits == 4 ? NPY_UINT8 : NPY_INT8, run, "qweight");
     PyArrayObject *s = q ? as_source(so, NPY_FLOAT16, 0, "scales") : NULL;
-    PyArrayObject *mn = (s && bits == 4 && !symmetric) ? as_source(mo, NPY_FLOAT16, 0, "mins") : NULL;
+    PyArrayObject *mn = (s && !symmetric) ? as_source(mo, NPY_FLOAT16, 0, "mins") : NULL;
     MatrixObject *out = NULL;
-    if (!s || (bits == 4 && !symmetric && !mn)) goto done;
+    if (!s || (!symmetric && !mn)) goto done;
     const int rows = (int)PyArray_DIM(q, 0), cols = (int)row_values(q) * (bits == 4 ? 2 : 1);
     if (cols % group || PyArray_DIM(s, 0) != rows || PyArray_DIM(s, 1) != cols / group ||
         (mn && (PyArray_DIM(mn, 0) != rows || PyArray_DIM(mn, 1) != cols / group))) {
@@ -161,7 +161,8 @@ static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
         rc = vlm_pack_q4(&out->m, strided(q, run), strided(s, 0), mn ? strided(mn, 0) : no_mins, rows, cols, group,
                          fmt, drop);
     else
-        rc = vlm_pack_q8(&out->m, strided(q, run), strided(s, 0), rows, cols, group, drop);
+        rc = vlm_pack_q8(&out->m, strided(q, run), strided(s, 0), mn ? strided(mn, 0) : no_mins, rows, cols, group,
+                         drop);
     Py_END_ALLOW_THREADS;
     if (rc) {
         Py_CLEAR(out);

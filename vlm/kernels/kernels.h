@@ -14,8 +14,8 @@
  *           vpdpbusd / pmaddubsw) and the nibble at bit 4p is value 8c + (p & 1) * 4 + p / 2.
  *           4-bit codebook (IQ4_NL): the same, the nibble an index into vlm_iq4nl_values.
  *           8-bit: 8 chunks of 64 bytes; chunk j holds values 4j .. 4j + 3 of each row,
- *           stored as w + 128 (unsigned) so vpdpbusd can take them as its unsigned operand.
- *   scales: fp16 [NG][16]; mins (4-bit asymmetric only): fp16 [NG][16]. Kept in fp16
+ *           stored as q + 128 (unsigned) so vpdpbusd can take them as its unsigned operand.
+ *   scales: fp16 [NG][16]; mins (asymmetric formats only): fp16 [NG][16]. Kept in fp16
  *           because decode is bound by memory traffic and F16C widens 16 of them in one op.
  * Each part starts 64-byte aligned.
  *
@@ -37,6 +37,7 @@ enum vlm_format {
     FMT_Q4S,  /* 4-bit symmetric:  w = d * (q - 8) */
     FMT_IQ4,  /* 4-bit codebook:   w = d * vlm_iq4nl_values[q] (GGUF IQ4_NL) */
     FMT_Q8,   /* 8-bit symmetric:  w = d * q */
+    FMT_Q8A,  /* 8-bit asymmetric: w = d * q + m (GGUF Q5_1 and Q5_K: q = 0..31) */
     FMT_F16,
     FMT_BF16,
     FMT_COUNT
@@ -49,12 +50,16 @@ typedef struct {
     int panels;         /* ceil(rows / PANEL) */
     size_t panel_bytes; /* stride between panels */
     size_t scales_off;  /* offset of the scales inside a panel (quantized formats) */
-    size_t mins_off;    /* offset of the mins inside a panel (FMT_Q4A) */
+    size_t mins_off;    /* offset of the mins inside a panel (asymmetric formats) */
     int int8_acts;      /* 8-bit weights: int8 activations in W4A8 mode too (vision towers opt in) */
     unsigned char *data;
 } vlm_matrix;
 
-static inline int vlm_is_quant(int fmt) { return fmt <= FMT_Q8; }
+static inline int vlm_is_quant(int fmt) { return fmt <= FMT_Q8A; }
+/* The 8-bit quants layout (else 4-bit). */
+static inline int vlm_is_8bit(int fmt) { return fmt == FMT_Q8 || fmt == FMT_Q8A; }
+/* A min per group: w = d * q + m. */
+static inline int vlm_has_mins(int fmt) { return fmt == FMT_Q4A || fmt == FMT_Q8A; }
 
 /* llama.cpp's kvalues_iq4nl: the int8 values of IQ4_NL's 16 indices (matmul_portable.c). */
 extern const int8_t vlm_iq4nl_values[16];
@@ -75,7 +80,7 @@ typedef struct {
     const int8_t *q; /* cols per token */
     const float *d;  /* cols / 32 per token */
     const float *s;  /* cols / group per token: sum over the group's runs of d * sum(q) */
-    /* float mode, FMT_Q4A: the sum of x over each group, for the min term; W = tf */
+    /* float mode, asymmetric formats: the sum of x over each group, for the min term; W = tf */
     const float *xs; /* cols / group per token */
     float *y;        /* [n][rows], not interleaved */
 } vlm_act;
@@ -250,11 +255,12 @@ typedef struct {
 /* The quantized sources are strided so that a GGUF file's interleaved blocks are read in
  * place: quants item (r, b) is run b of row r (16 bytes of 4-bit, 32 of 8-bit values, in
  * GGUF nibble order), scales / mins item (r, g) the fp16 of group g. mins.base is NULL
- * unless fmt is FMT_Q4A (vlm_pack_q4 takes the 4-bit formats: FMT_Q4A, FMT_Q4S, FMT_IQ4). */
+ * unless the format is asymmetric (vlm_pack_q4 takes the 4-bit formats: FMT_Q4A, FMT_Q4S,
+ * FMT_IQ4; vlm_pack_q8 makes FMT_Q8A when given mins, else FMT_Q8). */
 int vlm_pack_q4(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strided mins, int rows, int cols,
                 int group, int fmt, int drop_source);
-int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, int rows, int cols, int group,
-                int drop_source);
+int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strided mins, int rows, int cols,
+                int group, int drop_source);
 int vlm_pack_half(vlm_matrix *m, const uint16_t *data, int fmt, int rows, int cols, int drop_source);
 /* Row `row` of a packed matrix widened to float32 (out [cols]), equal to the numpy
  * reference's dequantize() of that row bit for bit. */

@@ -11,7 +11,7 @@ static int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
 /* W4A8 keeps float activations for 8-bit weights (the LM head) unless the matrix opted in. */
 static int int8_activations(int mode, const vlm_matrix *m) {
     return vlm_is_quant(m->fmt) &&
-           (mode == MODE_INT8 || (mode == MODE_W4A8 && (m->fmt != FMT_Q8 || m->int8_acts)));
+           (mode == MODE_INT8 || (mode == MODE_W4A8 && (!vlm_is_8bit(m->fmt) || m->int8_acts)));
 }
 
 /* Float activations are interleaved only for token tiles wider than 1. */
@@ -27,7 +27,7 @@ size_t vlm_act_bytes(const vlm_path *p, int mode, const vlm_matrix *m, int n) {
     const int int8 = int8_activations(mode, m);
     const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0;
     if (int8) return (4 * NB + 4 * NG + K) * padded(p, 1, n);
-    return (4 * (packs_x(p, 0) ? K : 0) + 4 * (m->fmt == FMT_Q4A ? NG : 0)) * padded(p, 0, n);
+    return (4 * (packs_x(p, 0) ? K : 0) + 4 * (vlm_has_mins(m->fmt) ? NG : 0)) * padded(p, 0, n);
 }
 
 typedef struct {
@@ -55,7 +55,7 @@ static void prepare_task(void *ctx, int u) {
             float *dst = (float *)pr->a.x + tile * K * w + lane;
             for (size_t k = 0; k < K; k++) dst[k * w] = x[k];
         }
-        if (m->fmt == FMT_Q4A) vlm_group_sums(x, (int)K, m->group, (float *)pr->a.xs + tile * NG * w + lane, w);
+        if (vlm_has_mins(m->fmt)) vlm_group_sums(x, (int)K, m->group, (float *)pr->a.xs + tile * NG * w + lane, w);
     }
 }
 
@@ -66,7 +66,7 @@ static void prepare_task(void *ctx, int u) {
 static int same_activations(const vlm_product *like, int int8, const vlm_matrix *m) {
     if (!like || like->int8 != int8 || like->m->cols != m->cols) return 0;
     if (int8) return like->m->group == m->group;
-    return m->fmt != FMT_Q4A || (like->m->fmt == FMT_Q4A && like->m->group == m->group);
+    return !vlm_has_mins(m->fmt) || (vlm_has_mins(like->m->fmt) && like->m->group == m->group);
 }
 
 void vlm_product_init(vlm_product *pr, const vlm_path *p, int mode, const vlm_matrix *m, const float *x, int n,

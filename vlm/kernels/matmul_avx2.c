@@ -89,7 +89,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                       const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     const __m256i nib = _mm256_set1_epi8(0x0f), lut = iq4_table(VNNI ? (char)0x80 : 0);
@@ -103,14 +103,14 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, h, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         const __m256 d = load_half8(sc + g * PANEL);
         for (int r = 0; r < R; r++) {
             const int b = g * R + r;
             __m256i isum[CHAINS(1)][TQ];
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm256_setzero_si256();
-            if (fmt == FMT_Q8) {
+            if (vlm_is_8bit(fmt)) {
                 for (int j = 0; j < 8; j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
 #ifdef VLM_AVX_VNNI
@@ -163,9 +163,12 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[0][t]), scale, acc[t]);
             }
         }
-        if (VNNI || fmt == FMT_Q4A || fmt == FMT_Q4S) { /* the sign trick needs no min term */
-            const __m256 mv = fmt == FMT_Q4A ? load_half8(mn + g * PANEL)
-                                             : _mm256_mul_ps(d, _mm256_set1_ps(fmt == FMT_Q4S ? -8.0f : -128.0f));
+        if (VNNI || (fmt != FMT_Q8 && fmt != FMT_IQ4)) { /* the sign trick needs no -128d term */
+            const __m256 d128 = _mm256_mul_ps(d, _mm256_set1_ps(-128.0f));
+            const __m256 mv = fmt == FMT_Q4A   ? load_half8(mn + g * PANEL)
+                              : fmt == FMT_Q4S ? _mm256_mul_ps(d, _mm256_set1_ps(-8.0f))
+                              : fmt == FMT_Q8A ? (VNNI ? _mm256_add_ps(d128, load_half8(mn + g * PANEL)) : load_half8(mn + g * PANEL))
+                                               : d128;
             for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TQ + t]), acc[t]);
         }
     }
@@ -177,7 +180,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                              const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     const __m256i nib = _mm256_set1_epi32(0x0f), eight = _mm256_set1_epi32(8);
@@ -193,13 +196,13 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, h, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         __m256 gs[CHAINS(1)][TF];
         for (int j = 0; j < C; j++)
             for (int t = 0; t < T; t++) gs[j][t] = _mm256_setzero_ps();
         for (int r = 0; r < R; r++) {
             const int k0 = (g * R + r) * RUN;
-            if (fmt == FMT_Q8) {
+            if (vlm_is_8bit(fmt)) {
                 for (int j = 0; j < 8; j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
                     const __m256i v = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
@@ -238,7 +241,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
             for (int j = 1; j < C; j++) gs[0][t] = _mm256_add_ps(gs[0][t], gs[j][t]);
             acc[t] = _mm256_fmadd_ps(d, gs[0][t], acc[t]);
         }
-        if (fmt == FMT_Q4A) {
+        if (vlm_has_mins(fmt)) {
             const __m256 mv = load_half8(mn + g * PANEL);
             for (int t = 0; t < T; t++) acc[t] = _mm256_fmadd_ps(mv, _mm256_set1_ps(xs[g * TF + t]), acc[t]);
         }
@@ -311,6 +314,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break; \
     case FMT_IQ4: SWITCH(tile_float_quant, FMT_IQ4, n) break; \
     case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;   \
+    case FMT_Q8A: SWITCH(tile_float_quant, FMT_Q8A, n) break; \
     case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;        \
     default: SWITCH(tile_half, FMT_BF16, n) break;            \
     }

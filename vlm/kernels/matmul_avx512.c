@@ -56,11 +56,11 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int t
  * y = sum over groups of d * sum over runs (dx * isum) + m * s, isum = vpdpbusd of the
  * unsigned weights with the int8 activations. The unsigned form of q4_sym (q), iq4_nl (its
  * codebook value + 128, looked up by vpshufb) and q8 (w + 128) is fixed up by the min term
- * m = -8d resp. -128d, since s = dx * sum(qx). */
+ * m = -8d resp. -128d, since s = dx * sum(qx); q8 with mins (q8_asym) adds its own m. */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 8 : 4);
+    const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off);
     const __m512i nib = _mm512_set1_epi8(0x0f), lut = iq4_table(_mm_set1_epi8((char)0x80));
@@ -71,7 +71,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         const __m512 d = load_half16(sc + g * PANEL);
         for (int r = 0; r < R; r++) {
             const int b = g * R + r;
@@ -79,7 +79,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
             __m512i isum[CHAINS(1)][TQ];
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm512_setzero_si512();
-            if (fmt == FMT_Q8) {
+            if (vlm_is_8bit(fmt)) {
                 for (int j = 0; j < 8; j++) {
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_load_si512(qs++);
@@ -107,8 +107,9 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[0][t]), scale, acc[t]);
             }
         }
-        const __m512 mv = fmt == FMT_Q4A ? load_half16(mn + g * PANEL)
-                                         : _mm512_mul_ps(d, _mm512_set1_ps(fmt == FMT_Q4S ? -8.0f : -128.0f));
+        const __m512 mv = fmt == FMT_Q4A   ? load_half16(mn + g * PANEL)
+                          : fmt == FMT_Q8A ? _mm512_fmadd_ps(d, _mm512_set1_ps(-128.0f), load_half16(mn + g * PANEL))
+                                           : _mm512_mul_ps(d, _mm512_set1_ps(fmt == FMT_Q4S ? -8.0f : -128.0f));
         for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[g * TQ + t]), acc[t]);
     }
     for (int t = 0; t < T; t++) store_rows(m, a, sp, t, acc[t]);
@@ -123,7 +124,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                              const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 8 : 4);
+    const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off);
     const __m512 iq4 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)vlm_iq4nl_values)));
@@ -138,13 +139,13 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         __m512 gs[CHAINS(1)][TF];
         for (int j = 0; j < C; j++)
             for (int t = 0; t < T; t++) gs[j][t] = _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
             const int k0 = (g * R + r) * RUN;
-            if (fmt == FMT_Q8) {
+            if (vlm_is_8bit(fmt)) {
                 for (int j = 0; j < 8; j++) {
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_xor_si512(_mm512_load_si512(qs++), bias);
@@ -176,7 +177,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
             for (int j = 1; j < C; j++) gs[0][t] = _mm512_add_ps(gs[0][t], gs[j][t]);
             acc[t] = _mm512_fmadd_ps(d, gs[0][t], acc[t]);
         }
-        if (fmt == FMT_Q4A) {
+        if (vlm_has_mins(fmt)) {
             const __m512 mv = load_half16(mn + g * PANEL);
             for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[g * TF + t]), acc[t]);
         }
@@ -248,6 +249,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
     case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break;       \
     case FMT_IQ4: SWITCH(tile_float_quant, FMT_IQ4, n) break;       \
     case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;         \
+    case FMT_Q8A: SWITCH(tile_float_quant, FMT_Q8A, n) break;       \
     case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;              \
     default: SWITCH(tile_half, FMT_BF16, n) break;                  \
     }
@@ -269,7 +271,8 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
                 case FMT_Q4A: SWITCH_T(tile_int8, FMT_Q4A, n) break;
                 case FMT_Q4S: SWITCH_T(tile_int8, FMT_Q4S, n) break;
                 case FMT_IQ4: SWITCH_T(tile_int8, FMT_IQ4, n) break;
-                default: SWITCH_T(tile_int8, FMT_Q8, n) break;
+                case FMT_Q8: SWITCH_T(tile_int8, FMT_Q8, n) break;
+                default: SWITCH_T(tile_int8, FMT_Q8A, n) break;
                 }
             }
         }

@@ -22,7 +22,8 @@ TARGET static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int 
                     case FMT_Q4A: INT8_TILE(FMT_Q4A, n) break;
                     case FMT_Q4S: INT8_TILE(FMT_Q4S, n) break;
                     case FMT_IQ4: INT8_TILE(FMT_IQ4, n) break;
-                    default: INT8_TILE(FMT_Q8, n) break;
+                    case FMT_Q8: INT8_TILE(FMT_Q8, n) break;
+                    default: INT8_TILE(FMT_Q8A, n) break;
                     }
                 }
             }

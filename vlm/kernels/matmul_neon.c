@@ -134,7 +134,7 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
  * as in matmul_avx512.c, so it costs nothing per weight. IQ4_NL's nibbles are looked up in
  * its codebook (TBL): signed values, no min term. */
 INLINE void chunk_weights(const unsigned char *qs, int i, const int fmt, int8x16_t *lo, int8x16_t *hi) {
-    if (fmt == FMT_Q8) {
+    if (vlm_is_8bit(fmt)) {
         const uint8x16_t bias = vdupq_n_u8(0x80);
         *lo = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 16 * i), bias));
         *hi = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(qs + 64 + 16 * i), bias));
@@ -153,14 +153,14 @@ INLINE void chunk_weights(const unsigned char *qs, int i, const int fmt, int8x16
 
 /* --- int8 activations, dot products ---------------------------------------------------
  * y = sum over groups of d * sum over runs (dx * isum) + min * s, with isum the integer
- * dot products of a run (exact); min is the 4-bit asymmetric min, -8d for symmetric 4-bit
- * and 0 for 8-bit and IQ4_NL. A run is 4 chunk steps: 4-bit chunk c is values 8c .. 8c + 7, 8-bit
+ * dot products of a run (exact); min is the asymmetric formats' min, -8d for symmetric 4-bit
+ * and 0 for 8-bit symmetric and IQ4_NL. A run is 4 chunk steps: 4-bit chunk c is values 8c .. 8c + 7, 8-bit
  * chunks come in pairs (the same 8 values). */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
-    const int step = fmt == FMT_Q8 ? 128 : 64; /* bytes per 8 values */
+    const int step = vlm_is_8bit(fmt) ? 128 : 64; /* bytes per 8 values */
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     /* this tile's activations (interleaved, see vlm_act): word j of token t is xq[j * TQ + t] */
@@ -171,7 +171,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     for (int t = 0; t < T; t++) start_rows(m, a, sp, h, t, acc[t]);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         float32x4_t d[2];
         load_half8(sc + g * PANEL, d);
         for (int r = 0; r < R; r++) {
@@ -184,7 +184,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
             UNROLL
             for (int c = 0; c < 4; c++, qs += step) {
                 vlm_prefetch(qs, sp.pf);
-                if (fmt == FMT_Q8) vlm_prefetch(qs + 64, sp.pf);
+                if (vlm_is_8bit(fmt)) vlm_prefetch(qs + 64, sp.pf);
                 int8x16_t lo[2], hi[2];
                 UNROLL
                 for (int i = 0; i < 2; i++) chunk_weights(qs, i, fmt, &lo[i], &hi[i]);
@@ -208,9 +208,9 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 }
             }
         }
-        if (fmt == FMT_Q4A || fmt == FMT_Q4S) {
+        if (vlm_has_mins(fmt) || fmt == FMT_Q4S) {
             float32x4_t mv[2];
-            if (fmt == FMT_Q4A)
+            if (vlm_has_mins(fmt))
                 load_half8(mn + g * PANEL, mv);
             else
                 UNROLL
@@ -249,9 +249,9 @@ INLINE void row_pairs(float32x4_t v, float32x4_t out[2]) {
 
 INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, int n, const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
-    const int step = fmt == FMT_Q8 ? 128 : 64;
+    const int step = vlm_is_8bit(fmt) ? 128 : 64;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
     const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
@@ -270,7 +270,7 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     }
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         float32x4_t d[2], d2[4];
         load_half8(sc + g * PANEL, d);
         UNROLL
@@ -285,7 +285,7 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
             UNROLL
             for (int c = 0; c < 4; c++, qs += step) {
                 vlm_prefetch(qs, sp.pf);
-                if (fmt == FMT_Q8) vlm_prefetch(qs + 64, sp.pf);
+                if (vlm_is_8bit(fmt)) vlm_prefetch(qs + 64, sp.pf);
                 int8x16_t w[4]; /* row pairs: 2 rows x values 8c .. 8c + 7 */
                 UNROLL
                 for (int i = 0; i < 2; i++) {
@@ -316,9 +316,9 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 for (int tp = 0; tp < PAIRS; tp++)
                     acc[rp][tp] = vfmaq_f32(acc[rp][tp], vcvtq_f32_s32(isum[rp][tp]), vmulq_f32(d2[rp], dx2[tp]));
         }
-        if (fmt == FMT_Q4A || fmt == FMT_Q4S) {
+        if (vlm_has_mins(fmt) || fmt == FMT_Q4S) {
             float32x4_t mv[2], m2[4], s2[PAIRS];
-            if (fmt == FMT_Q4A)
+            if (vlm_has_mins(fmt))
                 load_half8(mn + g * PANEL, mv);
             else
                 UNROLL
@@ -361,10 +361,10 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                              const int fmt) {
     const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
-    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (fmt == FMT_Q8 ? 512 : 256) + 32 * h;
+    const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
     const uint16_t *mn = (const uint16_t *)(panel + m->mins_off) + 8 * h;
-    const uint32x4_t flip = vdupq_n_u32(fmt == FMT_Q8 ? 0x80808080u : 0x88888888u);
+    const uint32x4_t flip = vdupq_n_u32(vlm_is_8bit(fmt) ? 0x80808080u : 0x88888888u);
     /* this tile's activations (interleaved, see vlm_act): value k of token t is x[k * TF + t] */
     const size_t lane = (size_t)sp.t0 % TF; /* a solo tile (gemm_float) may start mid-tile */
     const float *x = a->x + (size_t)(sp.t0 / TF) * K * TF + lane, *xs = a->xs + (size_t)(sp.t0 / TF) * NG * TF + lane;
@@ -373,7 +373,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
     for (int t = 0; t < T; t++) start_rows(m, a, sp, h, t, acc[t]);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
         vlm_prefetch(sc + g * PANEL, sp.pf);
-        if (fmt == FMT_Q4A) vlm_prefetch(mn + g * PANEL, sp.pf);
+        if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         float32x4_t gs[CHAINS(1)][TF][2];
         UNROLL
         for (int j = 0; j < C; j++)
@@ -381,7 +381,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
             for (int t = 0; t < T; t++) gs[j][t][0] = gs[j][t][1] = vdupq_n_f32(0.0f);
         for (int r = 0; r < R; r++) {
             const int k0 = (g * R + r) * RUN;
-            if (fmt == FMT_Q8) {
+            if (vlm_is_8bit(fmt)) {
                 UNROLL
                 for (int j = 0; j < 8; j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
@@ -435,7 +435,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
         }
         float32x4_t d[2], mv[2];
         load_half8(sc + g * PANEL, d);
-        if (fmt == FMT_Q4A) load_half8(mn + g * PANEL, mv);
+        if (vlm_has_mins(fmt)) load_half8(mn + g * PANEL, mv);
         UNROLL
         for (int t = 0; t < T; t++) {
             UNROLL
@@ -443,7 +443,7 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
                 UNROLL
                 for (int j = 1; j < C; j++) gs[0][t][i] = vaddq_f32(gs[0][t][i], gs[j][t][i]);
                 acc[t][i] = vfmaq_f32(acc[t][i], d[i], gs[0][t][i]);
-                if (fmt == FMT_Q4A) acc[t][i] = vfmaq_n_f32(acc[t][i], mv[i], xs[g * TF + t]);
+                if (vlm_has_mins(fmt)) acc[t][i] = vfmaq_n_f32(acc[t][i], mv[i], xs[g * TF + t]);
             }
         }
     }
@@ -538,6 +538,7 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
     case FMT_Q4S: SWITCH(tile_float_quant, FMT_Q4S, n) break; \
     case FMT_IQ4: SWITCH(tile_float_quant, FMT_IQ4, n) break; \
     case FMT_Q8: SWITCH(tile_float_quant, FMT_Q8, n) break;   \
+    case FMT_Q8A: SWITCH(tile_float_quant, FMT_Q8A, n) break; \
     case FMT_F16: SWITCH(tile_half, FMT_F16, n) break;        \
     default: SWITCH(tile_half, FMT_BF16, n) break;            \
     }

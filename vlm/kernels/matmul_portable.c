@@ -98,15 +98,16 @@ static void load_scales(const uint16_t *src, float *dst) {
 
 /* Decode group g of a panel (the inverse of the layout in kernels.h) to the integers the
  * scales multiply: q (asymmetric, whose min term is added separately), q - 8 (symmetric
- * 4-bit), the codebook's value or the signed 8-bit value; and its scales d (and, FMT_Q4A, mins mn) as floats. */
+ * 4-bit), the codebook's value or the signed 8-bit value; and its scales d (and mins mn, asymmetric formats)
+ * as floats. */
 static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g, int8_t w[][PANEL], float *d,
                          float *mn) {
     load_scales((const uint16_t *)(panel + m->scales_off) + g * PANEL, d);
-    if (m->fmt == FMT_Q4A) load_scales((const uint16_t *)(panel + m->mins_off) + g * PANEL, mn);
+    if (vlm_has_mins(m->fmt)) load_scales((const uint16_t *)(panel + m->mins_off) + g * PANEL, mn);
     const int runs = m->group / RUN;
     for (int rr = 0; rr < runs; rr++) {
         int8_t(*out)[PANEL] = w + rr * RUN;
-        if (m->fmt == FMT_Q8) {
+        if (vlm_is_8bit(m->fmt)) {
             const unsigned char *run = panel + (size_t)(g * runs + rr) * 512;
             for (int j = 0; j < 8; j++)
                 for (int r = 0; r < PANEL; r++)
@@ -158,7 +159,7 @@ static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
                 }
                 float *y = a->y + (size_t)t * m->rows + p * PANEL;
                 const float xs = a->s[(size_t)t * NG + g];
-                for (int r = 0; r < nr; r++) y[r] += d[r] * acc[r] + (m->fmt == FMT_Q4A ? mn[r] * xs : 0.0f);
+                for (int r = 0; r < nr; r++) y[r] += d[r] * acc[r] + (vlm_has_mins(m->fmt) ? mn[r] * xs : 0.0f);
             }
         }
     }
@@ -182,8 +183,8 @@ static void gemm_float_quant(const vlm_matrix *m, const vlm_act *a, int p0, int 
                 for (int k = 0; k < G; k++)
                     for (int r = 0; r < PANEL; r++) acc[r] += wf[k][r] * x[k];
                 float *y = a->y + (size_t)t * m->rows + p * PANEL;
-                const float xs = m->fmt == FMT_Q4A ? a->xs[(size_t)t * NG + g] : 0.0f;
-                for (int r = 0; r < nr; r++) y[r] += d[r] * acc[r] + (m->fmt == FMT_Q4A ? mn[r] * xs : 0.0f);
+                const float xs = vlm_has_mins(m->fmt) ? a->xs[(size_t)t * NG + g] : 0.0f;
+                for (int r = 0; r < nr; r++) y[r] += d[r] * acc[r] + (vlm_has_mins(m->fmt) ? mn[r] * xs : 0.0f);
             }
         }
     }

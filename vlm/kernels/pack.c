@@ -102,18 +102,18 @@ int vlm_pack_q4(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strid
 }
 
 /* 8-bit values are stored as value + 128 so they are vpdpbusd's unsigned operand. */
-int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, int rows, int cols, int group,
-                int drop_source) {
+int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, vlm_strided mins, int rows, int cols,
+                int group, int drop_source) {
     const int ng = cols / group, nb = cols / RUN;
-    sources src = {{quants, scales, {NULL, 0, 0}}, 0};
-    m->fmt = FMT_Q8;
+    sources src = {{quants, scales, mins}, 0};
+    m->fmt = mins.base ? FMT_Q8A : FMT_Q8;
     m->rows = rows;
     m->cols = cols;
     m->group = group;
     m->panels = (rows + PANEL - 1) / PANEL;
     m->scales_off = (size_t)nb * 512;
-    m->mins_off = m->scales_off;
-    m->panel_bytes = m->scales_off + round_up((size_t)ng * PANEL * 2);
+    m->mins_off = m->scales_off + round_up((size_t)ng * PANEL * 2);
+    m->panel_bytes = mins.base ? m->mins_off + round_up((size_t)ng * PANEL * 2) : m->mins_off;
     if (alloc_panels(m)) return -1;
     for (int p = 0; p < m->panels; p++) {
         unsigned char *panel = m->data + (size_t)p * m->panel_bytes;
@@ -125,6 +125,7 @@ int vlm_pack_q8(vlm_matrix *m, vlm_strided quants, vlm_strided scales, int rows,
             }
         }
         copy_scales(panel + m->scales_off, scales, rows, p * PANEL, ng);
+        if (mins.base) copy_scales(panel + m->mins_off, mins, rows, p * PANEL, ng);
         consumed(&src, drop_source, p, rows);
     }
     return 0;
@@ -172,9 +173,10 @@ void vlm_unpack_row(const vlm_matrix *m, int row, float *out) {
     for (int k = 0; k < m->cols; k++) {
         const int g = k / m->group, v = k % RUN;
         const float d = vlm_half_to_float(scales[g * PANEL + r]);
-        if (m->fmt == FMT_Q8) {
+        if (vlm_is_8bit(m->fmt)) {
             const unsigned char *run = panel + (size_t)(k / RUN) * 512;
-            out[k] = (float)((int)run[(v / 4) * 64 + r * 4 + v % 4] - 128) * d;
+            const float w = (float)((int)run[(v / 4) * 64 + r * 4 + v % 4] - 128) * d;
+            out[k] = m->fmt == FMT_Q8A ? w + vlm_half_to_float(mins[g * PANEL + r]) : w;
             continue;
         }
         /* value v of a run: chunk v / 8, byte v % 4, high nibble for the second 4 of each 8 */
