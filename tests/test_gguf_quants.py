@@ -13,9 +13,12 @@ gguf = pytest.importorskip("gguf")
 HALF_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,),
                "Q5_0": (0,), "Q5_1": (0, 2), "IQ4_NL": (0,), "IQ4_XS": (0,)}
 EXACT = ("Q5_0", "Q5_1", "IQ4_NL")  # integers * the block's own fp16 scale (+ fp16 min): bit for bit
-FP16_PRODUCTS = ("Q4_K", "Q5_K", "IQ4_XS")  # scales are fp16 products of two stored numbers
-# the kind each type loads as (the rest: q8)
-TARGET = {"Q4_K": "q4_asym", "Q5_1": "q8_asym", "Q5_K": "q8_asym", "IQ4_NL": "iq4_nl", "IQ4_XS": "iq4_nl"}
+# The rest have scales (and mins) that are fp16 products of two stored numbers; the largest |q| each scales.
+Q_MAX = {"Q4_K": 15, "Q5_K": 31, "IQ4_XS": 127, "Q6_K": 32, "Q3_K": 4, "Q2_K": 3}
+# type -> the kind and group it loads as
+TARGET = {"Q4_K": ("q4_asym", 32), "Q5_0": ("q8", 32), "Q5_1": ("q8_asym", 32), "Q5_K": ("q8_asym", 32),
+          "Q6_K": ("q8", 16), "Q3_K": ("q8", 16), "Q2_K": ("q8_asym", 16), "IQ4_NL": ("iq4_nl", 32),
+          "IQ4_XS": ("iq4_nl", 32)}
 LOADED = (*TRANSCODED, "IQ4_NL")  # IQ4_NL is read in place
 
 
@@ -31,32 +34,29 @@ def random_blocks(kind: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
 
 
 def check_against_gguf(kind: str, blocks: np.ndarray) -> None:
-    """The loaded blocks against gguf-py's dequantization of the same bytes, within what the target
-    format allows: exact, fp16 rounding of scale products, or half an 8-bit step."""
+    """The loaded blocks against gguf-py's dequantization of the same bytes: exact, or within the
+    fp16 rounding of the scale products."""
     rows = blocks.shape[0]
     ref = gguf.quants.dequantize(blocks.reshape(rows, -1), gguf.GGMLQuantizationType[kind]).astype(np.float32)
     w = read_blocks(kind, blocks)
     cols = ref.shape[1]
-    assert w.shape == (rows, cols) and w.group_size == 32 and w.kind == TARGET.get(kind, "q8")
+    assert w.shape == (rows, cols) and (w.kind, w.group_size) == TARGET[kind]
     got = w.dequantize()
-    amax = np.abs(ref).reshape(rows, -1, 32).max(axis=-1, keepdims=True)
-    err = np.abs(got - ref).reshape(rows, -1, 32)
     if kernels.AVAILABLE:  # packed for the kernels (from the views, in place) and read back: the same values
         assert np.array_equal(kernels.unpack_rows(kernels.prepare(w), np.arange(rows)), got)
     if kind in EXACT:
         assert np.array_equal(got, ref)
-    elif kind in FP16_PRODUCTS:
-        # Scale s (and min m) are rounded to fp16, half a unit in the 11th bit: Q4_K's w = s q + m
-        # moves by at most 2^-11 (15 |s| + |m|), Q5_K's by 2^-11 (31 |s| + |m|), IQ4_XS's w = s k
-        # (|k| <= 127) by 2^-11 127 |s|.
-        s = np.abs(w.scales.astype(np.float32))[..., None]
-        q_max = 31 if kind == "Q5_K" else 15
-        bound = 2.0**-11 * (q_max * s + np.abs(w.mins.astype(np.float32))[..., None] if w.mins is not None else 127 * s)
-        assert (err <= bound * 1.001 + amax * 2.0**-22).all()
-        assert err.max() > 0  # the rounding is real: the bound is what the test checks
-    else:
-        # Re-quantized to 8 bits: half an 8-bit step plus the fp16 rounding of its scale.
-        assert (err <= amax / 220).all()
+        return
+    # Scale s and min m are rounded to fp16, half a unit in the 11th bit: w = s q + m moves by at
+    # most 2^-11 (|q| |s| + |m|).
+    group = w.group_size
+    err = np.abs(got - ref).reshape(rows, -1, group)
+    amax = np.abs(ref).reshape(rows, -1, group).max(axis=-1, keepdims=True)
+    bound = 2.0**-11 * Q_MAX[kind] * np.abs(w.scales.astype(np.float32))[..., None]
+    if w.mins is not None:
+        bound += 2.0**-11 * np.abs(w.mins.astype(np.float32))[..., None]
+    assert (err <= bound * 1.001 + amax * 2.0**-22).all()
+    assert err.max() > 0  # the rounding is real: the bound is what the test checks
 
 
 @pytest.mark.parametrize("kind", LOADED)

@@ -29,6 +29,8 @@ pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason="native kernels no
 
 QUANT_KINDS = ["q4_asym", "q4_sym", "iq4_nl", "q8", "q8_asym"]
 GROUPS = [32, 64, 128]
+# 8-bit weights also take scales per 16 values (GGUF Q6_K's)
+KIND_GROUPS = [(kind, group) for kind in QUANT_KINDS for group in GROUPS] + [("q8", 16), ("q8_asym", 16)]
 NS = [1, 3, 17, 64, 300]
 FLOAT_TOL = 1e-5
 
@@ -43,6 +45,10 @@ def make_quant(rows: int, cols: int, kind: str, group: int) -> QuantizedWeight:
         scales = rng.uniform(2e-4, 6e-4, (rows, cols // group)) * rng.choice([-1, 1], (rows, cols // group))
         return QuantizedWeight(4, group, True, rng.integers(0, 256, (rows, cols // 2), dtype=np.uint8),
                                scales.astype(np.float16), codebook=True)
+    if kind == "q8" and group == 16:  # as GGUF Q6_K transcodes: q in -32..31, signed scales
+        scales = rng.uniform(1e-3, 3e-3, (rows, cols // 16)) * rng.choice([-1, 1], (rows, cols // 16))
+        return QuantizedWeight(8, 16, True, rng.integers(-32, 32, (rows, cols), dtype=np.int8),
+                               scales.astype(np.float16))
     if kind == "q8_asym":  # as GGUF Q5_1 / Q5_K transcode: q in 0..31, a scale and a min per group
         shape = (rows, cols // group)
         return QuantizedWeight(8, group, False, rng.integers(0, 32, (rows, cols), dtype=np.int8),
@@ -97,8 +103,7 @@ def assert_within(y: np.ndarray, ref: np.ndarray, bound: np.ndarray, what: str) 
 SHAPES = [(37, 256), (16, 128), (64, 384), (1, 128)]
 
 
-@pytest.mark.parametrize("kind", QUANT_KINDS)
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize(("kind", "group"), KIND_GROUPS)
 def test_quantized_float_mode(kernel_path, kind, group):
     kernels.set_mode("float")
     for rows, cols in SHAPES:
@@ -114,8 +119,7 @@ def test_quantized_float_mode(kernel_path, kind, group):
             assert_within(y, x.astype(np.float64) @ w.T, bound, f"{qw.kind} g{group} {rows}x{cols} n={n}")
 
 
-@pytest.mark.parametrize("kind", QUANT_KINDS)
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize(("kind", "group"), KIND_GROUPS)
 def test_quantized_int8_mode(kernel_path, kind, group):
     kernels.set_mode("int8")
     for rows, cols in SHAPES:
@@ -260,8 +264,8 @@ def test_products_of_one_x_equal_their_own(kernel_path, mode):
 def test_prepare_declines_what_it_does_not_handle():
     assert kernels.prepare(np.zeros((4, 32), np.float32)) is None
     assert kernels.prepare(HalfWeight(np.zeros((2, 4, 32), np.float16))) is None
-    group_16 = QuantizedWeight(8, 16, True, np.zeros((4, 48), np.int8), np.ones((4, 3), np.float16))
-    assert kernels.prepare(group_16) is None  # a group the kernels do not take
+    group_16 = QuantizedWeight(4, 16, True, np.zeros((4, 24), np.uint8), np.ones((4, 3), np.float16))
+    assert kernels.prepare(group_16) is None  # groups of 16: 8-bit weights only
 
 
 def test_linear_layer_uses_kernels():

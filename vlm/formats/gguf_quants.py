@@ -1,6 +1,6 @@
-"""llama.cpp's other block formats, transcoded at load into the group-32 formats the kernels run.
+"""llama.cpp's other block formats, transcoded at load into the formats the kernels run.
 
-Each type goes where its values land exactly, or as near as our formats allow:
+Each type goes where its values land exactly (up to the fp16 rounding of scale products):
 
 - Q4_K -> 4-bit asymmetric: a super-block's sub-block of 32 is w = (d * sc) * q - (dmin * m), q in
   0..15, so its scale d * sc and min -dmin * m are a group-32 Q4_1-style pair. Exact up to the fp16
@@ -12,9 +12,10 @@ Each type goes where its values land exactly, or as near as our formats allow:
 - Q5_1 -> 8-bit asymmetric: w = d * q + m, q in 0..31, with the block's own fp16 d and m: exact.
 - Q5_K -> 8-bit asymmetric: as Q4_K with 5-bit q; exact up to the fp16 rounding of d * sc and
   dmin * m.
-- Q6_K, Q2_K, Q3_K -> 8-bit symmetric, re-quantized from their exact float values: scales per 16
-  values do not fit one int8 grid per 32, so each value moves by at most half an 8-bit step
-  (max |w| of its group / 254), well under these types' own steps.
+- Q6_K, Q3_K -> 8-bit symmetric with a scale per 16 values (their sub-blocks): w = (d * sc) * q,
+  q in -32..31 resp. -4..3; exact up to the fp16 rounding of d * sc.
+- Q2_K -> 8-bit asymmetric with a scale and a min per 16 values: w = (d * sc) * q - dmin * m,
+  q in 0..3; exact up to the fp16 rounding of the two products.
 
 Q8_0, Q4_0, Q4_1 and IQ4_NL need none of this: `GGUFFile.load` reads them in place.
 
@@ -30,7 +31,7 @@ import mmap
 import numpy as np
 
 from vlm.memory import release_pages
-from vlm.quant import QuantizedWeight, quantize
+from vlm.quant import QuantizedWeight
 
 QK_K = 256  # values per K-quant super-block
 
@@ -111,28 +112,30 @@ def _q5_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return (low | (high << 4)).astype(np.int8).reshape(rows, -1), *_k_groups(b)
 
 
-# --- float dequantizers of the re-quantized types: blocks -> float32 [rows, blocks * values] ---------
+# --- groups of 16 (8-bit only): the sub-blocks of Q6_K, Q3_K and Q2_K -------------------------------
 
 
-def _q6_k(b: np.ndarray) -> np.ndarray:
+def _fp16(x: np.ndarray, rows: int) -> np.ndarray:
+    return x.astype(np.float16).reshape(rows, -1)
+
+
+def _q6_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = b.shape[0]
     ql = b[..., :128].reshape(rows, -1, 2, 1, 64) >> np.array([0, 4], np.uint8).reshape(2, 1)
     qh = b[..., 128:192].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
     q = ((ql & 0x0F).reshape(rows, -1, 8, 32) | ((qh & 0x03).reshape(rows, -1, 8, 32) << 4)).astype(np.int8) - 32
-    scales = _half(b, 208) * b[..., 192:208].view(np.int8).astype(np.float32)
-    return (scales.reshape(rows, -1, 16, 1) * q.reshape(rows, -1, 16, 16).astype(np.float32)).reshape(rows, -1)
+    return q.reshape(rows, -1), _fp16(_half(b, 208) * b[..., 192:208].view(np.int8).astype(np.float32), rows)
 
 
-def _q2_k(b: np.ndarray) -> np.ndarray:
+def _q2_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     rows = b.shape[0]
     s = b[..., :16]
     q = (b[..., 16:80].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
-    dl = _half(b, 80) * (s & 0x0F).astype(np.float32)
-    ml = _half(b, 82) * (s >> 4).astype(np.float32)
-    return (dl[..., None] * q.reshape(rows, -1, 16, 16).astype(np.float32) - ml[..., None]).reshape(rows, -1)
+    scales, mins = _half(b, 80) * (s & 0x0F).astype(np.float32), -(_half(b, 82) * (s >> 4).astype(np.float32))
+    return q.astype(np.int8).reshape(rows, -1), _fp16(scales, rows), _fp16(mins, rows)
 
 
-def _q3_k(b: np.ndarray) -> np.ndarray:
+def _q3_k(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     rows = b.shape[0]
     s = b[..., 96:108]
     low = (s[..., :8].reshape(rows, -1, 1, 8) >> np.array([0, 4], np.uint8).reshape(2, 1)).reshape(rows, -1, 16)
@@ -140,17 +143,17 @@ def _q3_k(b: np.ndarray) -> np.ndarray:
     scales = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.float32) - 32
     ql = (b[..., 32:96].reshape(rows, -1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
     hm = (b[..., :32].reshape(rows, -1, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 1
-    q = ql.reshape(rows, -1, 16, 16).astype(np.float32) - 4 * (1 - hm.reshape(rows, -1, 16, 16)).astype(np.float32)
-    return ((_half(b, 108) * scales)[..., None] * q).reshape(rows, -1)
+    q = ql.reshape(rows, -1, 8, 32).astype(np.int8) - 4 * (1 - hm.reshape(rows, -1, 8, 32).astype(np.int8))
+    return q.reshape(rows, -1), _fp16(_half(b, 108) * scales, rows)
 
 
-# kind -> exact transcoder (by target format) or float dequantizer
-_EXACT_Q4 = {"Q4_K": _q4_k}
-_EXACT_IQ4 = {"IQ4_XS": _iq4_xs}
-_EXACT_Q8 = {"Q5_0": _q5_0}
-_EXACT_Q8_ASYM = {"Q5_1": _q5_1, "Q5_K": _q5_k}
-_REQUANTIZED = {"Q6_K": _q6_k, "Q2_K": _q2_k, "Q3_K": _q3_k}
-TRANSCODED = (*_EXACT_Q4, *_EXACT_IQ4, *_EXACT_Q8, *_EXACT_Q8_ASYM, *_REQUANTIZED)
+# kind -> (transcoder, the kind it lands in, its group): the transcoder gives qweight, scales (and mins)
+_TARGETS = {
+    "Q4_K": (_q4_k, "q4_asym", 32), "IQ4_XS": (_iq4_xs, "iq4_nl", 32), "Q5_0": (_q5_0, "q8", 32),
+    "Q5_1": (_q5_1, "q8_asym", 32), "Q5_K": (_q5_k, "q8_asym", 32), "Q6_K": (_q6_k, "q8", 16),
+    "Q2_K": (_q2_k, "q8_asym", 16), "Q3_K": (_q3_k, "q8", 16),
+}
+TRANSCODED = tuple(_TARGETS)
 
 
 def _owned(shape: tuple[int, int], dtype: type) -> np.ndarray:
@@ -162,25 +165,21 @@ def _owned(shape: tuple[int, int], dtype: type) -> np.ndarray:
 
 def transcode(kind: str, blocks: np.ndarray) -> QuantizedWeight:
     """A matrix of `kind` blocks (uint8 [rows, blocks per row, bytes per block], e.g. a view of a
-    file map) in the kernels' group-32 form; the source's file pages are dropped as they are read."""
+    file map) in a kind the kernels run; the source's file pages are dropped as they are read."""
     rows, n_blocks, _ = blocks.shape
     cols = n_blocks * (QK_K if kind.endswith("_K") or kind == "IQ4_XS" else 32)
-    bits = 4 if kind in _EXACT_Q4 or kind in _EXACT_IQ4 else 8
+    convert, target, group = _TARGETS[kind]
+    bits = 8 if target.startswith("q8") else 4
     qweight = _owned((rows, cols // 2), np.uint8) if bits == 4 else _owned((rows, cols), np.int8)
-    scales = _owned((rows, cols // 32), np.float16)
-    mins = _owned((rows, cols // 32), np.float16) if kind in _EXACT_Q4 or kind in _EXACT_Q8_ASYM else None
+    scales = _owned((rows, cols // group), np.float16)
+    mins = _owned((rows, cols // group), np.float16) if target.endswith("_asym") else None
     step = max(1, _CHUNK_VALUES // cols)
     for r in range(0, rows, step):
         chunk = blocks[r : r + step]
         part = slice(r, r + chunk.shape[0])
-        if kind in _EXACT_Q4 or kind in _EXACT_Q8_ASYM:
-            qweight[part], scales[part], mins[part] = {**_EXACT_Q4, **_EXACT_Q8_ASYM}[kind](chunk)
-        elif kind in _EXACT_IQ4:
-            qweight[part], scales[part] = _EXACT_IQ4[kind](chunk)
-        elif kind in _EXACT_Q8:
-            qweight[part], scales[part] = _EXACT_Q8[kind](chunk)
-        else:
-            q = quantize(_REQUANTIZED[kind](chunk), 8, 32)
-            qweight[part], scales[part] = q.qweight, q.scales
+        arrays = convert(chunk)
+        qweight[part], scales[part] = arrays[:2]
+        if mins is not None:
+            mins[part] = arrays[2]
         release_pages(chunk)
-    return QuantizedWeight(bits, 32, mins is None, qweight, scales, mins, codebook=kind in _EXACT_IQ4)
+    return QuantizedWeight(bits, group, mins is None, qweight, scales, mins, codebook=target == "iq4_nl")

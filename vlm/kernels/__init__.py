@@ -100,7 +100,7 @@ def prepare(weight, int8_activations: bool = False, drop_source_pages: bool = Fa
     if not AVAILABLE:
         return None
     if isinstance(weight, QuantizedWeight):
-        if weight.group_size not in GROUP_SIZES:
+        if weight.group_size not in GROUP_SIZES and not (weight.bits == 8 and weight.group_size == 16):
             return None
         return _native.pack_quant(weight.qweight, weight.scales, weight.mins, weight.kind, weight.group_size,
                                   int8_activations, drop_source_pages)

@@ -134,7 +134,7 @@ static PyObject *pack_quant(PyObject *Py_UNUSED(mod), PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOsi|pp", &qo, &so, &mo, &kind, &group, &int8_acts, &drop)) return NULL;
     int fmt = 0;
     while (fmt <= FMT_Q8A && strcmp(kind, format_names[fmt])) fmt++;
-    if (fmt > FMT_Q8A || !(group == 32 || group == 64 || group == 128)) {
+    if (fmt > FMT_Q8A || !(group == 32 || group == 64 || group == 128 || (group == 16 && vlm_is_8bit(fmt)))) {
         PyErr_SetString(PyExc_ValueError, "unsupported quantization");
         return NULL;
     }

@@ -276,6 +276,27 @@ void vlm_group_sums(const float *x, int cols, int group, float *xs, int w);
 
 static inline int vlm_min(int a, int b) { return a < b ? a : b; }
 
+/* A group's parts: its runs, or the half of one a group of 16 (8-bit only) is; and an 8-bit
+ * part's chunks of 4 values. */
+#define PARTS(G) ((G) < RUN ? 1 : (G) / RUN)
+#define CHUNKS(G) ((G) < RUN ? (G) / 4 : RUN / 4)
+
+/* The activations' group sums (vlm_act.s) from run b of a token: its d and the sums of q over
+ * its two halves. A group of 16 (8-bit weights only) gets each half; a larger one the run. */
+static inline void vlm_group_sum(float *s, int b, int group, int w, float d, int half0, int half1) {
+    if (group == 16) {
+        s[(size_t)2 * b * w] = d * (float)half0;
+        s[(size_t)(2 * b + 1) * w] = d * (float)half1;
+        return;
+    }
+    const int runs = group / RUN;
+    const float sb = d * (float)(half0 + half1);
+    if (b % runs == 0)
+        s[(size_t)b / runs * w] = sb;
+    else
+        s[(size_t)b / runs * w] += sb;
+}
+
 /* One call of a tile kernel: panel p, tokens [t0, t0 + T), columns [k0, k1) (whole
  * groups). It adds to y unless k0 == 0. pf is the prefetch offset (0: none). Large
  * matrices are cut along k so a tile's panel slice and activations stay in L1. */

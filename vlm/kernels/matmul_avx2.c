@@ -87,7 +87,7 @@ INLINE __m256i sign_dot(__m256i isum, __m256i w, __m256i aw, __m256i x) {
 
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
                       const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G), NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
@@ -106,22 +106,22 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         const __m256 d = load_half8(sc + g * PANEL);
         for (int r = 0; r < R; r++) {
-            const int b = g * R + r;
+            const int b = g * G / RUN + r, w0 = g * G / 4 + r * 8; /* the run, its first word here */
             __m256i isum[CHAINS(1)][TQ];
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm256_setzero_si256();
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < 8; j++, qs += 64) {
+                for (int j = 0; j < CHUNKS(G); j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
 #ifdef VLM_AVX_VNNI
                     const __m256i v = _mm256_load_si256((const __m256i *)qs);
                     for (int t = 0; t < T; t++)
-                        isum[j % C][t] = _mm256_dpbusd_avx_epi32(isum[j % C][t], v, bcast4(xq + (size_t)(b * 8 + j) * TQ + t));
+                        isum[j % C][t] = _mm256_dpbusd_avx_epi32(isum[j % C][t], v, bcast4(xq + (size_t)(w0 + j) * TQ + t));
 #else
                     const __m256i w = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
                     const __m256i aw = _mm256_abs_epi8(w);
                     for (int t = 0; t < T; t++)
-                        isum[j % C][t] = sign_dot(isum[j % C][t], w, aw, bcast4(xq + (size_t)(b * 8 + j) * TQ + t));
+                        isum[j % C][t] = sign_dot(isum[j % C][t], w, aw, bcast4(xq + (size_t)(w0 + j) * TQ + t));
 #endif
                 }
             } else {
@@ -178,7 +178,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 /* --- float activations, quantized weights ------------------------------------------------ */
 INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
                              const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G);
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
@@ -201,9 +201,9 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
         for (int j = 0; j < C; j++)
             for (int t = 0; t < T; t++) gs[j][t] = _mm256_setzero_ps();
         for (int r = 0; r < R; r++) {
-            const int k0 = (g * R + r) * RUN;
+            const int k0 = g * G + r * RUN;
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < 8; j++, qs += 64) {
+                for (int j = 0; j < CHUNKS(G); j++, qs += 64) {
                     vlm_prefetch(qs, sp.pf);
                     const __m256i v = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
                     for (int i = 0; i < 4; i++) {
@@ -323,9 +323,15 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 
 #include "matmul_halfpanel.h"
 
+INLINE int hsum_epi32(__m256i v) {
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
+    s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+    return _mm_cvtsi128_si32(s4);
+}
+
 /* Same operations as vlm_quantize_row_portable, 32 values at a time. */
 TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
-    const int runs_per_group = group / RUN;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < cols / RUN; b++) {
         __m256 v[4];
@@ -349,16 +355,12 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
         int8_t bytes[RUN];
         _mm256_storeu_si256((__m256i *)bytes, q8);
         for (int j = 0; j < RUN / 4; j++) memcpy(q + ((size_t)b * RUN / 4 + j) * 4 * w, bytes + 4 * j, 4);
-        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]), _mm256_add_epi32(qi[2], qi[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4e));
-        s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xb1));
+        const __m256i half0 = _mm256_add_epi32(qi[0], qi[1]), half1 = _mm256_add_epi32(qi[2], qi[3]);
         d[(size_t)b * w] = db;
-        const float sb = db * (float)_mm_cvtsi128_si32(s4);
-        if (b % runs_per_group == 0)
-            s[(size_t)b / runs_per_group * w] = sb;
+        if (group == 16)
+            vlm_group_sum(s, b, group, w, db, hsum_epi32(half0), hsum_epi32(half1));
         else
-            s[(size_t)b / runs_per_group * w] += sb;
+            vlm_group_sum(s, b, group, w, db, hsum_epi32(_mm256_add_epi32(half0, half1)), 0);
     }
 }
 

@@ -58,7 +58,7 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int t
  * codebook value + 128, looked up by vpshufb) and q8 (w + 128) is fixed up by the min term
  * m = -8d resp. -128d, since s = dx * sum(qx); q8 with mins (q8_asym) adds its own m. */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G), NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
@@ -74,13 +74,13 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
         if (vlm_has_mins(fmt)) vlm_prefetch(mn + g * PANEL, sp.pf);
         const __m512 d = load_half16(sc + g * PANEL);
         for (int r = 0; r < R; r++) {
-            const int b = g * R + r;
-            const int32_t *xb = xq + (size_t)b * 8 * TQ; /* the run's 8 words */
+            const int b = g * G / RUN + r;                                /* the run */
+            const int32_t *xb = xq + (size_t)(g * G / 4 + r * 8) * TQ; /* its words from the group's first */
             __m512i isum[CHAINS(1)][TQ];
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm512_setzero_si512();
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < 8; j++) {
+                for (int j = 0; j < CHUNKS(G); j++) {
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_load_si512(qs++);
                     for (int t = 0; t < T; t++)
@@ -122,7 +122,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
  * 8-bit: flip the +128 bias off and sign-extend each byte with a shift pair. */
 INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C,
                              const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G);
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
@@ -144,9 +144,9 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
         for (int j = 0; j < C; j++)
             for (int t = 0; t < T; t++) gs[j][t] = _mm512_setzero_ps();
         for (int r = 0; r < R; r++) {
-            const int k0 = (g * R + r) * RUN;
+            const int k0 = g * G + r * RUN;
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < 8; j++) {
+                for (int j = 0; j < CHUNKS(G); j++) {
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_xor_si512(_mm512_load_si512(qs++), bias);
                     for (int i = 0; i < 4; i++) {
@@ -299,7 +299,6 @@ TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int
 
 /* Same operations as vlm_quantize_row_portable, 32 values at a time. */
 TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
-    const int runs_per_group = group / RUN;
     const __m512 sign = _mm512_set1_ps(-0.0f);
     for (int b = 0; b < cols / RUN; b++) {
         const __m512 x0 = _mm512_loadu_ps(x + b * RUN), x1 = _mm512_loadu_ps(x + b * RUN + 16);
@@ -313,11 +312,10 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
         _mm_storeu_si128((__m128i *)(bytes + 16), _mm512_cvtepi32_epi8(q1));
         for (int j = 0; j < RUN / 4; j++) memcpy(q + ((size_t)b * RUN / 4 + j) * 4 * w, bytes + 4 * j, 4);
         d[(size_t)b * w] = db;
-        const float sb = db * (float)_mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-        if (b % runs_per_group == 0)
-            s[(size_t)b / runs_per_group * w] = sb;
+        if (group == 16)
+            vlm_group_sum(s, b, group, w, db, _mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
         else
-            s[(size_t)b / runs_per_group * w] += sb;
+            vlm_group_sum(s, b, group, w, db, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), 0);
     }
 }
 

@@ -157,7 +157,7 @@ INLINE void chunk_weights(const unsigned char *qs, int i, const int fmt, int8x16
  * and 0 for 8-bit symmetric and IQ4_NL. A run is 4 chunk steps: 4-bit chunk c is values 8c .. 8c + 7, 8-bit
  * chunks come in pairs (the same 8 values). */
 INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN, C = CHAINS(T);
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G), NB = K / RUN, C = CHAINS(T);
     const int step = vlm_is_8bit(fmt) ? 128 : 64; /* bytes per 8 values */
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
@@ -175,7 +175,7 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         float32x4_t d[2];
         load_half8(sc + g * PANEL, d);
         for (int r = 0; r < R; r++) {
-            const int b = g * R + r;
+            const int b = g * G / RUN + r, w0 = g * G / 4 + r * 8; /* the run, its first word here */
             int32x4_t isum[CHAINS(1)][TQ][2];
             UNROLL
             for (int j = 0; j < C; j++)
@@ -183,14 +183,15 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 for (int t = 0; t < T; t++) isum[j][t][0] = isum[j][t][1] = vdupq_n_s32(0);
             UNROLL
             for (int c = 0; c < 4; c++, qs += step) {
+                if (8 * c == G) break; /* a group of 16 (8-bit) is half a run */
                 vlm_prefetch(qs, sp.pf);
                 if (vlm_is_8bit(fmt)) vlm_prefetch(qs + 64, sp.pf);
                 int8x16_t lo[2], hi[2];
                 UNROLL
                 for (int i = 0; i < 2; i++) chunk_weights(qs, i, fmt, &lo[i], &hi[i]);
                 /* words 2c and 2c + 1 of the tile's first 4 tokens (T <= 4) */
-                const int32x4_t xlo = vld1q_s32(xq + (size_t)(b * 8 + 2 * c) * TQ);
-                const int32x4_t xhi = vld1q_s32(xq + (size_t)(b * 8 + 2 * c + 1) * TQ);
+                const int32x4_t xlo = vld1q_s32(xq + (size_t)(w0 + 2 * c) * TQ);
+                const int32x4_t xhi = vld1q_s32(xq + (size_t)(w0 + 2 * c + 1) * TQ);
                 UNROLL
                 for (int t = 0; t < T; t++)
                     UNROLL
@@ -248,7 +249,7 @@ INLINE void row_pairs(float32x4_t v, float32x4_t out[2]) {
 }
 
 INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, int n, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN, NB = K / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G), NB = K / RUN;
     const int step = vlm_is_8bit(fmt) ? 128 : 64;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
@@ -276,7 +277,7 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         UNROLL
         for (int i = 0; i < 2; i++) row_pairs(d[i], d2 + 2 * i);
         for (int r = 0; r < R; r++) {
-            const int b = g * R + r;
+            const int b = g * G / RUN + r, w0 = g * G / 4 + r * 8; /* the run, its first word here */
             int32x4_t isum[4][PAIRS];
             UNROLL
             for (int rp = 0; rp < 4; rp++)
@@ -284,6 +285,7 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                 for (int tp = 0; tp < PAIRS; tp++) isum[rp][tp] = vdupq_n_s32(0);
             UNROLL
             for (int c = 0; c < 4; c++, qs += step) {
+                if (8 * c == G) break; /* a group of 16 (8-bit) is half a run */
                 vlm_prefetch(qs, sp.pf);
                 if (vlm_is_8bit(fmt)) vlm_prefetch(qs + 64, sp.pf);
                 int8x16_t w[4]; /* row pairs: 2 rows x values 8c .. 8c + 7 */
@@ -295,7 +297,7 @@ INLINE void tile_mmla(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
                     w[2 * i] = vreinterpretq_s8_s32(vzip1q_s32(l, u));
                     w[2 * i + 1] = vreinterpretq_s8_s32(vzip2q_s32(l, u));
                 }
-                const int32_t *xw = xq + (size_t)(b * 8 + 2 * c) * TQ; /* words 2c, 2c + 1 of the tokens */
+                const int32_t *xw = xq + (size_t)(w0 + 2 * c) * TQ; /* words 2c, 2c + 1 of the tokens */
                 UNROLL
                 for (int q = 0; q < TQ / 4; q++) {
                     const int32x4_t xl = vld1q_s32(xw + 4 * q), xh = vld1q_s32(xw + TQ + 4 * q);
@@ -359,7 +361,7 @@ INLINE float32x4_t field(uint32x4_t v, const int shift, const int bits, const in
 
 INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
                              const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = G / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G);
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
@@ -380,10 +382,11 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
             UNROLL
             for (int t = 0; t < T; t++) gs[j][t][0] = gs[j][t][1] = vdupq_n_f32(0.0f);
         for (int r = 0; r < R; r++) {
-            const int k0 = (g * R + r) * RUN;
+            const int k0 = g * G + r * RUN;
             if (vlm_is_8bit(fmt)) {
                 UNROLL
                 for (int j = 0; j < 8; j++, qs += 64) {
+                    if (4 * j == G) break; /* a group of 16 is half a run */
                     vlm_prefetch(qs, sp.pf);
                     uint32x4_t v[2];
                     UNROLL
@@ -559,7 +562,6 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 /* Same operations as vlm_quantize_row_portable, 32 values at a time: FCVTNS rounds to
  * nearest even, as nearbyintf does in the default rounding mode. */
 TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
-    const int runs_per_group = group / RUN;
     for (int b = 0; b < cols / RUN; b++) {
         float32x4_t v[8];
         float32x4_t mx = vdupq_n_f32(0.0f);
@@ -570,20 +572,16 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
         const float amax = vmaxvq_f32(mx);
         const float db = amax / 127.0f;
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int32x4_t sum = vdupq_n_s32(0);
+        int32x4_t sum[2] = {vdupq_n_s32(0), vdupq_n_s32(0)}; /* of each half */
         int8_t bytes[RUN];
         for (int i = 0; i < 8; i += 2) {
             const int32x4_t q0 = vcvtnq_s32_f32(vmulq_n_f32(v[i], id)), q1 = vcvtnq_s32_f32(vmulq_n_f32(v[i + 1], id));
-            sum = vaddq_s32(sum, vaddq_s32(q0, q1));
+            sum[i / 4] = vaddq_s32(sum[i / 4], vaddq_s32(q0, q1));
             vst1_s8(bytes + 4 * i, vqmovn_s16(vcombine_s16(vqmovn_s32(q0), vqmovn_s32(q1))));
         }
         for (int j = 0; j < RUN / 4; j++) memcpy(q + ((size_t)b * RUN / 4 + j) * 4 * w, bytes + 4 * j, 4);
         d[(size_t)b * w] = db;
-        const float sb = db * (float)vaddvq_s32(sum);
-        if (b % runs_per_group == 0)
-            s[(size_t)b / runs_per_group * w] = sb;
-        else
-            s[(size_t)b / runs_per_group * w] += sb;
+        vlm_group_sum(s, b, group, w, db, vaddvq_s32(sum[0]), vaddvq_s32(sum[1]));
     }
 }
 

@@ -62,25 +62,20 @@ float vlm_bf16_to_float(uint16_t h) {
 /* x ~ d * q per run of 32: d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)).
  * Every path reproduces these exact float operations, so they agree on q bit for bit. */
 void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
-    const int runs_per_group = group / RUN;
     for (int b = 0; b < cols / RUN; b++) {
         const float *xb = x + b * RUN;
         float amax = 0.0f;
         for (int i = 0; i < RUN; i++) amax = fmaxf(amax, fabsf(xb[i]));
         const float db = amax / 127.0f;
         const float id = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
+        int sum[2] = {0, 0}; /* of each half */
         for (int i = 0; i < RUN; i++) {
             const int v = (int)nearbyintf(xb[i] * id);
             q[(size_t)(b * RUN + i) / 4 * 4 * w + i % 4] = (int8_t)v;
-            sum += v;
+            sum[i / 16] += v;
         }
         d[(size_t)b * w] = db;
-        const float sb = db * (float)sum;
-        if (b % runs_per_group == 0)
-            s[(size_t)b / runs_per_group * w] = sb;
-        else
-            s[(size_t)b / runs_per_group * w] += sb;
+        vlm_group_sum(s, b, group, w, db, sum[0], sum[1]);
     }
 }
 
@@ -104,28 +99,28 @@ static void decode_group(const vlm_matrix *m, const unsigned char *panel, int g,
                          float *mn) {
     load_scales((const uint16_t *)(panel + m->scales_off) + g * PANEL, d);
     if (vlm_has_mins(m->fmt)) load_scales((const uint16_t *)(panel + m->mins_off) + g * PANEL, mn);
-    const int runs = m->group / RUN;
+    if (vlm_is_8bit(m->fmt)) { /* any group, 16 included: value k is byte k % 4 of chunk k / 4 of its run */
+        for (int k = 0; k < m->group; k++) {
+            const int v = g * m->group + k;
+            const unsigned char *chunk = panel + (size_t)(v / RUN) * 512 + (v % RUN / 4) * 64 + v % 4;
+            for (int r = 0; r < PANEL; r++) w[k][r] = (int8_t)(chunk[r * 4] - 128);
+        }
+        return;
+    }
+    const int runs = m->group / RUN, offset = m->fmt == FMT_Q4S ? 8 : 0;
     for (int rr = 0; rr < runs; rr++) {
         int8_t(*out)[PANEL] = w + rr * RUN;
-        if (vlm_is_8bit(m->fmt)) {
-            const unsigned char *run = panel + (size_t)(g * runs + rr) * 512;
-            for (int j = 0; j < 8; j++)
-                for (int r = 0; r < PANEL; r++)
-                    for (int i = 0; i < 4; i++) out[4 * j + i][r] = (int8_t)(run[j * 64 + r * 4 + i] - 128);
-        } else {
-            const unsigned char *run = panel + (size_t)(g * runs + rr) * 256;
-            const int offset = m->fmt == FMT_Q4S ? 8 : 0;
-            for (int c = 0; c < 4; c++) {
-                for (int r = 0; r < PANEL; r++) {
-                    for (int i = 0; i < 4; i++) {
-                        const int byte = run[c * 64 + r * 4 + i];
-                        if (m->fmt == FMT_IQ4) {
-                            out[8 * c + i][r] = vlm_iq4nl_values[byte & 0x0f];
-                            out[8 * c + 4 + i][r] = vlm_iq4nl_values[byte >> 4];
-                        } else {
-                            out[8 * c + i][r] = (int8_t)((byte & 0x0f) - offset);
-                            out[8 * c + 4 + i][r] = (int8_t)((byte >> 4) - offset);
-                        }
+        const unsigned char *run = panel + (size_t)(g * runs + rr) * 256;
+        for (int c = 0; c < 4; c++) {
+            for (int r = 0; r < PANEL; r++) {
+                for (int i = 0; i < 4; i++) {
+                    const int byte = run[c * 64 + r * 4 + i];
+                    if (m->fmt == FMT_IQ4) {
+                        out[8 * c + i][r] = vlm_iq4nl_values[byte & 0x0f];
+                        out[8 * c + 4 + i][r] = vlm_iq4nl_values[byte >> 4];
+                    } else {
+                        out[8 * c + i][r] = (int8_t)((byte & 0x0f) - offset);
+                        out[8 * c + 4 + i][r] = (int8_t)((byte >> 4) - offset);
                     }
                 }
             }
@@ -138,7 +133,7 @@ static void clear_panel(const vlm_matrix *m, const vlm_act *a, int p, int nr) {
 }
 
 static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
-    const int K = m->cols, G = m->group, NG = K / G, NB = K / RUN;
+    const int K = m->cols, G = m->group, NG = K / G, NB = K / RUN, part = vlm_min(G, RUN);
     int8_t w[MAX_GROUP][PANEL];
     float d[PANEL], mn[PANEL];
     for (int p = p0; p < p1; p++) {
@@ -149,13 +144,13 @@ static void gemm_int8(const vlm_matrix *m, const vlm_act *a, int p0, int p1) {
             decode_group(m, panel, g, w, d, mn);
             for (int t = 0; t < a->n; t++) {
                 const int8_t *xq = a->q + (size_t)t * K + g * G;
-                const float *xd = a->d + (size_t)t * NB + g * G / RUN;
+                const float *xd = a->d + (size_t)t * NB;
                 float acc[PANEL] = {0};
-                for (int b = 0; b < G / RUN; b++) {
+                for (int k0 = 0; k0 < G; k0 += part) { /* whole runs, or the group's half of one */
                     int32_t isum[PANEL] = {0};
-                    for (int k = b * RUN; k < (b + 1) * RUN; k++)
+                    for (int k = k0; k < k0 + part; k++)
                         for (int r = 0; r < PANEL; r++) isum[r] += w[k][r] * xq[k];
-                    for (int r = 0; r < PANEL; r++) acc[r] += (float)isum[r] * xd[b];
+                    for (int r = 0; r < PANEL; r++) acc[r] += (float)isum[r] * xd[(g * G + k0) / RUN];
                 }
                 float *y = a->y + (size_t)t * m->rows + p * PANEL;
                 const float xs = a->s[(size_t)t * NG + g];
