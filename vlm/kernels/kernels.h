@@ -276,10 +276,8 @@ void vlm_group_sums(const float *x, int cols, int group, float *xs, int w);
 
 static inline int vlm_min(int a, int b) { return a < b ? a : b; }
 
-/* A group's parts: its runs, or the half of one a group of 16 (8-bit only) is; and an 8-bit
- * part's chunks of 4 values. */
+/* A group's parts: its runs, or the half of one a group of 16 (8-bit only) is. */
 #define PARTS(G) ((G) < RUN ? 1 : (G) / RUN)
-#define CHUNKS(G) ((G) < RUN ? (G) / 4 : RUN / 4)
 
 /* The activations' group sums (vlm_act.s) from run b of a token: its d and the sums of q over
  * its two halves. A group of 16 (8-bit weights only) gets each half; a larger one the run. */

@@ -111,7 +111,8 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm256_setzero_si256();
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < CHUNKS(G); j++, qs += 64) {
+                for (int j = 0; j < 8; j++, qs += 64) {
+                    if (4 * j == G) break; /* a group of 16 is half a run */
                     vlm_prefetch(qs, sp.pf);
 #ifdef VLM_AVX_VNNI
                     const __m256i v = _mm256_load_si256((const __m256i *)qs);
@@ -203,7 +204,8 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
         for (int r = 0; r < R; r++) {
             const int k0 = g * G + r * RUN;
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < CHUNKS(G); j++, qs += 64) {
+                for (int j = 0; j < 8; j++, qs += 64) {
+                    if (4 * j == G) break; /* a group of 16 is half a run */
                     vlm_prefetch(qs, sp.pf);
                     const __m256i v = _mm256_xor_si256(_mm256_load_si256((const __m256i *)qs), bias);
                     for (int i = 0; i < 4; i++) {

@@ -80,7 +80,8 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
             for (int j = 0; j < C; j++)
                 for (int t = 0; t < T; t++) isum[j][t] = _mm512_setzero_si512();
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < CHUNKS(G); j++) {
+                for (int j = 0; j < 8; j++) {
+                    if (4 * j == G) break; /* a group of 16 is half a run */
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_load_si512(qs++);
                     for (int t = 0; t < T; t++)
@@ -146,7 +147,8 @@ INLINE void tile_float_quant(const vlm_matrix *m, const vlm_act *a, vlm_span sp,
         for (int r = 0; r < R; r++) {
             const int k0 = g * G + r * RUN;
             if (vlm_is_8bit(fmt)) {
-                for (int j = 0; j < CHUNKS(G); j++) {
+                for (int j = 0; j < 8; j++) {
+                    if (4 * j == G) break; /* a group of 16 is half a run */
                     vlm_prefetch(qs, sp.pf);
                     const __m512i v = _mm512_xor_si512(_mm512_load_si512(qs++), bias);
                     for (int i = 0; i < 4; i++) {
