@@ -88,13 +88,10 @@ def _random_tensor(rng: np.random.Generator, rows: int, cols: int, kind: str) ->
     return random_blocks(kind, rows, cols, seed=int(rng.integers(1 << 30))).reshape(rows, -1)
 
 
-@pytest.mark.parametrize("mix", GGUF_MIXES)
-def test_gguf_model_is_held_once(tmp_path, mix):
+def write_random_gguf(path: Path, mix: str) -> Path:
+    """A random GGUF model of SHAPE, its matrices of the types GGUF_MIXES[mix] names."""
     gguf = pytest.importorskip("gguf")
-    if not kernels.AVAILABLE:
-        pytest.skip("the numpy path keeps weights as stored")
     rng = np.random.default_rng(0)
-    path = tmp_path / "model.gguf"
     w = gguf.GGUFWriter(str(path), "llama")
     c = SHAPE
     for key, value in (("block_count", c["num_hidden_layers"]), ("context_length", 2048),
@@ -121,7 +118,36 @@ def test_gguf_model_is_held_once(tmp_path, mix):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    return path
+
+
+@pytest.mark.parametrize("mix", GGUF_MIXES)
+def test_gguf_model_is_held_once(tmp_path, mix):
+    if not kernels.AVAILABLE:
+        pytest.skip("the numpy path keeps weights as stored")
     from bench_memory import _weights_mib
 
+    path = write_random_gguf(tmp_path / "model.gguf", mix)
     assert_held_once(measure(path), _weights_mib(path))  # as held: transcoded types as transcoded
+
+
+def test_running_a_gguf_model_touches_none_of_its_file(tmp_path):
+    """Norms are copied at load: as views of the map, each forward pass faulted them back in with
+    the large folios around them (27 MiB of SmolLM2's Q8_0 file, a fifth of its weights)."""
+    if not kernels.AVAILABLE:
+        pytest.skip("the numpy path keeps weights as stored")
+    import vlm
+
+    path = write_random_gguf(tmp_path / "model.gguf", "in place")
+    model = vlm.load(path)
+    session = model.new_session()
+    logits, _ = session.prefill(model.prepare([5, 6, 7, 8]))
+    session.step(int(np.argmax(logits)))
+    resident, mapped = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].isdigit() or line[:1] in "abcdef":  # a mapping's header line
+            mapped = line.endswith(str(path))
+        elif mapped and line.startswith("Rss:"):
+            resident += int(line.split()[1])
+    assert resident == 0, f"{resident} KiB of the GGUF file resident after a forward pass"
 

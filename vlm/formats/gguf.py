@@ -29,6 +29,7 @@ from vlm.errors import VlmError, shown
 from vlm.formats.gguf_quants import TRANSCODED, transcode
 from vlm.formats.lazy import LazyTensors
 from vlm.formats.tokenizer_gguf import gguf_add_bos, tokenizer_from_gguf
+from vlm.memory import release_pages
 from vlm.quant import HalfWeight, QuantizedWeight
 
 _MAGIC = b"GGUF"
@@ -73,6 +74,7 @@ GGML_TYPES: dict[int, tuple[str, int, int]] = {
     39: ("MXFP4", 32, 17),
 }
 _FLOAT_TYPES = ("F32", "F16", "BF16")
+_COPIED_BYTES = 1 << 20  # F32 tensors up to this size are loaded as copies (see GGUFFile.load)
 SUPPORTED_TYPES = (*_FLOAT_TYPES, "Q8_0", "Q4_0", "Q4_1", "IQ4_NL", *TRANSCODED)
 
 # The interleaved block structs of the quantized types we map onto `QuantizedWeight`.
@@ -287,7 +289,8 @@ class GGUFFile:
     def load(self, name: str) -> np.ndarray | HalfWeight | QuantizedWeight:
         """The tensor as stored, never re-quantized.
 
-        F32 -> float32 array (a read-only view on the map); F16/BF16 -> HalfWeight (a view);
+        F32 -> float32 array (a read-only view on the map; a copy up to 1 MiB); F16/BF16 -> HalfWeight
+        (a view);
         Q8_0/Q4_0/Q4_1/IQ4_NL -> QuantizedWeight with group size 32 whose arrays are strided views of
         the blocks (nothing is copied; the kernels repack from them in place); the other block
         types -> a QuantizedWeight transcoded from them (vlm.formats.gguf_quants).
@@ -299,7 +302,14 @@ class GGUFFile:
         kind = info.type_name
         raw = self._data[info.offset : info.offset + info.nbytes]
         if kind == "F32":
-            return raw.view(np.float32).reshape(info.shape)
+            # Small ones (norms, biases) are copied: a view would fault its file pages, and the large
+            # folios around them, back in on every forward pass after the load dropped them.
+            arr = raw.view(np.float32).reshape(info.shape)
+            if raw.nbytes > _COPIED_BYTES:
+                return arr
+            arr = arr.copy()
+            release_pages(raw)
+            return arr
         if kind in ("F16", "BF16"):
             return HalfWeight(
                 raw.view(np.float16 if kind == "F16" else np.uint16).reshape(info.shape), kind == "BF16"
