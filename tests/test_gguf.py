@@ -85,10 +85,14 @@ def test_quantized_load_matches_gguf_dequantize(tmp_path, qtype, rows):
 
 def test_float_tensors_are_views_in_numpy_order(tmp_path):
     a32, a16, a3 = _rand(5, 40), _rand(3, 8, seed=1).astype(np.float16), _rand(2, 3, 4, seed=2)
-    f = GGUFFile(_write(tmp_path / "f.gguf", {"f32": a32, "f16": a16, "norm": a32[0], "cube": a3}))
+    big = _rand(520, 512, seed=3)  # over 1 MiB
+    f = GGUFFile(_write(tmp_path / "f.gguf", {"f32": a32, "f16": a16, "norm": a32[0], "cube": a3, "big": big}))
     assert [f.tensors[n].shape for n in ("f32", "f16", "norm", "cube")] == [(5, 40), (3, 8), (40,), (2, 3, 4)]
-    w = f.load("f32")
+    w = f.load("big")
     assert w.dtype == np.float32 and not w.flags.owndata and not w.flags.writeable  # mmap view, no copy
+    np.testing.assert_array_equal(w, big)
+    w = f.load("f32")  # small ones are copies: a view would fault its file pages in on every use
+    assert w.dtype == np.float32 and w.flags.owndata
     np.testing.assert_array_equal(w, a32)
     np.testing.assert_array_equal(f.load("cube"), a3)
     h = f.load("f16")
