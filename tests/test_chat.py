@@ -1,6 +1,7 @@
 """`vlm chat` driven in a pseudo-terminal as a user would, and the Python Chat object."""
 
 import json
+import signal
 import sys
 
 import pytest
@@ -10,9 +11,15 @@ import vlm
 pexpect = pytest.importorskip("pexpect")
 
 
+def _default_sigint() -> None:
+    # A suite started in the background (`cmd &` in a script) runs with SIGINT ignored, which the
+    # chat would inherit: Ctrl-C must reach it as it does from a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(*args, timeout=120):
     child = pexpect.spawn(sys.executable, ["-m", "vlm", "chat", *map(str, args)], encoding="utf-8",
-                          timeout=timeout, dimensions=(40, 200))
+                          timeout=timeout, dimensions=(40, 200), preexec_fn=_default_sigint)
     child.expect("/help for commands")
     return child
 
