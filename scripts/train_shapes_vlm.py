@@ -226,6 +226,17 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def update(opt, loss: torch.Tensor, lr: float, clipped=None) -> None:
+    """One optimizer step at learning rate lr, the gradients of `clipped` (if given) to norm 1."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad()
+    loss.backward()
+    if clipped is not None:
+        torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    opt.step()
+
+
 def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
     """The tower and connector alone: image token k -> the scene's k-th word, by cross-entropy
     among the words scenes use with the decoder's embeddings as the output layer (a learned
@@ -247,12 +258,7 @@ def stage_words(model, data: Data, steps: int, batch: int, lr: float) -> None:
         logits = scale_logits * (out @ words.T) + bias
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten())
         loss = 0.1 * mse + ce
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 50)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, loss, cosine_lr(step, steps, lr, 50), params)
         if step % 25 == 0 or step == steps - 1:
             acc = (logits.argmax(-1) == target).float().mean()
             log(f"words {step}/{steps} mse {mse.item():.4f} ce {ce.item():.3f} word acc {acc:.3f} "
@@ -304,11 +310,7 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, turns: in
         for i, words in enumerate(data.targets(scenes)):
             x[i, ids[i] == image_id] = table[words] + delta
         loss, per_token = answer_loss(model, text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state, labels)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 10)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        update(opt, loss, cosine_lr(step, steps, lr, 10))
         kinds.add(step, loss, rows, per_token)
     return {"vocab": torch.tensor(data.vocab), "table": table.detach(), "delta": delta.detach()}
 
@@ -333,12 +335,7 @@ def stage_snap(model, data: Data, prompt: dict[str, torch.Tensor], steps: int, b
         mse = (out - table[target] - delta).pow(2).sum(-1).div(scale).mean()
         distance = torch.cdist((out - delta).flatten(0, 1), table).pow(2) / scale
         ce = F.cross_entropy(-distance * sharpness.exp(), target.flatten())
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 50)
-        opt.zero_grad()
-        (ce + mse).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, ce + mse, cosine_lr(step, steps, lr, 50), params)
         if step % 25 == 0 or step == steps - 1:
             acc = (distance.argmin(-1) == target.flatten()).float().mean()
             log(f"snap {step}/{steps} ce {ce.item():.3f} mse {mse.item():.3f} nearest right {acc:.3f} "
@@ -360,12 +357,7 @@ def stage_tune(model, data: Data, steps: int, batch: int, lr: float, turns: int)
         pixels = torch.stack([p for _, p in scenes])[:, None]
         hidden = model.model(input_ids=ids, attention_mask=mask, pixel_values=pixels).last_hidden_state
         loss, per_token = answer_loss(model, hidden, labels)
-        for g in opt.param_groups:
-            g["lr"] = cosine_lr(step, steps, lr, 10)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        update(opt, loss, cosine_lr(step, steps, lr, 10), params)
         kinds.add(step, loss, rows, per_token)
 
 
