@@ -169,13 +169,15 @@ static void check_linear(const vlm_path *p, const weight *w, int mode, int n, in
     if (int8) {
         int8_t *q = malloc((size_t)K);
         float *d = malloc(sizeof(float) * K), *s = malloc(sizeof(float) * K);
+        int32_t *c = malloc(sizeof(int32_t) * K);
         for (int t = 0; t < n; t++) {
-            vlm_quantize_row_portable(x + (size_t)t * K, K, m->group, q, d, s, 1);
+            vlm_quantize_row_portable(x + (size_t)t * K, K, m->group, q, d, s, c, 1);
             for (int k = 0; k < K; k++) xa[(size_t)t * K + k] = (float)q[k] * d[k / RUN];
         }
         free(q);
         free(d);
         free(s);
+        free(c);
     }
     int bad = 0;
     for (int t = 0; t < n && !bad; t++) {
@@ -277,13 +279,16 @@ static void check_quantize(const vlm_path *p) {
     for (int gi = 0; gi < COUNT(GROUPS); gi++) {
         int8_t q[2][cols * w];
         float d[2][cols / RUN * w], s[2][cols / 16 * w]; /* s: per group, groups of 16 at least */
+        int32_t c[2][cols / 16 * w];                      /* c: per part, halves of a run at least */
         memset(q, 0, sizeof q);
         memset(d, 0, sizeof d);
         memset(s, 0, sizeof s);
-        vlm_quantize_row_portable(x, cols, GROUPS[gi], q[0], d[0], s[0], w);
-        p->quantize(x, cols, GROUPS[gi], q[1], d[1], s[1], w);
-        if (memcmp(q[0], q[1], sizeof q[0]) || memcmp(d[0], d[1], sizeof d[0]) || memcmp(s[0], s[1], sizeof s[0]))
-            FAIL("%s quantize g%d: q, d or s differ from the portable rounding\n", p->name, GROUPS[gi]);
+        memset(c, 0, sizeof c);
+        vlm_quantize_row_portable(x, cols, GROUPS[gi], q[0], d[0], s[0], c[0], w);
+        p->quantize(x, cols, GROUPS[gi], q[1], d[1], s[1], c[1], w);
+        if (memcmp(q[0], q[1], sizeof q[0]) || memcmp(d[0], d[1], sizeof d[0]) || memcmp(s[0], s[1], sizeof s[0]) ||
+            memcmp(c[0], c[1], sizeof c[0]))
+            FAIL("%s quantize g%d: q, d, s or c differ from the portable rounding\n", p->name, GROUPS[gi]);
         checks++;
     }
     free(x);

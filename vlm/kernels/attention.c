@@ -1,6 +1,7 @@
 /* Attention and the row ops on the thread pool; the kernels are the path's (attention_impl.h).
  *
- * How work is cut never depends on the thread count, so 1 and N threads give the same bits.
+ * Each query's sums run in one order however the work is cut, so 1 and N threads give the
+ * same bits.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -21,6 +22,7 @@ typedef struct {
     const vlm_attn *a;
     const vlm_ops *ops;
     int blocks;         /* block kernel: query blocks per head */
+    int sets, per_set;  /* block kernel: sets of query heads per kv head, heads per set */
     int rows, groups;   /* rows kernel: rows per kv head (g * n), groups of ROWS of them */
     int kmax, chunks;   /* keys any query sees, chunks of KEY_CHUNK of them */
     float *state;       /* split keys: [h_kv][groups][chunks][ROWS][d + 2] */
@@ -29,9 +31,10 @@ typedef struct {
 static void block_task(void *ctx, int u) {
     const attn_job *j = ctx;
     const vlm_attn *a = j->a;
-    const int b = j->blocks - 1 - u / a->h; /* the longest causal blocks first */
-    const int i0 = b * j->ops->block;
-    j->ops->block_fn(a, u % a->h, i0, vlm_min(a->n, i0 + j->ops->block));
+    const int sets = a->h_kv * j->sets, g = a->h / a->h_kv;
+    const int b = j->blocks - 1 - u / sets; /* the longest causal blocks first */
+    const int hk = u % sets / j->sets, h0 = u % sets % j->sets * j->per_set, i0 = b * j->ops->block;
+    j->ops->block_fn(a, hk * g + h0, vlm_min(j->per_set, g - h0), i0, vlm_min(a->n, i0 + j->ops->block));
 }
 
 /* The output row r of kv head hk from its states in `chunks` consecutive chunks
@@ -75,8 +78,15 @@ int vlm_attention(const vlm_path *p, const vlm_attn *a) {
      * then run in one order whichever chunk of a prompt holds it (a prefix reused from the
      * cache leaves chunks of any size), so its result does not depend on the others. */
     if (a->n >= 2) {
+        /* The query heads of a kv head share each key block (an fp16 one is widened once for
+         * them all) when that leaves enough units for the threads; how heads are grouped does
+         * not change any head's sums. */
+        const int g = a->h / a->h_kv;
         j.blocks = ceil_div(a->n, j.ops->block);
-        vlm_pool_run(block_task, &j, a->h * j.blocks);
+        j.sets = a->h_kv * j.blocks >= 4 * vlm_pool_threads() ? ceil_div(g, VLM_BLOCK_HEADS) : g;
+        j.per_set = ceil_div(g, j.sets);
+        j.sets = ceil_div(g, j.per_set);
+        vlm_pool_run(block_task, &j, a->h_kv * j.sets * j.blocks);
         return 0;
     }
     j.rows = a->h / a->h_kv * a->n;

@@ -122,67 +122,74 @@ VINL void value_tile(const float *vv, ptrdiff_t vt, int nk, const vf *pt, vf *ot
         for (int v = 0; v < NV; v++) ot[(c0 + c) * NV + v] = acc[c][v];
 }
 
-OPS_TARGET static void attn_block(const vlm_attn *a, int h, int i0, int i1) {
-    const int d = a->d, hk = h / (a->h / a->h_kv);
+OPS_TARGET static void attn_block(const vlm_attn *a, int h0, int nh, int i0, int i1) {
+    const int d = a->d, hk = h0 / (a->h / a->h_kv);
     float kbuf[a->kv_half ? KB * d : 1], vbuf[a->kv_half ? KB * d : 1]; /* a key block of an fp16 cache */
-    vf qt[d * NV], ot[d * NV]; /* q (scaled) and the output accumulator, transposed: [c][v] */
-    vf st[KB * NV];            /* one key block's scores, then probabilities: [j][v] */
-    vf m[NV], l[NV], lim[NV];
-    float *qf = (float *)qt;
-    for (int v = 0; v < NV; v++) {
-        for (int e = 0; e < VW; e++) {
-            const int i = i0 + v * VW + e;
-            const float *q = a->q + h * a->qh + i * a->qn;
-            for (int c = 0; c < d; c++) qf[(c * NV + v) * VW + e] = i < i1 ? q[c] * a->scale : 0.0f;
+    vf qt[nh][d * NV], ot[nh][d * NV]; /* per head: q (scaled) and the output accumulator, transposed: [c][v] */
+    vf st[KB * NV];                    /* one key block's scores, then probabilities: [j][v] */
+    vf m[nh][NV], l[nh][NV], lim[NV];
+    for (int e = 0; e < nh; e++) {
+        float *qf = (float *)qt[e];
+        for (int v = 0; v < NV; v++) {
+            for (int w = 0; w < VW; w++) {
+                const int i = i0 + v * VW + w;
+                const float *q = a->q + (h0 + e) * a->qh + i * a->qn;
+                for (int c = 0; c < d; c++) qf[(c * NV + v) * VW + w] = i < i1 ? q[c] * a->scale : 0.0f;
+            }
+            m[e][v] = v_set1(-INFINITY);
+            l[e][v] = v_zero();
         }
-        m[v] = v_set1(-INFINITY);
-        l[v] = v_zero();
-        lim[v] = v_add(v_set1((float)(a->offset + i0 + v * VW)), v_iota()); /* last key each lane sees */
+        for (int c = 0; c < d * NV; c++) ot[e][c] = v_zero();
     }
-    for (int c = 0; c < d * NV; c++) ot[c] = v_zero();
+    for (int v = 0; v < NV; v++) lim[v] = v_add(v_set1((float)(a->offset + i0 + v * VW)), v_iota()); /* last key each lane sees */
     /* keys the block's last query sees; padding lanes (i >= i1) compute finite garbage */
     const int kend = a->causal ? ops_min(a->t, a->offset + i1) : a->t;
     for (int j0 = 0; j0 < kend; j0 += KB) {
         const int nk = ops_min(KB, kend - j0);
         ptrdiff_t kt, vt;
+        /* an fp16 block is widened once for the heads that share it */
         const float *kb = kv_rows(a, a->k, a->kh, a->kt, hk, j0, nk, kbuf, &kt);
-        int j = 0;
-        for (; j + RK <= nk; j += RK) score_tile(kb + j * kt, kt, d, qt, st + j * NV, RK);
-        for (; j < nk; j++) score_tile(kb + j * kt, kt, d, qt, st + j * NV, 1);
-        if (a->causal && j0 + nk - 1 > a->offset + i0) /* some key is past some query */
-            for (j = 0; j < nk; j++)
-                for (int v = 0; v < NV; v++) st[j * NV + v] = v_keep_le(st[j * NV + v], v_set1((float)(j0 + j)), lim[v]);
-        vf alpha[NV];
-        for (int v = 0; v < NV; v++) {
-            vf mb = st[v];
-            for (j = 1; j < nk; j++) mb = v_max(mb, st[j * NV + v]);
-            mb = v_max(m[v], mb); /* finite: every query sees key 0 */
-            alpha[v] = v_exp(v_sub(m[v], mb));
-            m[v] = mb;
-            vf sum = v_zero();
-            for (j = 0; j < nk; j++) {
-                const vf p = v_exp(v_sub(st[j * NV + v], mb));
-                st[j * NV + v] = p;
-                sum = v_add(sum, p);
-            }
-            l[v] = v_fma(l[v], alpha[v], sum);
-        }
-        if (j0 > 0)
-            for (int c = 0; c < d; c++)
-                for (int v = 0; v < NV; v++) ot[c * NV + v] = v_mul(ot[c * NV + v], alpha[v]);
         const float *vb = kv_rows(a, a->v, a->vh, a->vt, hk, j0, nk, vbuf, &vt);
-        int c = 0;
-        for (; c + DD <= d; c += DD) value_tile(vb, vt, nk, st, ot, c, DD);
-        for (; c < d; c++) value_tile(vb, vt, nk, st, ot, c, 1);
-    }
-    for (int v = 0; v < NV; v++) {
-        const int e1 = ops_min(VW, i1 - i0 - v * VW);
-        for (int c = 0; c < d; c++) {
-            float lane[VW];
-            v_store(lane, v_div(ot[c * NV + v], l[v]));
-            for (int e = 0; e < e1; e++) a->o[h * a->oh + (i0 + v * VW + e) * a->on + c] = lane[e];
+        for (int e = 0; e < nh; e++) {
+            int j = 0;
+            for (; j + RK <= nk; j += RK) score_tile(kb + j * kt, kt, d, qt[e], st + j * NV, RK);
+            for (; j < nk; j++) score_tile(kb + j * kt, kt, d, qt[e], st + j * NV, 1);
+            if (a->causal && j0 + nk - 1 > a->offset + i0) /* some key is past some query */
+                for (j = 0; j < nk; j++)
+                    for (int v = 0; v < NV; v++)
+                        st[j * NV + v] = v_keep_le(st[j * NV + v], v_set1((float)(j0 + j)), lim[v]);
+            vf alpha[NV];
+            for (int v = 0; v < NV; v++) {
+                vf mb = st[v];
+                for (j = 1; j < nk; j++) mb = v_max(mb, st[j * NV + v]);
+                mb = v_max(m[e][v], mb); /* finite: every query sees key 0 */
+                alpha[v] = v_exp(v_sub(m[e][v], mb));
+                m[e][v] = mb;
+                vf sum = v_zero();
+                for (j = 0; j < nk; j++) {
+                    const vf p = v_exp(v_sub(st[j * NV + v], mb));
+                    st[j * NV + v] = p;
+                    sum = v_add(sum, p);
+                }
+                l[e][v] = v_fma(l[e][v], alpha[v], sum);
+            }
+            if (j0 > 0)
+                for (int c = 0; c < d; c++)
+                    for (int v = 0; v < NV; v++) ot[e][c * NV + v] = v_mul(ot[e][c * NV + v], alpha[v]);
+            int c = 0;
+            for (; c + DD <= d; c += DD) value_tile(vb, vt, nk, st, ot[e], c, DD);
+            for (; c < d; c++) value_tile(vb, vt, nk, st, ot[e], c, 1);
         }
     }
+    for (int e = 0; e < nh; e++)
+        for (int v = 0; v < NV; v++) {
+            const int e1 = ops_min(VW, i1 - i0 - v * VW);
+            for (int c = 0; c < d; c++) {
+                float lane[VW];
+                v_store(lane, v_div(ot[e][c * NV + v], l[e][v]));
+                for (int w = 0; w < e1; w++) a->o[(h0 + e) * a->oh + (i0 + v * VW + w) * a->on + c] = lane[w];
+            }
+        }
 }
 
 /* ---- rows kernel ------------------------------------------------------------------------- */

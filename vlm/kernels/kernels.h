@@ -80,6 +80,10 @@ typedef struct {
     const int8_t *q; /* cols per token */
     const float *d;  /* cols / 32 per token */
     const float *s;  /* cols / group per token: sum over the group's runs of d * sum(q) */
+    /* cols / min(group, 32) per token: -128 * sum(q) over each part of a group (a run, or
+     * the half of one a group of 16 is). The VNNI tiles multiply unsigned weights (w + 128)
+     * and start each part's integer sum here, so the offset cancels exactly, in integers. */
+    const int32_t *c;
     /* float mode, asymmetric formats: the sum of x over each group, for the min term; W = tf */
     const float *xs; /* cols / group per token */
     float *y;        /* [n][rows], not interleaved */
@@ -88,7 +92,8 @@ typedef struct {
 typedef void (*vlm_gemm_fn)(const vlm_matrix *m, const vlm_act *a, int p0, int p1);
 /* One token's activations to int8: q, d, s point at the token's first entries, and
  * consecutive words / entries of the token are w apart (the interleaving above). */
-typedef void (*vlm_quant_fn)(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
+typedef void (*vlm_quant_fn)(const float *x, int cols, int group, int8_t *q, float *d, float *s, int32_t *c,
+                             int w);
 
 /* Scaled dot-product attention with grouped KV heads (attention.c drives it, attention_impl.h holds
  * the kernels): o[h][i] = softmax(scale * q[h][i] . k[hk][j]) v[hk][j] over the keys j the
@@ -98,6 +103,7 @@ typedef void (*vlm_quant_fn)(const float *x, int cols, int group, int8_t *q, flo
  * projections' outputs are read where they lie. */
 #define VLM_MAX_HEAD_DIM 256
 #define VLM_ATTN_ROWS 8 /* query rows of one rows_fn call, at most */
+#define VLM_BLOCK_HEADS 4 /* query heads of one block_fn call, at most */
 
 typedef struct {
     int h, h_kv, n, t, d; /* query heads, kv heads, queries, keys, head dim */
@@ -116,8 +122,9 @@ static inline float vlm_attn_scale(int d) { return (float)(1.0 / sqrt((double)d)
 /* The kernels of attention_impl.h, compiled once per path. */
 typedef struct {
     int block; /* queries per block_fn call */
-    /* Queries [i0, i1) (at most `block`) of head h against every key they see. Writes o. */
-    void (*block_fn)(const vlm_attn *a, int h, int i0, int i1);
+    /* Queries [i0, i1) (at most `block`) of heads [h0, h0 + nh) (at most VLM_BLOCK_HEADS, one
+     * kv head's) against every key they see. Writes o. */
+    void (*block_fn)(const vlm_attn *a, int h0, int nh, int i0, int i1);
     /* Rows [r0, r1) (at most VLM_ATTN_ROWS; row r: head hk * g + r / n, query r % n) of kv head hk against keys
      * [j0, j1): for each row, its partial softmax state m, l, acc[d] at state + (r - r0) * (d + 2). */
     void (*rows_fn)(const vlm_attn *a, int hk, int r0, int r1, int j0, int j1, float *state);
@@ -271,7 +278,8 @@ float vlm_half_to_float(uint16_t h);
 float vlm_bf16_to_float(uint16_t h);
 /* fp16 of x rounded to nearest even, as numpy's astype(float16) (subnormals, overflow to inf). */
 uint16_t vlm_float_to_half(float x);
-void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w);
+void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int32_t *c,
+                               int w);
 void vlm_group_sums(const float *x, int cols, int group, float *xs, int w);
 
 static inline int vlm_min(int a, int b) { return a < b ? a : b; }
@@ -279,14 +287,18 @@ static inline int vlm_min(int a, int b) { return a < b ? a : b; }
 /* A group's parts: its runs, or the half of one a group of 16 (8-bit only) is. */
 #define PARTS(G) ((G) < RUN ? 1 : (G) / RUN)
 
-/* The activations' group sums (vlm_act.s) from run b of a token: its d and the sums of q over
- * its two halves. A group of 16 (8-bit weights only) gets each half; a larger one the run. */
-static inline void vlm_group_sum(float *s, int b, int group, int w, float d, int half0, int half1) {
+/* The activations' group sums (vlm_act.s, vlm_act.c) from run b of a token: its d and the sums
+ * of q over its two halves. A group of 16 (8-bit weights only) gets each half; a larger one
+ * the run. */
+static inline void vlm_group_sum(float *s, int32_t *c, int b, int group, int w, float d, int half0, int half1) {
     if (group == 16) {
         s[(size_t)2 * b * w] = d * (float)half0;
         s[(size_t)(2 * b + 1) * w] = d * (float)half1;
+        c[(size_t)2 * b * w] = -128 * half0;
+        c[(size_t)(2 * b + 1) * w] = -128 * half1;
         return;
     }
+    c[(size_t)b * w] = -128 * (half0 + half1);
     const int runs = group / RUN;
     const float sb = d * (float)(half0 + half1);
     if (b % runs == 0)

@@ -23,10 +23,13 @@ static size_t padded(const vlm_path *p, int int8, int n) {
     return (size_t)ceil_div(n, w) * w;
 }
 
+/* Parts of a row for vlm_act.c: runs, or halves of one for groups of 16. */
+static size_t parts(const vlm_matrix *m) { return m->group ? m->cols / vlm_min(m->group, RUN) : 0; }
+
 size_t vlm_act_bytes(const vlm_path *p, int mode, const vlm_matrix *m, int n) {
     const int int8 = int8_activations(mode, m);
-    const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0;
-    if (int8) return (4 * NB + 4 * NG + K) * padded(p, 1, n);
+    const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0, NP = parts(m);
+    if (int8) return (4 * NB + 4 * NG + 4 * NP + K) * padded(p, 1, n);
     return (4 * (packs_x(p, 0) ? K : 0) + 4 * (vlm_has_mins(m->fmt) ? NG : 0)) * padded(p, 0, n);
 }
 
@@ -41,14 +44,15 @@ static void prepare_task(void *ctx, int u) {
     const prepare_job *j = ctx;
     const vlm_product *pr = j->pr;
     const vlm_matrix *m = pr->m;
-    const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0;
+    const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0, NP = parts(m);
     const int w = pr->int8 ? j->p->tq : j->p->tf, t1 = vlm_min(pr->a.n, (u + 1) * j->per_unit);
     for (int t = u * j->per_unit; t < t1; t++) {
         const float *x = j->x + t * K;
         const size_t tile = (size_t)(t / w), lane = (size_t)(t % w);
         if (pr->int8) {
             j->p->quantize(x, (int)K, m->group, (int8_t *)pr->a.q + tile * K * w + lane * 4,
-                           (float *)pr->a.d + tile * NB * w + lane, (float *)pr->a.s + tile * NG * w + lane, w);
+                           (float *)pr->a.d + tile * NB * w + lane, (float *)pr->a.s + tile * NG * w + lane,
+                           (int32_t *)pr->a.c + tile * NP * w + lane, w);
             continue;
         }
         if (packs_x(j->p, 0)) {
@@ -80,12 +84,14 @@ void vlm_product_init(vlm_product *pr, const vlm_path *p, int mode, const vlm_ma
     }
     pr->a = (vlm_act){.n = n, .cols = m->cols, .x = x, .y = y};
     if (!vlm_act_bytes(p, mode, m, n)) return;
-    const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0, tokens = padded(p, pr->int8, n);
+    const size_t K = m->cols, NB = K / RUN, NG = m->group ? K / m->group : 0, NP = parts(m);
+    const size_t tokens = padded(p, pr->int8, n);
     float *f = scratch;
     if (pr->int8) {
         pr->a.d = f;
         pr->a.s = f + NB * tokens;
-        pr->a.q = (const int8_t *)(f + (NB + NG) * tokens);
+        pr->a.c = (const int32_t *)(f + (NB + NG) * tokens);
+        pr->a.q = (const int8_t *)(f + (NB + NG + NP) * tokens);
     } else {
         if (packs_x(p, 0)) pr->a.x = f;
         pr->a.xs = f + (packs_x(p, 0) ? K : 0) * tokens;

@@ -85,9 +85,9 @@ INLINE __m256i sign_dot(__m256i isum, __m256i w, __m256i aw, __m256i x) {
 }
 #endif
 
-INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
-                      const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G), NB = K / RUN;
+INLINE void tile_int8_g(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
+                        const int fmt, const int G) {
+    const int K = m->cols, NG = K / G, R = PARTS(G), NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const unsigned char *qs = panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 512 : 256) + 32 * h;
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off) + 8 * h;
@@ -174,6 +174,15 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
         }
     }
     for (int t = 0; t < T; t++) store_rows(m, a, sp, h, t, acc[t]);
+}
+
+/* Groups of 32 (every 4-bit GGUF type) as a constant: the address arithmetic folds away. */
+INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h, const int T, const int C,
+                      const int fmt) {
+    if (m->group == RUN)
+        tile_int8_g(m, a, sp, h, T, C, fmt, RUN);
+    else
+        tile_int8_g(m, a, sp, h, T, C, fmt, m->group);
 }
 
 /* --- float activations, quantized weights ------------------------------------------------ */
@@ -333,7 +342,8 @@ INLINE int hsum_epi32(__m256i v) {
 }
 
 /* Same operations as vlm_quantize_row_portable, 32 values at a time. */
-TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
+TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int32_t *c,
+                                     int w) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     for (int b = 0; b < cols / RUN; b++) {
         __m256 v[4];
@@ -360,9 +370,9 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
         const __m256i half0 = _mm256_add_epi32(qi[0], qi[1]), half1 = _mm256_add_epi32(qi[2], qi[3]);
         d[(size_t)b * w] = db;
         if (group == 16)
-            vlm_group_sum(s, b, group, w, db, hsum_epi32(half0), hsum_epi32(half1));
+            vlm_group_sum(s, c, b, group, w, db, hsum_epi32(half0), hsum_epi32(half1));
         else
-            vlm_group_sum(s, b, group, w, db, hsum_epi32(_mm256_add_epi32(half0, half1)), 0);
+            vlm_group_sum(s, c, b, group, w, db, hsum_epi32(_mm256_add_epi32(half0, half1)), 0);
     }
 }
 

@@ -54,11 +54,13 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int t
 
 /* --- int8 activations ------------------------------------------------------------------
  * y = sum over groups of d * sum over runs (dx * isum) + m * s, isum = vpdpbusd of the
- * unsigned weights with the int8 activations. The unsigned form of q4_sym (q), iq4_nl (its
- * codebook value + 128, looked up by vpshufb) and q8 (w + 128) is fixed up by the min term
- * m = -8d resp. -128d, since s = dx * sum(qx); q8 with mins (q8_asym) adds its own m. */
-INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
-    const int K = m->cols, G = m->group, NG = K / G, R = PARTS(G), NB = K / RUN;
+ * unsigned weights with the int8 activations. The unsigned forms are fixed up exactly:
+ * iq4_nl (its codebook value + 128, looked up by vpshufb) and the 8-bit formats (w + 128)
+ * start each isum at -128 * sum(qx) (vlm_act.c); q4_sym (q) takes the min term m = -8d, as
+ * s = dx * sum(qx); the asymmetric formats add their own m. */
+INLINE void tile_int8_g(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt,
+                        const int G) {
+    const int K = m->cols, NG = K / G, R = PARTS(G), NB = K / RUN;
     const unsigned char *panel = m->data + (size_t)sp.p * m->panel_bytes;
     const __m512i *qs = (const __m512i *)panel + (size_t)sp.k0 / RUN * (vlm_is_8bit(fmt) ? 8 : 4);
     const uint16_t *sc = (const uint16_t *)(panel + m->scales_off);
@@ -67,6 +69,8 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
     /* this tile's activations (interleaved, see vlm_act): word j of token t is xq[j * TQ + t] */
     const int32_t *xq = (const int32_t *)a->q + (size_t)(sp.t0 / TQ) * (K / 4) * TQ;
     const float *xd = a->d + (size_t)(sp.t0 / TQ) * NB * TQ, *xs = a->s + (size_t)(sp.t0 / TQ) * NG * TQ;
+    const int PART = vlm_min(G, RUN), offset128 = fmt == FMT_IQ4 || vlm_is_8bit(fmt);
+    const int32_t *xc = a->c + (size_t)(sp.t0 / TQ) * (K / PART) * TQ;
     __m512 acc[TQ];
     for (int t = 0; t < T; t++) acc[t] = start_rows(m, a, sp, t);
     for (int g = sp.k0 / G; g < sp.k1 / G; g++) {
@@ -76,9 +80,11 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
         for (int r = 0; r < R; r++) {
             const int b = g * G / RUN + r;                                /* the run */
             const int32_t *xb = xq + (size_t)(g * G / 4 + r * 8) * TQ; /* its words from the group's first */
+            const int32_t *xcp = xc + (size_t)((g * G + r * RUN) / PART) * TQ; /* the part's offset fix */
             __m512i isum[CHAINS(1)][TQ];
             for (int j = 0; j < C; j++)
-                for (int t = 0; t < T; t++) isum[j][t] = _mm512_setzero_si512();
+                for (int t = 0; t < T; t++)
+                    isum[j][t] = j == 0 && offset128 ? bcast4(xcp + t) : _mm512_setzero_si512();
             if (vlm_is_8bit(fmt)) {
                 for (int j = 0; j < 8; j++) {
                     if (4 * j == G) break; /* a group of 16 is half a run */
@@ -108,12 +114,20 @@ INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const 
                 acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[0][t]), scale, acc[t]);
             }
         }
-        const __m512 mv = fmt == FMT_Q4A   ? load_half16(mn + g * PANEL)
-                          : fmt == FMT_Q8A ? _mm512_fmadd_ps(d, _mm512_set1_ps(-128.0f), load_half16(mn + g * PANEL))
-                                           : _mm512_mul_ps(d, _mm512_set1_ps(fmt == FMT_Q4S ? -8.0f : -128.0f));
-        for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[g * TQ + t]), acc[t]);
+        if (vlm_has_mins(fmt) || fmt == FMT_Q4S) {
+            const __m512 mv = fmt == FMT_Q4S ? _mm512_mul_ps(d, _mm512_set1_ps(-8.0f)) : load_half16(mn + g * PANEL);
+            for (int t = 0; t < T; t++) acc[t] = _mm512_fmadd_ps(mv, _mm512_set1_ps(xs[g * TQ + t]), acc[t]);
+        }
     }
     for (int t = 0; t < T; t++) store_rows(m, a, sp, t, acc[t]);
+}
+
+/* Groups of 32 (every 4-bit GGUF type) as a constant: the address arithmetic folds away. */
+INLINE void tile_int8(const vlm_matrix *m, const vlm_act *a, vlm_span sp, const int T, const int C, const int fmt) {
+    if (m->group == RUN)
+        tile_int8_g(m, a, sp, T, C, fmt, RUN);
+    else
+        tile_int8_g(m, a, sp, T, C, fmt, m->group);
 }
 
 /* --- float activations, quantized weights ------------------------------------------------
@@ -300,7 +314,8 @@ TARGET static void gemm_float(const vlm_matrix *m, const vlm_act *a, int p0, int
 }
 
 /* Same operations as vlm_quantize_row_portable, 32 values at a time. */
-TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
+TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int32_t *c,
+                                     int w) {
     const __m512 sign = _mm512_set1_ps(-0.0f);
     for (int b = 0; b < cols / RUN; b++) {
         const __m512 x0 = _mm512_loadu_ps(x + b * RUN), x1 = _mm512_loadu_ps(x + b * RUN + 16);
@@ -315,9 +330,9 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
         for (int j = 0; j < RUN / 4; j++) memcpy(q + ((size_t)b * RUN / 4 + j) * 4 * w, bytes + 4 * j, 4);
         d[(size_t)b * w] = db;
         if (group == 16)
-            vlm_group_sum(s, b, group, w, db, _mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
+            vlm_group_sum(s, c, b, group, w, db, _mm512_reduce_add_epi32(q0), _mm512_reduce_add_epi32(q1));
         else
-            vlm_group_sum(s, b, group, w, db, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), 0);
+            vlm_group_sum(s, c, b, group, w, db, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)), 0);
     }
 }
 

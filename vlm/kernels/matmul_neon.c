@@ -561,7 +561,8 @@ INLINE void tile_half(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h,
 
 /* Same operations as vlm_quantize_row_portable, 32 values at a time: FCVTNS rounds to
  * nearest even, as nearbyintf does in the default rounding mode. */
-TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
+TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, float *d, float *s, int32_t *c,
+                                     int w) {
     for (int b = 0; b < cols / RUN; b++) {
         float32x4_t v[8];
         float32x4_t mx = vdupq_n_f32(0.0f);
@@ -581,7 +582,7 @@ TARGET static void quantize_row(const float *x, int cols, int group, int8_t *q, 
         }
         for (int j = 0; j < RUN / 4; j++) memcpy(q + ((size_t)b * RUN / 4 + j) * 4 * w, bytes + 4 * j, 4);
         d[(size_t)b * w] = db;
-        vlm_group_sum(s, b, group, w, db, vaddvq_s32(sum[0]), vaddvq_s32(sum[1]));
+        vlm_group_sum(s, c, b, group, w, db, vaddvq_s32(sum[0]), vaddvq_s32(sum[1]));
     }
 }
 

@@ -61,7 +61,8 @@ float vlm_bf16_to_float(uint16_t h) {
 
 /* x ~ d * q per run of 32: d = max|x| / 127 and q = round-half-even(x * (127 / max|x|)).
  * Every path reproduces these exact float operations, so they agree on q bit for bit. */
-void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int w) {
+void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, float *d, float *s, int32_t *c,
+                               int w) {
     for (int b = 0; b < cols / RUN; b++) {
         const float *xb = x + b * RUN;
         float amax = 0.0f;
@@ -75,7 +76,7 @@ void vlm_quantize_row_portable(const float *x, int cols, int group, int8_t *q, f
             sum[i / 16] += v;
         }
         d[(size_t)b * w] = db;
-        vlm_group_sum(s, b, group, w, db, sum[0], sum[1]);
+        vlm_group_sum(s, c, b, group, w, db, sum[0], sum[1]);
     }
 }
 
