@@ -141,7 +141,8 @@ OPS_TARGET static void attn_block(const vlm_attn *a, int h0, int nh, int i0, int
         }
         for (int c = 0; c < d * NV; c++) ot[e][c] = v_zero();
     }
-    for (int v = 0; v < NV; v++) lim[v] = v_add(v_set1((float)(a->offset + i0 + v * VW)), v_iota()); /* last key each lane sees */
+    for (int v = 0; v < NV; v++) /* the last key each lane sees */
+        lim[v] = v_add(v_set1((float)(a->offset + i0 + v * VW)), v_iota());
     /* keys the block's last query sees; padding lanes (i >= i1) compute finite garbage */
     const int kend = a->causal ? ops_min(a->t, a->offset + i1) : a->t;
     for (int j0 = 0; j0 < kend; j0 += KB) {

@@ -81,8 +81,8 @@ typedef struct {
     const float *d;  /* cols / 32 per token */
     const float *s;  /* cols / group per token: sum over the group's runs of d * sum(q) */
     /* cols / min(group, 32) per token: -128 * sum(q) over each part of a group (a run, or
-     * the half of one a group of 16 is). The VNNI tiles multiply unsigned weights (w + 128)
-     * and start each part's integer sum here, so the offset cancels exactly, in integers. */
+     * the half of one a group of 16 is). The AVX-512 tile multiplies IQ4_NL and 8-bit weights
+     * unsigned (w + 128) and starts each part's integer sum here: the offset cancels exactly. */
     const int32_t *c;
     /* float mode, asymmetric formats: the sum of x over each group, for the min term; W = tf */
     const float *xs; /* cols / group per token */
