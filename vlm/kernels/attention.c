@@ -13,6 +13,8 @@
  * cache in decode: each unit then returns a partial softmax state, combined below). */
 #define ROWS VLM_ATTN_ROWS
 #define KEY_CHUNK 256
+/* Block kernel: the fewest units per thread for which a unit takes several heads. */
+#define UNITS_PER_THREAD 4
 /* Row ops: values per unit of work, and the fewest values worth the pool. */
 #define OP_UNIT 16384
 
@@ -83,8 +85,8 @@ int vlm_attention(const vlm_path *p, const vlm_attn *a) {
          * not change any head's sums. */
         const int g = a->h / a->h_kv;
         j.blocks = ceil_div(a->n, j.ops->block);
-        j.sets = a->h_kv * j.blocks >= 4 * vlm_pool_threads() ? ceil_div(g, VLM_BLOCK_HEADS) : g;
-        j.per_set = ceil_div(g, j.sets);
+        const int most = a->h_kv * j.blocks >= UNITS_PER_THREAD * vlm_pool_threads() ? VLM_BLOCK_HEADS : 1;
+        j.per_set = ceil_div(g, ceil_div(g, most)); /* sets of equal size, at most `most` heads */
         j.sets = ceil_div(g, j.per_set);
         vlm_pool_run(block_task, &j, a->h_kv * j.sets * j.blocks);
         return 0;

@@ -53,7 +53,7 @@ static struct {
     int sleepers;
     int quit;
     uint64_t alone_until; /* run jobs on the caller alone until this time (see STALL_NS) */
-    uint64_t last_stall;
+    uint64_t last_stall;  /* when the last stall was seen (see STALL_WINDOW_NS) */
     pthread_t *workers;
     pthread_mutex_t mu; /* guards sleeping and waking */
     pthread_cond_t cv;
