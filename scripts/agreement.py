@@ -7,6 +7,10 @@ whole sequence and we count positions where the arg-max next token is the same. 
 quantizes activations to 8 bits inside its 4-bit matmuls, so near-ties flip: agreement is
 below 100% even for identical weights. Needs llama-cpp-python (and torch + transformers for
 the transformers rows).
+
+The row "vlm 4-bit, <path> kernels" is the same model on a second kernel path of this CPU: the
+same int8 rounding rule, products differing only in float order. Its agreement with the default
+row is the noise floor of int8 activations: what two equally exact implementations reach.
 """
 
 from __future__ import annotations
@@ -66,6 +70,11 @@ def agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return same / sum(x.shape[0] for x in a)
 
 
+def logit_rms(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Root mean square difference of all logits, over all sequences' positions."""
+    return float(np.sqrt(np.mean(np.concatenate([((x - y) ** 2).mean(-1) for x, y in zip(a, b, strict=True)]))))
+
+
 def continuation_agreement(llm, model, n_tokens: int, n_prompts: int = len(PROMPTS)) -> float:
     """Top-1 agreement of `model` with llama.cpp over the positions that predict llama.cpp's greedy
     continuation (from the last prompt token on), prompt by prompt."""
@@ -74,6 +83,20 @@ def continuation_agreement(llm, model, n_tokens: int, n_prompts: int = len(PROMP
     ours = [model.logits(s)[i:] for s, i in zip(seqs, starts, strict=True)]
     theirs = [llama_cpp_logits(llm, s)[i:] for s, i in zip(seqs, starts, strict=True)]
     return agreement(ours, theirs)
+
+
+def other_path_logits(model, seqs: list[list[int]]) -> tuple[str, list[np.ndarray]] | None:
+    """The logits on the second kernel path this CPU runs (None if it has one path only)."""
+    from vlm import kernels
+
+    default, *others = kernels.paths() or [None]
+    if not others:
+        return None
+    kernels.set_path(others[0])
+    try:
+        return others[0], [model.logits(s) for s in seqs]
+    finally:
+        kernels.set_path(default)
 
 
 def main() -> None:
@@ -95,6 +118,9 @@ def main() -> None:
     rows = {"llama.cpp": [llama_cpp_logits(llm, s) for s in seqs],
             "vlm 4-bit (default)": [q4.logits(s) for s in seqs],
             "vlm f32": [f32.logits(s) for s in seqs]}
+    other = other_path_logits(q4, seqs)
+    if other:
+        rows[f"vlm 4-bit, {other[0]} kernels"] = other[1]
     if not args.no_transformers:
         import torch
         from transformers import AutoModelForCausalLM
@@ -112,6 +138,10 @@ def main() -> None:
     err = max(float(np.abs(x - y).max() / np.abs(y).max()) for x, y in zip(rows["vlm 4-bit (default)"], ref,
                                                                          strict=True))
     print(f"vlm 4-bit vs vlm f32: max logit error {err:.4f} of the largest logit")
+    print("logit RMS difference, all logits of those positions:")
+    for a, b in [("vlm 4-bit (default)", "vlm f32"), ("llama.cpp", "vlm f32"), ("vlm 4-bit (default)", "llama.cpp"),
+                 *([("vlm 4-bit (default)", f"vlm 4-bit, {other[0]} kernels")] if other else [])]:
+        print(f"  {a} vs {b}: {logit_rms(rows[a], rows[b]):.3f}")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,90 @@ def test_hf_directory_with_a_gguf_decoder(llama_cpp_pairs, tmp_path):
         vlm.load(full)
 
 
+def with_adapters(hf_dir, d, rng, targets: list[tuple[str, int, int, int]]):
+    """Add LoRA adapters (name, rank, out, in) to d's safetensors; a copy of hf_dir whose decoder
+    matrices have them merged (W + B A) is returned beside it."""
+    from safetensors.numpy import load_file, save_file
+
+    own, full = load_file(str(d / "model.safetensors")), load_file(str(hf_dir / "model.safetensors"))
+    for name, rank, rows, cols in targets:
+        a = rng.standard_normal((rank, cols)).astype(np.float32) / np.sqrt(cols)
+        b = 0.05 * rng.standard_normal((rows, rank)).astype(np.float32)
+        own[f"{name}.lora_A.weight"], own[f"{name}.lora_B.weight"] = a, b
+        full[f"{name}.weight"] = full[f"{name}.weight"] + b @ a
+    save_file(own, str(d / "model.safetensors"))
+    merged = d.parent / "merged"
+    shutil.copytree(hf_dir, merged)
+    save_file(full, str(merged / "model.safetensors"))
+    return merged
+
+
+def test_hf_directory_gguf_decoder_with_adapters(llama_cpp_pairs, tmp_path):
+    """LoRA adapters beside the image side are merged into the GGUF decoder's matrices at load:
+    exactly in f32, within 8-bit rounding on the default path of a quantized file."""
+    hf_dir, folder = llama_cpp_pairs["idefics3"]
+    text, _ = pair_files(folder)
+    d = vision_only_dir(hf_dir, tmp_path / "vision", str(text))
+    c = json.loads((hf_dir / "config.json").read_text())["text_config"]
+    hidden, kv = c["hidden_size"], c["num_key_value_heads"] * c["hidden_size"] // c["num_attention_heads"]
+    targets = [("model.text_model.layers.0.self_attn.q_proj", 4, hidden, hidden),
+               ("model.text_model.layers.0.self_attn.v_proj", 4, kv, hidden),
+               ("model.text_model.layers.1.mlp.down_proj", 2, hidden, c["intermediate_size"])]
+    merged = with_adapters(hf_dir, d, np.random.default_rng(0), targets)
+    want, got = vlm.load(merged, quantize="f32"), vlm.load(d, quantize="f32")
+    a, b = want.prepare(PROMPT, images=[IMAGE]), got.prepare(PROMPT, images=[IMAGE])
+    reference = want.new_session().prefill(a)[0]
+    err = rel_error(got.new_session().prefill(b)[0], reference)
+    unmerged = rel_error(vlm.load(hf_dir, quantize="f32").new_session().prefill(a)[0], reference)
+    print(f"adapters merged: logits rel err {err:.2e} (without them {unmerged:.2e})")
+    assert err <= 1e-4 < unmerged
+    q8 = [m.new_session().prefill(m.prepare(PROMPT, images=[IMAGE]))[0]
+          for m in (vlm.load(merged, quantize="q8"), vlm.load(d, quantize="q8"))]
+    assert np.array_equal(*q8)  # quantized after merging
+
+
+def test_adapters_merge_into_a_quantized_matrix_at_8_bits():
+    """A 4-bit matrix with an adapter becomes 8-bit W + B A (4 bits would round B A away)."""
+    from vlm.loader import merge_adapters
+    from vlm.quant import QuantizedWeight, quantize
+
+    rng = np.random.default_rng(0)
+    w = quantize(rng.standard_normal((64, 96)).astype(np.float32), 4, 32)
+    a, b = rng.standard_normal((4, 96)).astype(np.float32), 0.01 * rng.standard_normal((64, 4)).astype(np.float32)
+    name = "model.layers.0.self_attn.q_proj"
+    other = np.ones(64, np.float32)
+    out = merge_adapters({f"{name}.weight": w, "model.norm.weight": other},
+                         {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b}, exact=False, where="test")
+    merged, want = out[f"{name}.weight"], w.dequantize() + b @ a
+    assert isinstance(merged, QuantizedWeight) and merged.bits == 8
+    step = np.abs(want).reshape(64, 3, 32).max(-1, keepdims=True) / 127  # 8-bit symmetric groups of 32
+    assert np.all(np.abs(merged.dequantize() - want).reshape(64, 3, 32) <= 0.6 * step)  # half a step + fp16 scale
+    assert out["model.norm.weight"] is other
+    exact = merge_adapters({f"{name}.weight": w}, {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b},
+                           exact=True, where="test")
+    np.testing.assert_allclose(exact[f"{name}.weight"], want, rtol=0, atol=1e-6)
+
+
+def test_adapter_errors(llama_cpp_pairs, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    hf_dir, folder = llama_cpp_pairs["idefics3"]
+    text, _ = pair_files(folder)
+    d = vision_only_dir(hf_dir, tmp_path / "vision", str(text))
+    tensors = load_file(str(d / "model.safetensors"))
+    hidden = json.loads((hf_dir / "config.json").read_text())["text_config"]["hidden_size"]
+    q = "model.text_model.layers.0.self_attn.q_proj"
+    cases = {"has no lora_B": {f"{q}.lora_A.weight": np.zeros((2, hidden), np.float32)},
+             "has no matrix": {f"model.text_model.layers.99.self_attn.q_proj.lora_{h}.weight": np.zeros(s, np.float32)
+                               for h, s in (("A", (2, hidden)), ("B", (hidden, 2)))},
+             r"is lora_A \(2, \d+\), lora_B \(\d+, 3\)": {f"{q}.lora_A.weight": np.zeros((2, hidden), np.float32),
+                                                            f"{q}.lora_B.weight": np.zeros((hidden, 3), np.float32)}}
+    for message, adapters in cases.items():
+        save_file({**tensors, **adapters}, str(d / "model.safetensors"))
+        with pytest.raises(VlmError, match=f"{d}: the adapter of model.layers.\\d+.self_attn.q_proj.weight {message}"):
+            vlm.load(d)
+
+
 def test_hf_directory_gguf_decoder_errors(tiny_smolvlm, smollm2_gguf, tmp_path):
     # a known model name, resolved through the registry, whose decoder is not the text_config's
     d = vision_only_dir(tiny_smolvlm, tmp_path / "wrong", "smollm2-135m")

@@ -252,6 +252,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "weights": f"{total / 2**20:.1f} MiB", "quantization": ckpt.quantization or None,
         "bos/eos": f"{tok.bos_token} / {tok.eos_token}", "chat template": bool(tok.chat_template),
     }
+    ranks = [ckpt.tensors[k].shape[0] for k in ckpt.tensors if k.endswith(".lora_A.weight")]
+    if ranks:
+        info["adapters"] = f"LoRA on {len(ranks)} decoder matrices (rank {', '.join(map(str, sorted(set(ranks))))})"
     for k, v in info.items():
         print(f"{k:>14}: {shown(v, 200)}")
     return 0

@@ -38,6 +38,8 @@ from vlm.session import KV_CACHE_DTYPES
 MAX_THREADS = 1024  # more would only exhaust the system's thread limit
 
 _DECODER_LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+# A LoRA adapter of a decoder matrix, as PEFT names its halves: lora_A [rank, in], lora_B [out, rank]
+_ADAPTER = re.compile(r"^(model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj)\.lora_([AB])\.weight$")
 
 
 def quantize_decoder(tensors: Mapping[str, Weight], mode: str | None, group_size: int = 32,
@@ -110,23 +112,59 @@ def family_class(config: dict, path) -> type | None:
     return None
 
 
-def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict]:
-    """(vision tensors with the family's prefixes stripped, decoder tensors in causal-LM names).
+def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict, dict]:
+    """(vision tensors with the family's prefixes stripped, decoder tensors in causal-LM names,
+    LoRA adapters of the decoder).
 
-    A converted directory already stores them apart: vision tensors under `vision.`.
+    A converted directory already stores them apart: vision tensors under `vision.`. Adapters come
+    with a pair whose decoder is another file's: the image side may hold them, nothing else of the
+    decoder.
     """
     if ckpt.format == "vlm":
         vision = {k[len(VISION_PREFIX):]: w for k, w in ckpt.tensors.items() if k.startswith(VISION_PREFIX)}
-        return vision, {k: w for k, w in ckpt.tensors.items() if not k.startswith(VISION_PREFIX)}
+        return vision, {k: w for k, w in ckpt.tensors.items() if not k.startswith(VISION_PREFIX)}, {}
     if family_cls is None:
-        return {}, ckpt.tensors
+        return {}, ckpt.tensors, {}
     vision, text = family_cls.split_tensors(ckpt.tensors)
-    if ckpt.decoder_tensors is not None:  # a pair (formats/pair.py): the decoder is another file's
-        if text:
-            raise VlmError(f"{ckpt.path} holds decoder tensors ({shown(next(iter(text)))}, ...) but its decoder "
-                           f"comes from {ckpt.sources['decoder']}; remove them")
-        text = ckpt.decoder_tensors
-    return vision, text
+    if ckpt.decoder_tensors is None:
+        return vision, text, {}
+    # a pair (formats/pair.py): the decoder is another file's
+    adapters = {k: w for k, w in text.items() if _ADAPTER.match(k)}
+    if len(adapters) < len(text):
+        name = next(k for k in text if k not in adapters)
+        raise VlmError(f"{ckpt.path} holds decoder tensors ({shown(name)}, ...) but its decoder comes from "
+                       f"{ckpt.sources['decoder']}; remove them")
+    return vision, ckpt.decoder_tensors, adapters
+
+
+def merge_adapters(decoder: Mapping[str, Weight], adapters: Mapping[str, Weight], exact: bool,
+                   where: object) -> LazyTensors:
+    """The decoder with LoRA adapters merged: W + B A for each adapted matrix (no further scale),
+    in float32 if `exact` or W is a float matrix, else 8-bit in groups of 32: a 4-bit grid would
+    round much of the adapters' change away. Made when looked up, as the other tensors."""
+    halves: dict[str, dict[str, Weight]] = {}
+    for name, w in adapters.items():
+        target, half = _ADAPTER.match(name).groups()
+        halves.setdefault(target + ".weight", {})[half] = w
+    shapes = shapes_of(decoder)
+    for target, ab in halves.items():
+        if target not in shapes or len(ab) < 2:
+            missing = "matrix" if target not in shapes else "lora_B" if "A" in ab else "lora_A"
+            raise VlmError(f"{where}: the adapter of {shown(target)} has no {missing}")
+        (rank, cols), (rows, rank_b) = ab["A"].shape, ab["B"].shape
+        if (rank, (rows, cols)) != (rank_b, shapes[target]):
+            raise VlmError(f"{where}: the adapter of {shown(target)} is lora_A {ab['A'].shape}, lora_B "
+                           f"{ab['B'].shape}; the matrix is {shapes[target]}")
+
+    def merged(name: str) -> Weight:
+        w = decoder[name]
+        if name not in halves:
+            return w
+        full = dequantize(w) + dequantize(halves[name]["B"]) @ dequantize(halves[name]["A"])
+        release_pages(*stored_arrays(w))
+        return full if exact or not isinstance(w, QuantizedWeight) else quantize(full, 8, 32)
+
+    return LazyTensors({name: functools.partial(merged, name) for name in decoder}, shapes)
 
 
 def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str | None, group_size: int,
@@ -140,7 +178,9 @@ def prepare_tensors(ckpt: Checkpoint, quantize: str | None, vision_quantize: str
     if group_size not in GROUP_SIZES:
         raise VlmError(f"group size must be one of {GROUP_SIZES}; got {group_size}")
     family_cls = family_class(ckpt.config, ckpt.path)
-    vision, text = split_tensors(ckpt, family_cls)
+    vision, text, adapters = split_tensors(ckpt, family_cls)
+    if adapters:
+        text = merge_adapters(text, adapters, exact=quantize is not None, where=ckpt.path)
     vision_mode = "f32" if quantize == "f32" else vision_quantize
     return (family_cls, quantize_decoder(text, quantize, group_size, errors), convert_vision(vision, vision_mode))
 

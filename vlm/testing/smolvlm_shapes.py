@@ -1,5 +1,6 @@
-"""`smolvlm-shapes` as transformers loads it: the bundled directory (tower + connector) plus the
-decoder dequantized from the default model's GGUF, written out as one full Idefics3 directory.
+"""`smolvlm-shapes` as transformers loads it: the bundled directory (tower, connector and the
+decoder's LoRA adapters) plus the decoder dequantized from the default model's GGUF with the
+adapters merged (W + B A, as vlm's loader does), written out as one full Idefics3 directory.
 
 The runtime never needs this (it reads the GGUF itself); parity tests and the training
 script's evaluation do. Needs torch, transformers and gguf.
@@ -28,7 +29,14 @@ def full_checkpoint(out: str | Path, bundled: Path = BUNDLED) -> Path:
     gguf = pull(config["vlm_text_gguf"])
     llm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tensors = {f"model.text_model.{k}": v.contiguous() for k, v in llm.model.state_dict().items()}
-    tensors.update({k: v.float() for k, v in load_file(str(bundled / "model.safetensors")).items()})
+    own = load_file(str(bundled / "model.safetensors"))
+    for name, v in own.items():
+        if name.endswith(".lora_A.weight"):
+            target = name.removesuffix(".lora_A.weight")
+            delta = own[target + ".lora_B.weight"].float() @ v.float()
+            tensors[target + ".weight"] = tensors[target + ".weight"] + delta
+        elif not name.endswith(".lora_B.weight"):
+            tensors[name] = v.float()
     for f in bundled.iterdir():
         if f.name != "model.safetensors":
             shutil.copy(f, out / f.name)
