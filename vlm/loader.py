@@ -140,8 +140,9 @@ def split_tensors(ckpt: Checkpoint, family_cls) -> tuple[dict, dict, dict]:
 def merge_adapters(decoder: Mapping[str, Weight], adapters: Mapping[str, Weight], exact: bool,
                    where: object) -> LazyTensors:
     """The decoder with LoRA adapters merged: W + B A for each adapted matrix (no further scale),
-    in float32 if `exact` or W is a float matrix, else 8-bit in groups of 32: a 4-bit grid would
-    round much of the adapters' change away. Made when looked up, as the other tensors."""
+    in float32 if `exact` or W is a float matrix (or its width no multiple of 32), else 8-bit in
+    groups of 32: a 4-bit grid would round much of the adapters' change away. Made when looked
+    up, as the other tensors."""
     halves: dict[str, dict[str, Weight]] = {}
     for name, w in adapters.items():
         target, half = _ADAPTER.match(name).groups()
@@ -162,7 +163,9 @@ def merge_adapters(decoder: Mapping[str, Weight], adapters: Mapping[str, Weight]
             return w
         full = dequantize(w) + dequantize(halves[name]["B"]) @ dequantize(halves[name]["A"])
         release_pages(*stored_arrays(w))
-        return full if exact or not isinstance(w, QuantizedWeight) else quantize(full, 8, 32)
+        if exact or not isinstance(w, QuantizedWeight) or not can_quantize(full.shape, 32):
+            return full
+        return quantize(full, 8, 32)
 
     return LazyTensors({name: functools.partial(merged, name) for name in decoder}, shapes)
 
