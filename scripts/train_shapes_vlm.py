@@ -233,10 +233,12 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
-def update(opt, loss: torch.Tensor, lr: float, clipped=None) -> None:
-    """One optimizer step at learning rate lr, the gradients of `clipped` (if given) to norm 1."""
-    for g in opt.param_groups:
-        g["lr"] = lr
+def update(opt, loss: torch.Tensor, lr: float | list[float], clipped=None) -> None:
+    """One optimizer step at learning rate lr (or one per parameter group), the gradients of
+    `clipped` (if given) to norm 1."""
+    lrs = lr if isinstance(lr, list) else [lr] * len(opt.param_groups)
+    for g, group_lr in zip(opt.param_groups, lrs, strict=True):
+        g["lr"] = group_lr
     opt.zero_grad()
     loss.backward()
     if clipped is not None:
@@ -334,15 +336,12 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, lora_lr: 
     emb = text_model.embed_tokens.weight.detach()
     table = torch.nn.Parameter(emb[data.vocab].clone())
     delta = torch.nn.Parameter(torch.zeros(IMAGE_TOKENS, emb.shape[1]))
-    adapters = {}
-    for name in lora_names(model):
-        parent, attr = name.rsplit(".", 1)
-        adapters[name] = LoRA(model.get_submodule(parent).get_submodule(attr), LORA_RANK)
-        setattr(model.get_submodule(parent), attr, adapters[name])
+    adapters = {name: LoRA(model.get_submodule(name), LORA_RANK) for name in lora_names(model)}
+    for name, m in adapters.items():
+        model.set_submodule(name, m)
     lora_params = [p for m in adapters.values() for p in (m.A, m.B)]
     opt = torch.optim.AdamW([{"params": [table, delta], "lr": lr}, {"params": lora_params, "lr": lora_lr}],
                             weight_decay=0.0)
-    peaks = [lr, lora_lr]
     image_id = data.tok.convert_tokens_to_ids("<image>")
     kinds = KindLog("prompt", steps)
     for step in range(steps):
@@ -353,15 +352,10 @@ def stage_prompt(model, data: Data, steps: int, batch: int, lr: float, lora_lr: 
         for i, words in enumerate(data.targets(scenes)):
             x[i, ids[i] == image_id] = table[words] + delta
         loss, per_token = answer_loss(model, text_model(inputs_embeds=x, attention_mask=mask).last_hidden_state, labels)
-        for group, peak in zip(opt.param_groups, peaks, strict=True):
-            group["lr"] = cosine_lr(step, steps, peak, 10)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        update(opt, loss, [cosine_lr(step, steps, peak, 10) for peak in (lr, lora_lr)])
         kinds.add(step, loss, rows, per_token)
     for name, m in adapters.items():  # the decoder as it was; the adapters are returned
-        parent, attr = name.rsplit(".", 1)
-        setattr(model.get_submodule(parent), attr, m.base)
+        model.set_submodule(name, m.base)
     return {"vocab": torch.tensor(data.vocab), "table": table.detach(), "delta": delta.detach(),
             "lora": {name: (m.A.detach(), m.B.detach()) for name, m in adapters.items()}}
 
