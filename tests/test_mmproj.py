@@ -195,7 +195,8 @@ def with_adapters(hf_dir, d, rng, targets: list[tuple[str, int, int, int]]):
 
 def test_hf_directory_gguf_decoder_with_adapters(llama_cpp_pairs, tmp_path):
     """LoRA adapters beside the image side are merged into the GGUF decoder's matrices at load:
-    exactly in f32, within 8-bit rounding on the default path of a quantized file."""
+    exactly in f32, and before quantizing when a precision is asked for (q8 of the merged
+    directory, bit for bit)."""
     hf_dir, folder = llama_cpp_pairs["idefics3"]
     text, _ = pair_files(folder)
     d = vision_only_dir(hf_dir, tmp_path / "vision", str(text))
