@@ -4,6 +4,7 @@ trained weights (docs/smolvlm-shapes.md has the full table)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import vlm
 from vlm.registry import BUNDLED_MODELS, DEFAULT_MODEL, resolve
@@ -21,12 +23,10 @@ from vlm.testing.smolvlm_shapes import ask, transformers_agreement
 BUNDLED = BUNDLED_MODELS["smolvlm-shapes"]
 ROOT = Path(__file__).resolve().parent.parent
 
-# The issue's targets (#13); docs/smolvlm-shapes.md has what the shipped checkpoint measures.
-TARGETS = {"colour and shape, one object": 0.95, "count, 1-5 objects": 0.90, "position": 0.85,
-           "text, 1-6 characters": 0.70}
-# What the shipped checkpoint scores on the test's 48 scenes, less a margin for other CPUs' rounding.
+# What the shipped checkpoint scores on the test's 48 scenes (100%, 100%, 67%, 75%), less a margin
+# for other CPUs' rounding; scripts/eval_shapes_vlm.py measures the issue's targets on 100 per task.
 FLOORS = {"colour and shape, one object": 0.8, "count, 1-5 objects": 0.8, "position": 0.5,
-          "text, 1-6 characters": 0.08}
+          "text, 1-6 characters": 0.5}
 
 
 def test_bundled_files_are_small_and_hold_the_image_side_and_adapters():
@@ -74,6 +74,24 @@ def test_scene_tokens_put_each_word_where_the_tower_sees_it():
     assert band == [" text"] * c + list(scene.text) + [" text"] * (GRID - c - len(scene.text))
 
 
+def test_each_character_is_drawn_inside_its_own_image_token():
+    """A glyph split across two rows of tokens leaves each token half a character to read: the
+    ink of the text lies in the band's upper row, each character in the column its word names."""
+    rng = np.random.default_rng(11)
+    scenes = (make_scene(rng, n_shapes=1, with_text=True) for _ in range(100))
+    # one shape, two cell rows away from the band (a shape may reach a little into the next cell)
+    for scene in itertools.islice((s for s in scenes if abs(s.shapes[0].cell[0] - s.text_row) == 2), 12):
+        tile = np.asarray(scene.image.resize((GRID * 32, GRID * 32), Image.BILINEAR), dtype=np.int32)
+        cells = tile.reshape(GRID, 32, GRID, 32, 3).transpose(0, 2, 1, 3, 4)
+        # ink: far from its token's median colour (backgrounds vary slowly or by small noise)
+        ink = (np.abs(cells - np.median(cells, axis=(2, 3), keepdims=True)).sum(-1) > 150).sum((2, 3))
+        row = 2 * scene.text_row
+        drawn = ink[row, scene.text_column:scene.text_column + len(scene.text)]
+        assert drawn.min() > 10, (scene.text, ink[row:row + 2])
+        assert ink[row + 1].sum() < 0.05 * drawn.sum(), (scene.text, ink[row:row + 2])
+        assert ink[row].sum() - drawn.sum() < 0.05 * drawn.sum(), (scene.text, ink[row:row + 2])
+
+
 @pytest.fixture(scope="module")
 def shapes_model(smollm2_gguf):
     return vlm.load("smolvlm-shapes")
@@ -89,12 +107,6 @@ def held_out_accuracy(shapes_model):
 def test_held_out_accuracy_stays_at_what_the_shipped_checkpoint_measures(held_out_accuracy):
     """The same 48 scenes every run: a vision path that breaks falls to chance here."""
     assert all(held_out_accuracy[task] >= floor for task, floor in FLOORS.items()), held_out_accuracy
-
-
-@pytest.mark.xfail(strict=True, reason="#13: not every target is met yet (docs/smolvlm-shapes.md); a "
-                   "checkpoint that meets them all turns this into a failure: then drop the mark")
-def test_held_out_accuracy_meets_the_targets(held_out_accuracy):
-    assert all(held_out_accuracy[task] >= target for task, target in TARGETS.items()), held_out_accuracy
 
 
 def test_greedy_answers_equal_transformers_in_f32(tmp_path, smollm2_gguf):

@@ -4,7 +4,7 @@ answers, and the scoring of answers. Pillow and numpy only (the accuracy test ru
 A scene holds one to five shapes, each a named colour, in its own cell of a 3 x 3 grid (so
 "where" has one answer: "at the top left" ... "in the centre"), sometimes a rendered string of
 one to six characters in a band of its own (one character per column of the 6 x 6 image-token
-grid, from a random column on); on a plain, gradient or noisy background, at a
+grid, from a random column on, in the band's upper row of tokens); on a plain, gradient or noisy background, at a
 random size and aspect ratio, JPEG-compressed. Squares and rectangles are told apart after the
 image processor squashes the picture to a square tile because aspect ratios stay within 3:4..4:3
 and rectangles are at least 2.2 times longer than wide.
@@ -181,15 +181,18 @@ def make_scene(rng: np.random.Generator, n_shapes: int | None = None, with_text:
     if with_text:  # one character per image-token column, from a random column on
         text = "".join(rng.choice(list(TEXT_ALPHABET), size=int(rng.integers(1, 7))))
         text_column = int(rng.integers(0, GRID - len(text) + 1))
-        pitch = w / GRID
-        size = int(ch * rng.uniform(0.45, 0.7))
+        # Each character inside one image token: its column, and the band's upper row of tokens
+        # (a glyph across two rows leaves each token half of it to read).
+        pitch, row = w / GRID, ch / 2
+        size = int(ch * rng.uniform(0.35, 0.6))
         font = _font(size)
-        while max(draw.textlength(c, font=font) for c in text) > 0.85 * pitch and size > 8:
+        while size > 8 and any(b[2] - b[0] > 0.85 * pitch or b[3] - b[1] > 0.8 * row
+                               for b in (draw.textbbox((0, 0), c, font=font) for c in text)):
             size = int(size * 0.9)
             font = _font(size)
         bg = np.asarray(image.crop((0, int(text_row * ch), w, int((text_row + 1) * ch)))).reshape(-1, 3).mean(0)
         ink = _jitter(rng, (15, 15, 15) if bg.mean() > 110 else (245, 245, 245))
-        cy = (text_row + 0.5 + rng.uniform(-0.08, 0.08)) * ch
+        cy = (text_row + 0.25 + rng.uniform(-0.04, 0.04)) * ch
         for k, c in enumerate(text):
             box = draw.textbbox((0, 0), c, font=font)
             cx = (text_column + k + 0.5 + rng.uniform(-0.06, 0.06)) * pitch
@@ -273,6 +276,10 @@ TASKS = {
     "position": ("where", {}),
     "text, 1-6 characters": ("read", {"with_text": True}),
 }
+# The targets (#13), for 100 held-out scenes per task through the default path
+# (scripts/eval_shapes_vlm.py; docs/smolvlm-shapes.md has the table).
+TARGETS = {"colour and shape, one object": 0.95, "count, 1-5 objects": 0.90, "position": 0.85,
+           "text, 1-6 characters": 0.70}
 
 
 def held_out_questions(per_task: int, seed: int = HELD_OUT_SEED) -> list[tuple[str, Image.Image, str, str]]:
