@@ -4,8 +4,8 @@ answers, and the scoring of answers. Pillow and numpy only (the accuracy test ru
 A scene holds one to five shapes, each a named colour, in its own cell of a 3 x 3 grid (so
 "where" has one answer: "at the top left" ... "in the centre"), sometimes a rendered string of
 one to six characters in a band of its own (one character per column of the 6 x 6 image-token
-grid, from a random column on, in the band's upper row of tokens); on a plain, gradient or noisy background, at a
-random size and aspect ratio, JPEG-compressed. Squares and rectangles are told apart after the
+grid, from a random column on, in the band's upper row of tokens); on a plain, gradient or
+noisy background, at a random size and aspect ratio, JPEG-compressed. Squares and rectangles are told apart after the
 image processor squashes the picture to a square tile because aspect ratios stay within 3:4..4:3
 and rectangles are at least 2.2 times longer than wide.
 """
