@@ -472,7 +472,7 @@ def main() -> None:
     ap.add_argument("--word-steps", type=int, default=6000)
     ap.add_argument("--word-batch", type=int, default=32)
     ap.add_argument("--word-lr", type=float, default=1e-3)
-    ap.add_argument("--prompt-steps", type=int, default=700)
+    ap.add_argument("--prompt-steps", type=int, default=600)
     ap.add_argument("--prompt-batch", type=int, default=8)
     ap.add_argument("--prompt-lr", type=float, default=3e-2)
     ap.add_argument("--lora-lr", type=float, default=1e-3)

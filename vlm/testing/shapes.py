@@ -5,9 +5,9 @@ A scene holds one to five shapes, each a named colour, in its own cell of a 3 x 
 "where" has one answer: "at the top left" ... "in the centre"), sometimes a rendered string of
 one to six characters in a band of its own (one character per column of the 6 x 6 image-token
 grid, from a random column on, in the band's upper row of tokens); on a plain, gradient or
-noisy background, at a random size and aspect ratio, JPEG-compressed. Squares and rectangles are told apart after the
-image processor squashes the picture to a square tile because aspect ratios stay within 3:4..4:3
-and rectangles are at least 2.2 times longer than wide.
+noisy background, at a random size (160..512 px) and aspect ratio, JPEG-compressed. Squares and
+rectangles are told apart after the image processor squashes the picture to a square tile
+because aspect ratios stay within 3:4..4:3 and rectangles are at least 2.2 times longer than wide.
 """
 
 from __future__ import annotations
@@ -96,14 +96,14 @@ def _background(rng: np.random.Generator, w: int, h: int, avoid: list[tuple[int,
     kind = rng.choice(["plain", "gradient", "noise"])
     a = colour().astype(np.float32)
     if kind == "plain":
-        arr = np.broadcast_to(a, (h, w, 3)).copy()
-    elif kind == "gradient":
+        return Image.new("RGB", (w, h), tuple(int(v) for v in a))
+    if kind == "gradient":  # one row or column of colours, repeated (as uint8: cheap)
         b = colour().astype(np.float32)
         t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
         t = t[None, :, None] if len(t) == w else t[:, None, None]
-        arr = np.broadcast_to(a + (b - a) * t, (h, w, 3)).copy()
-    else:
-        arr = a + rng.normal(0, rng.uniform(6, 22), (h, w, 3)).astype(np.float32)
+        line = np.clip(a + (b - a) * t, 0, 255).astype(np.uint8)
+        return Image.fromarray(np.ascontiguousarray(np.broadcast_to(line, (h, w, 3))))
+    arr = a + rng.normal(0, rng.uniform(6, 22), (h, w, 3)).astype(np.float32)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
@@ -165,7 +165,9 @@ def make_scene(rng: np.random.Generator, n_shapes: int | None = None, with_text:
     chosen = sorted(rng.choice(len(cells), size=n, replace=False))
     shapes = [Shape(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)), cells[i]) for i in chosen]
 
-    side = float(rng.uniform(160, 640))
+    # sqrt(width x height) 160..512 px, log-uniform: the tile is 192 px, and drawing, noise, blur
+    # and JPEG cost grow with the area (half the time per scene of uniform 160..640).
+    side = float(np.exp(rng.uniform(math.log(160), math.log(512))))
     aspect = float(np.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3))))
     w, h = int(side * math.sqrt(aspect)), int(side / math.sqrt(aspect))
     image = _background(rng, w, h, [COLOURS[s.colour] for s in shapes])
