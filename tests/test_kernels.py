@@ -138,6 +138,29 @@ def test_quantized_int8_mode(kernel_path, kind, group):
             assert_within(y, x.astype(np.float64) @ w.T, bound, what + " vs exact")
 
 
+
+
+@pytest.mark.parametrize("largest", [16, 31, 32, 127, 128])
+@pytest.mark.parametrize("group", [16, 32, 64])
+def test_8bit_products_at_the_int16_limits(kernel_path, largest, group):
+    """8-bit weights all of one magnitude (Q5_0's 16, Q6_K's 32, Q8_0's 127 and -128; 31 for
+    the asymmetric Q5_1 / Q5_K) times activations that all round to 127: every product is as
+    large as it can be, so a path whose int16 sums (pmaddubsw pairs, the AVX2 sign trick)
+    could saturate gives a wrong result here."""
+    kernels.set_mode("int8")
+    rows, cols = 24, 256
+    sign = np.where(np.arange(rows) % 3 == 0, -1, 1)[:, None] if largest < 128 else -1  # +128 is no int8
+    q = np.broadcast_to(sign * largest, (rows, cols)).astype(np.int8)
+    scales = np.full((rows, cols // group), 1 / 64, np.float16)
+    weights = [QuantizedWeight(8, group, True, q, scales)]
+    if largest == 31:
+        weights.append(QuantizedWeight(8, group, False, np.abs(q), scales, np.full_like(scales, -0.25)))
+    x = np.ones((5, cols), np.float32)
+    for qw in weights:
+        w = qw.dequantize().astype(np.float64)
+        y = kernels.linear(x, kernels.prepare(qw))
+        bound = FLOAT_TOL * (np.abs(x.astype(np.float64)) @ magnitude(qw).T)
+        assert_within(y, x.astype(np.float64) @ w.T, bound, f"{qw.kind} g{group} |q| = {largest}")
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
 def test_half_weights(kernel_path, kind):
     for rows, cols in [(37, 100), (16, 128), (5, 3)]:

@@ -78,10 +78,19 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
  * codebook's value + 128), and 8-bit and IQ4_NL get the -128d min term as in the AVX-512
  * kernel. */
 #ifndef VLM_AVX_VNNI
+/* v, as a value the compiler must hold at this point. Integer adds are associative, so GCC
+ * otherwise rewrites a tile's running sums into trees: all 32 products of a 4-bit run first,
+ * spilled to the stack (prefill matmuls 1.5x slower). vpdpbusd accumulates in place and needs
+ * no fence. */
+INLINE __m256i fence(__m256i v) {
+    __asm__("" : "+x"(v));
+    return v;
+}
+
 /* isum + the sums of 4 products of signed weights w (aw = |w|) with x: exact for |x| <= 127. */
 INLINE __m256i sign_dot(__m256i isum, __m256i w, __m256i aw, __m256i x) {
     const __m256i pairs = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)); /* |pair| <= 2 * 128 * 127 */
-    return _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    return fence(_mm256_add_epi32(isum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))));
 }
 #endif
 
@@ -148,7 +157,7 @@ INLINE void tile_int8_g(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int 
                             isum[c % C][t] = sign_dot(sign_dot(isum[c % C][t], lo, alo, xlo), hi, ahi, xhi);
                         } else {
                             const __m256i plo = _mm256_maddubs_epi16(lo, xlo), phi = _mm256_maddubs_epi16(hi, xhi);
-                            isum[c % C][t] = _mm256_add_epi16(isum[c % C][t], _mm256_add_epi16(plo, phi));
+                            isum[c % C][t] = fence(_mm256_add_epi16(isum[c % C][t], _mm256_add_epi16(plo, phi)));
                         }
 #endif
                     }
