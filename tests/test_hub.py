@@ -1,5 +1,6 @@
 """Models named by Hugging Face repo id: the local hub cache (laid out here, no network) and `vlm pull`."""
 
+import socket
 import sys
 
 import pytest
@@ -86,6 +87,25 @@ def test_pull_without_huggingface_hub_or_network_is_one_line(cache, monkeypatch,
         hub.pull("org/nothing")
 
 
+def test_pull_with_no_name_resolution_fails_at_once(cache, monkeypatch, capsys):
+    """Offline (the Hub's host does not resolve): one line, before huggingface_hub's retries
+    (five, 23 s, each printed) begin."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", never)
+    assert main(["pull", "org/nothing:Q4_K_M"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("vlm: error: could not download org/nothing from the Hugging Face Hub (offline?): "
+                   "cannot resolve huggingface.co: Name or service not known")
+
+
 def test_pull_fetches_the_quant_and_mmproj(cache, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     fetched = []
@@ -94,6 +114,7 @@ def test_pull_fetches_the_quant_and_mmproj(cache, monkeypatch):
         fetched.append(name)
         return str(cache_repo(cache_dir, repo, {name: LADDER[name]}) / name)
 
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: [])  # online: the host resolves
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: list(LADDER))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     got = hub.pull("org/ladder:Q8_0")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,15 +107,27 @@ def find(spec: str) -> HubModel:
     return HubModel(folder, mmproj)
 
 
+def _check_resolves(endpoint: str) -> None:
+    """Raise at once if the Hub's host name does not resolve (no network): huggingface_hub would
+    retry that five times over 23 s, printing each try, before failing."""
+    host = urllib.parse.urlparse(endpoint).hostname or endpoint
+    try:
+        socket.getaddrinfo(host, 443)
+    except socket.gaierror as e:
+        raise OSError(f"cannot resolve {host}: {e.strerror}") from None
+
+
 def pull(spec: str) -> HubModel:
     """Download `org/name[:QUANT]` into the Hugging Face cache (a GGUF repo: that quant's file and the
     mmproj files; otherwise the transformers files), resuming partial downloads; returns `find(spec)`."""
     repo, quant = _split(spec)
     try:
         import huggingface_hub
+        from huggingface_hub.constants import ENDPOINT
     except ImportError:
         raise VlmError(f"pulling {repo} needs huggingface_hub: pip install huggingface_hub") from None
     try:
+        _check_resolves(ENDPOINT)
         names = huggingface_hub.list_repo_files(repo)
         gguf = _pick_gguf(names, quant, repo)
         if gguf is None:
