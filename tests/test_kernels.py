@@ -138,8 +138,6 @@ def test_quantized_int8_mode(kernel_path, kind, group):
             assert_within(y, x.astype(np.float64) @ w.T, bound, what + " vs exact")
 
 
-
-
 @pytest.mark.parametrize("largest", [16, 31, 32, 127, 128])
 @pytest.mark.parametrize("group", [16, 32, 64])
 def test_8bit_products_at_the_int16_limits(kernel_path, largest, group):
@@ -161,6 +159,8 @@ def test_8bit_products_at_the_int16_limits(kernel_path, largest, group):
         y = kernels.linear(x, kernels.prepare(qw))
         bound = FLOAT_TOL * (np.abs(x.astype(np.float64)) @ magnitude(qw).T)
         assert_within(y, x.astype(np.float64) @ w.T, bound, f"{qw.kind} g{group} |q| = {largest}")
+
+
 @pytest.mark.parametrize("kind", ["f16", "bf16"])
 def test_half_weights(kernel_path, kind):
     for rows, cols in [(37, 100), (16, 128), (5, 3)]:

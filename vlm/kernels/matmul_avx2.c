@@ -80,7 +80,7 @@ INLINE void store_rows(const vlm_matrix *m, const vlm_act *a, vlm_span sp, int h
 #ifndef VLM_AVX_VNNI
 /* v, as a value the compiler must hold at this point. Integer adds are associative, so GCC
  * otherwise rewrites a tile's running sums into trees: all 32 products of a 4-bit run first,
- * spilled to the stack (prefill matmuls 1.5x slower). vpdpbusd accumulates in place and needs
+ * spilled to the stack (4-bit products 1.3x slower). vpdpbusd accumulates in place and needs
  * no fence. */
 INLINE __m256i fence(__m256i v) {
     __asm__("" : "+x"(v));
