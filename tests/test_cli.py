@@ -27,6 +27,8 @@ def test_generate_and_info_on_a_tiny_model(tiny_llm):
     assert stats["prompt_tokens"] > 0 and stats["generated_tokens"] <= 5
     code, out, err = run("info", tiny_llm("qwen2"))
     assert code == 0 and "qwen2" in out and "chat template: True" in out
+    assert run("info", "-m", tiny_llm("qwen2")) == (code, out, err)  # -m, as every verb takes it
+    assert_one_line_error(*run("info", tiny_llm("qwen2"), "-m", tiny_llm("llama"))[::2], "two models named")
 
 
 def test_missing_model():

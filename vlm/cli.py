@@ -226,7 +226,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from vlm.formats.reader import read_checkpoint
     from vlm.registry import resolve
 
-    ckpt = read_checkpoint(resolve(model_name(args)), args.mmproj)
+    if args.model and args.model_option and args.model != args.model_option:
+        raise VlmError(f"two models named: {args.model} and -m {args.model_option}")
+    ckpt = read_checkpoint(resolve(args.model or args.model_option or DEFAULT_MODEL), args.mmproj)
     if ckpt.format == "gguf":  # the files' own tensor types, read from their headers (nothing transcoded)
         from vlm.formats.gguf import GGUFFile
 
@@ -380,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a model")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("model", nargs="?", default=None, help=f"as -m (default {DEFAULT_MODEL})")
+    p.add_argument("-m", "--model", dest="model_option", metavar="MODEL", default=None,
+                   help="the model, as every other verb takes it")
     add_mmproj_arg(p)
     p.set_defaults(func=cmd_info)
 
