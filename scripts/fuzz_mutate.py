@@ -1,14 +1,15 @@
 """Seeded mutants of model files, and a runner that loads each one in a memory-limited subprocess.
 
-Three seeds are mutated: a tiny GGUF, a tiny Hugging Face safetensors directory and its
-`vlm convert` directory (vlm/testing/tiny_llm.py, tiny_gguf.py). Mutations aim where a
-hostile or damaged file hurts: GGUF header fields (counts, lengths, types, dims, offsets)
-set to boundary values, random bytes in the header, NaN/inf in float tensors; JSON values of
-config.json, tokenizer_config.json, vlm_config.json and safetensors headers replaced by values
-of the wrong type or size; truncations.
+Three seeds are mutated here: a tiny GGUF, a tiny Hugging Face safetensors directory and its
+`vlm convert` directory (vlm/testing/tiny_llm.py, tiny_gguf.py); tests/test_fuzz.py adds tiny
+vision checkpoints and llama.cpp text + mmproj pairs. Mutations aim where a hostile or damaged
+file hurts: GGUF header fields (counts, lengths, types, dims, offsets) set to boundary values,
+random bytes in the header, NaN/inf in float tensors; JSON values of config.json,
+tokenizer_config.json, preprocessor_config.json, vlm_config.json and safetensors headers
+replaced by values of the wrong type or size; truncations.
 
-Each mutant is loaded and run (a short generation, then `logits`) in a child process under an
-address-space limit. Outcomes:
+Each mutant is loaded and run (a short generation, with an image for a vision model, then
+`logits`) in a child process under an address-space limit. Outcomes:
   vlm_error     a clean one-line VlmError           (good)
   finite_run    ran, every logit finite             (good)
   nonfinite     ran, printed junk from NaN/inf logits
@@ -203,28 +204,47 @@ def _write_dir(base: Path, dst: Path, changed: dict[str, bytes]) -> None:
             os.link(f, dst / f.name)  # unchanged files are shared, not copied
 
 
+# Files of a checkpoint directory a mutant may change (those it has), twice as likely for the first two.
+DIR_TARGETS = ("config.json", "model.safetensors", "config.json", "model.safetensors", "tokenizer_config.json",
+               "preprocessor_config.json")
+
+
+def _gguf_mutant(seed: Path, rng: np.random.Generator, cache: dict) -> bytes:
+    """One or two mutations of a GGUF file (its fields found once per seed)."""
+    if seed not in cache:
+        data = seed.read_bytes()
+        cache[seed] = data, gguf_fields(data), _gguf_tensor_data(seed)
+    data, fields, floats = cache[seed]
+    out = data
+    for _ in range(int(rng.integers(1, 3))):
+        if len(out) < len(data):  # truncated: the fields are no longer where they were
+            break
+        out = mutate_gguf(out, rng, fields, floats)
+    return out
+
+
 def make_mutants(seeds: dict[str, Path], out: Path, n: int, seed: int = 0) -> list[Path]:
-    """`n` mutants, spread over the seeds ("gguf": a file, "hf" and "vlm": directories)."""
+    """`n` mutants, spread over the seeds: a GGUF file ("gguf"), a checkpoint directory (HF or
+    `vlm convert`; "vlm" names the latter), or a folder holding a text GGUF and its mmproj (a key
+    starting "pair", the mmproj mutated). Each is a path to load."""
     rng = np.random.default_rng(seed)
-    gguf_data = seeds["gguf"].read_bytes()
-    fields, floats = gguf_fields(gguf_data), _gguf_tensor_data(seeds["gguf"])
+    cache: dict = {}
     kinds = list(seeds)
     mutants = []
     for i in range(n):
         kind = kinds[i % len(kinds)]
-        dst = out / f"{i:04d}-{kind}"
+        base, dst = seeds[kind], out / f"{i:04d}-{kind}"
         if kind == "gguf":
             dst = dst.with_suffix(".gguf")
-            data = gguf_data
-            for _ in range(int(rng.integers(1, 3))):
-                if len(data) < len(gguf_data):  # truncated: the fields are no longer where they were
-                    break
-                data = mutate_gguf(data, rng, fields, floats)
-            dst.write_bytes(data)
+            dst.write_bytes(_gguf_mutant(base, rng, cache))
+        elif kind.startswith("pair"):
+            mmproj = next(base.glob("mmproj*.gguf"))
+            _write_dir(base, dst, {mmproj.name: _gguf_mutant(mmproj, rng, cache)})
+            dst = next(f for f in dst.glob("*.gguf") if f.name != mmproj.name)
         else:
-            base = seeds[kind]
             config = "vlm_config.json" if kind == "vlm" else "config.json"
-            target = rng.choice([config, config, "model.safetensors", "model.safetensors", "tokenizer_config.json"])
+            present = [t.replace("config.json", config, 1) if t == "config.json" else t for t in DIR_TARGETS]
+            target = str(rng.choice([t for t in present if (base / t).is_file()]))
             raw = (base / target).read_bytes()
             if target == "model.safetensors":
                 new = mutate_safetensors(raw, rng)
@@ -232,7 +252,7 @@ def make_mutants(seeds: dict[str, Path], out: Path, n: int, seed: int = 0) -> li
                 new = raw[: int(rng.integers(0, len(raw)))]
             else:
                 new = json.dumps(mutate_json(json.loads(raw), rng)).encode()
-            _write_dir(base, dst, {str(target): new})
+            _write_dir(base, dst, {target: new})
         mutants.append(dst)
     return mutants
 
@@ -243,12 +263,16 @@ def make_mutants(seeds: dict[str, Path], out: Path, n: int, seed: int = 0) -> li
 _CHILD = r"""
 import json, sys
 import numpy as np
+from PIL import Image
 from vlm import load
 from vlm.errors import VlmError
+image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
 for i, path in enumerate(sys.argv[1:]):
     print(json.dumps({"start": i}), flush=True)
     try:
-        model = load(path, threads=1, context=64)
+        model = load(path, threads=1, context=256)
+        if model.family is not None:  # a vision model: its preprocessing and tower run too
+            model.generate("Describe", images=[image], max_new_tokens=3)
         model.generate("Hello", max_new_tokens=3)
         logits = model.logits("Hi there")
         outcome = "finite_run" if np.isfinite(logits).all() else "nonfinite"

@@ -229,6 +229,54 @@ def test_bad_config_values(tiny_llm, tmp_path, change, needle):
         vlm.load(d)
 
 
+# (family, file, the value's path in it, a bad value, what the one error line names)
+BAD_VISION_SETTINGS = [
+    ("qwen2vl", "config.json", ("vision_config", "depth"), "x", "depth"),
+    ("qwen2vl", "config.json", ("vision_config", "hidden_act"), True, "hidden_act"),
+    ("qwen2vl", "config.json", ("vision_config", "rope_parameters"), [1], "rope_parameters"),
+    ("qwen2vl", "config.json", ("text_config", "rope_parameters"), [16, 24, 24], "rope settings"),
+    ("qwen2vl", "config.json", ("image_token_id",), "x", "image_token_id"),
+    ("qwen2vl", "config.json", ("text_config", "num_attention_heads"), "silu", "num_attention_heads"),
+    ("qwen2vl", "preprocessor_config.json", ("image_mean",), "x", "image_mean"),
+    ("qwen2vl", "preprocessor_config.json", ("image_std",), [0.5, 0.5, 0.0], "image_std"),
+    ("qwen2vl", "preprocessor_config.json", ("max_pixels",), math.inf, "max_pixels"),
+    ("qwen2vl", "preprocessor_config.json", ("resample",), 99, "resample"),
+    ("smolvlm", "config.json", ("vision_config", "patch_size"), [16], "patch_size"),
+    ("smolvlm", "config.json", ("vision_config", "layer_norm_eps"), "x", "layer_norm_eps"),
+    ("smolvlm", "config.json", ("vision_config",), 5, "vision_config"),
+    ("smolvlm", "config.json", ("scale_factor",), 2.5, "scale_factor"),
+]
+
+
+@pytest.mark.parametrize(("family", "name", "key", "value", "needle"), BAD_VISION_SETTINGS)
+def test_bad_vision_settings(tiny_smolvlm, tiny_qwen2vl, tmp_path, family, name, key, value, needle):
+    """A vision checkpoint's settings of the wrong type or range: one VlmError naming the key,
+    not a TypeError from a conversion inside the family (found by fuzzing)."""
+    d = copy_model(tiny_qwen2vl if family == "qwen2vl" else tiny_smolvlm, tmp_path / "m")
+    data = json.loads((d / name).read_text()) if (d / name).is_file() else {}
+    node = data
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    (d / name).write_text(json.dumps(data))
+    with pytest.raises(VlmError, match=needle):
+        vlm.load(d)
+
+
+@pytest.mark.parametrize("tensor", ["visual.merger.mlp.0.weight", "visual.blocks.0.mlp.fc2.bias",
+                                    "visual.merger.ln_q.bias"])
+def test_vision_tensor_of_a_wrong_width(tiny_qwen2vl, tmp_path, tensor):
+    """A tower matrix, bias or norm one column short fails at load, naming it, not inside a
+    product on the first image (a fuzzed mmproj's merger did)."""
+    d = copy_model(tiny_qwen2vl, tmp_path / "m")
+    tensors = load_file(str(d / "model.safetensors"))
+    tensors[tensor] = np.ascontiguousarray(tensors[tensor][..., :-1])
+    (d / "model.safetensors").unlink()
+    save_file(tensors, str(d / "model.safetensors"))
+    with pytest.raises(VlmError, match="shape"):
+        vlm.load(d)
+
+
 @pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json"])
 def test_json_files_that_are_lists(tiny_llm, tmp_path, name):
     d = copy_model(tiny_llm("llama"), tmp_path / "m")

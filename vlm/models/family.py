@@ -35,9 +35,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.models.llama import TextConfig
+from vlm.models.settings import section, whole
 from vlm.prompt import ImageSlot, Segment, text_positions
 from vlm.quant import Weight
 
@@ -67,7 +68,7 @@ class VisionFamily:
     text_defaults: ClassVar[dict[str, Any]] = {}  # the HF config class's defaults for omitted keys
 
     def __init__(self, config: Mapping, vision_tensors: Mapping[str, Weight], preprocessor_config: Mapping):
-        self.image_token_id = int(config.get("image_token_id", self.default_image_token_id))
+        self.image_token_id = whole(config, "image_token_id", self.default_image_token_id, low=0)
 
     # --- from the checkpoint ----------------------------------------------------------------
 
@@ -93,22 +94,26 @@ class VisionFamily:
         Reads the nested `text_config` (transformers 5, Idefics3) or the flat hub layout; the rope
         section may sit in either, under `rope_parameters` or `rope_scaling`.
         """
-        src = dict(config.get("text_config") or config)
+        src = dict(section(config, "text_config") or config)
         if cls.text_model_types and src.get("model_type", cls.text_model_type) not in cls.text_model_types:
             raise VlmError(f"unsupported text model {src.get('model_type')!r} (expected "
                            f"{' or '.join(cls.text_model_types)})")
         names = {f.name for f in fields(TextConfig)}
         out = {**cls.text_defaults, **{k: v for k, v in src.items() if k in names}}
         out["model_type"] = cls.text_model_type
-        rope = dict(src.get("rope_parameters") or src.get("rope_scaling") or config.get("rope_scaling") or {})
-        out["rope_theta"] = float(rope.get("rope_theta", out.get("rope_theta", 10000.0)))
+        rope = next((r for r in (src.get("rope_parameters"), src.get("rope_scaling"), config.get("rope_scaling")) if r),
+                    {})
+        if not isinstance(rope, Mapping):
+            raise VlmError(f"bad model config: rope settings must be an object, got {shown(repr(rope))}")
+        rope = dict(rope)
+        out["rope_theta"] = rope.get("rope_theta", out.get("rope_theta", 10000.0))  # TextConfig.validate checks it
         if rope.get("mrope_section"):
-            out["mrope_section"] = list(rope["mrope_section"])
+            out["mrope_section"] = rope["mrope_section"]
         kind = rope.get("rope_type", rope.get("type", "default"))
         out["rope_scaling"] = rope if kind not in ("default", "mrope") else None
-        out["num_key_value_heads"] = int(out.get("num_key_value_heads") or out["num_attention_heads"])
-        if out.get("head_dim") is None:
-            out["head_dim"] = int(out["hidden_size"]) // int(out["num_attention_heads"])
+        out["num_key_value_heads"] = out.get("num_key_value_heads") or out.get("num_attention_heads")
+        if out.get("head_dim") is None:  # TextConfig.from_dict names a missing width
+            out["head_dim"] = whole(out, "hidden_size", 0, low=0) // whole(out, "num_attention_heads", 1)
         out["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", src.get("tie_word_embeddings", False)))
         out.update(cls.text_overrides(out, config))
         return out

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from vlm import kernels
-from vlm.errors import VlmError
+from vlm.errors import VlmError, shown
 from vlm.memory import mapping_of, release_pages
 from vlm.quant import Weight, stored_arrays
 
@@ -31,6 +31,13 @@ def lookup(tensors: Mapping[str, Weight], name: str) -> Weight:
         return tensors[name]
     except KeyError:
         raise VlmError(f"checkpoint is missing tensor {name}") from None
+
+
+def expect_shape(name: str, shape: tuple[int, ...], want: tuple[int, ...]) -> None:
+    """VlmError unless a tensor has the shape the model's widths give it: a damaged checkpoint
+    then fails as it loads, not inside a product on its first input."""
+    if tuple(shape) != tuple(want):
+        raise VlmError(f"bad model: {name} has shape {tuple(shape)}, expected {tuple(want)}")
 
 
 class Linear:
@@ -53,6 +60,8 @@ class Linear:
         self.shape = tuple(weight.shape)
         self.kind = getattr(weight, "kind", "f32")
         self.nbytes = int(weight.nbytes)  # of the stored form: what a decode step reads
+        if self.bias is not None:
+            expect_shape("a bias", self.bias.shape, self.shape[:1])
 
     @property
     def out_features(self) -> int:
@@ -128,6 +137,7 @@ class LayerNorm:
         self.weight = np.asarray(weight, dtype=np.float32)
         self.bias = np.asarray(bias, dtype=np.float32)
         self.eps = eps
+        expect_shape("a norm's bias", self.bias.shape, self.weight.shape)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         mean = x.mean(axis=-1, keepdims=True)
@@ -177,8 +187,8 @@ ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 def activation(name: str) -> Callable[[np.ndarray], np.ndarray]:
     try:
         return ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}") from None
+    except (KeyError, TypeError):  # a config's value: one clear line
+        raise VlmError(f"unsupported activation {shown(repr(name))}; supported: {', '.join(ACTIVATIONS)}") from None
 
 
 class GatedMLP:

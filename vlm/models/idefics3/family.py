@@ -20,6 +20,7 @@ from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.models.family import ProcessedImage, VisionFamily
 from vlm.models.idefics3.processor import DEFAULT_MAX_TILES, Idefics3ImageProcessor
 from vlm.models.idefics3.vision import DEFAULT_CHUNK_TOKENS, Idefics3VisionConfig, Idefics3VisionModel
+from vlm.models.settings import section, whole
 from vlm.prompt import ImageSlot
 from vlm.quant import Weight
 
@@ -51,15 +52,14 @@ class Idefics3Family(VisionFamily):
     def __init__(self, config: Mapping, vision_tensors: Mapping[str, Weight], preprocessor_config: Mapping,
                  max_tiles: int = DEFAULT_MAX_TILES, max_chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
         super().__init__(config, vision_tensors, preprocessor_config)
-        vision = dict(config.get("vision_config") or {})
+        vision = dict(section(config, "vision_config"))
         self.vision_config = Idefics3VisionConfig.from_dict(vision)
-        self.scale_factor = int(config.get("scale_factor", 2))
+        self.scale_factor = whole(config, "scale_factor", 2)
         self.vision = Idefics3VisionModel(self.vision_config, self.scale_factor, vision_tensors,
                                           max_chunk_tokens)
 
-        pre = {**vision, **preprocessor_config, **(preprocessor_config.get("image_processor") or {})}
-        pre.setdefault("max_image_size", {"longest_edge": self.vision_config.image_size})
-        tile = pre["max_image_size"].get("longest_edge", self.vision_config.image_size)
+        pre = {**vision, **preprocessor_config, **section(preprocessor_config, "image_processor")}
+        tile = whole(section(pre, "max_image_size"), "longest_edge", self.vision_config.image_size)
         self.image_seq_len = self.vision.tokens_per_tile(tile)
         declared = pre.get("image_seq_len", self.image_seq_len)
         if declared != self.image_seq_len:

@@ -31,6 +31,7 @@ from PIL import Image
 from vlm.errors import VlmError
 from vlm.image import to_rgb
 from vlm.models.family import ProcessedImage
+from vlm.models.settings import number, numbers, resample_filter, section, whole
 
 # The reference never resizes past 4k on either side.
 MAX_IMAGE_SIZE = 4096
@@ -111,12 +112,13 @@ class Idefics3ImageProcessor:
 
         `default_tile_size` stands in for a missing `max_image_size` (the vision image size).
         """
-        tile = (config.get("max_image_size") or {}).get("longest_edge", default_tile_size)
-        longest = (config.get("size") or {}).get("longest_edge", 4 * tile)
-        mean, std = config.get("image_mean", (0.5, 0.5, 0.5)), config.get("image_std", (0.5, 0.5, 0.5))
-        return cls(longest, tile, image_seq_len, config.get("do_image_splitting", True),
-                   config.get("resample", Image.Resampling.LANCZOS), config.get("rescale_factor", 1 / 255),
-                   tuple(mean), tuple(std), max_tiles)
+        tile = whole(section(config, "max_image_size"), "longest_edge", default_tile_size)
+        longest = whole(section(config, "size"), "longest_edge", 4 * tile)
+        half = (0.5, 0.5, 0.5)
+        return cls(longest, tile, image_seq_len, bool(config.get("do_image_splitting", True)),
+                   resample_filter(config, Image.Resampling.LANCZOS), number(config, "rescale_factor", 1 / 255),
+                   numbers(config, "image_mean", half, 3), numbers(config, "image_std", half, 3, positive=True),
+                   max_tiles)
 
     def grid(self, width: int, height: int, longest_edge: int) -> tuple[tuple[int, int], int, int]:
         """((height, width) after both resizes, rows, cols) for an image of the given size."""

@@ -25,6 +25,7 @@ import numpy as np
 
 from vlm.errors import VlmError
 from vlm.models.layers import MLP, Attention, LayerNorm, Linear, attend, lookup
+from vlm.models.settings import number, text, whole
 from vlm.quant import Weight, dequantize
 
 # Tokens per encoder chunk: about 150 MB of activations at SigLIP-base width (two 512-px tiles).
@@ -47,8 +48,10 @@ class Idefics3VisionConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Idefics3VisionConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        c = cls()
+        ints = {f.name: whole(d, f.name, getattr(c, f.name)) for f in fields(cls) if f.type == "int"}
+        return cls(**ints, hidden_act=text(d, "hidden_act", c.hidden_act),
+                   layer_norm_eps=number(d, "layer_norm_eps", c.layer_norm_eps))
 
 
 class Idefics3EncoderLayer:

@@ -31,6 +31,7 @@ from vlm.models.qwen2_vl.vision import (
     vision_linear,
 )
 from vlm.models.qwen2_vl.vision import VisionConfig as Qwen2VisionConfig
+from vlm.models.settings import whole, wholes
 from vlm.quant import Weight
 
 
@@ -58,9 +59,9 @@ class VisionConfig(Qwen2VisionConfig):
         config = dataclasses.replace(
             base,
             hidden_act=d.get("hidden_act", c.hidden_act),
-            intermediate_size=int(d.get("intermediate_size", c.intermediate_size)),
-            window_size=int(d.get("window_size", c.window_size)),
-            fullatt_block_indexes=tuple(int(i) for i in d.get("fullatt_block_indexes", c.fullatt_block_indexes)),
+            intermediate_size=whole(d, "intermediate_size", c.intermediate_size),
+            window_size=whole(d, "window_size", c.window_size),
+            fullatt_block_indexes=wholes(d, "fullatt_block_indexes", c.fullatt_block_indexes),
         )
         if config.window_tokens < 1:
             raise VlmError(f"vision window_size {config.window_size} is smaller than one merged token "

@@ -16,6 +16,7 @@ from vlm.formats.checkpoint import VISION_PREFIX
 from vlm.models.family import ProcessedImage, VisionFamily
 from vlm.models.qwen2_vl.processor import DEFAULT_MAX_IMAGE_TOKENS, ProcessorSettings, preprocess_image
 from vlm.models.qwen2_vl.vision import DEFAULT_MAX_SCORE_BYTES, Qwen2VisionTransformer, VisionConfig
+from vlm.models.settings import section, whole
 from vlm.prompt import Segment, TextSegment
 from vlm.quant import Weight
 
@@ -44,7 +45,7 @@ class Qwen2VLFamily(VisionFamily):
         super().__init__(config, vision_tensors, preprocessor_config)
         if "vision_config" not in config:
             raise VlmError(f"config.json has no vision_config: not a {self.name} checkpoint")
-        self.vision_config = self.vision_config_class.from_dict(config["vision_config"])
+        self.vision_config = self.vision_config_class.from_dict(section(config, "vision_config"))
         text = self.text_config(config)
         if self.vision_config.hidden_size != text["hidden_size"]:
             raise VlmError(f"vision output width {self.vision_config.hidden_size} does not match the text "
@@ -58,7 +59,8 @@ class Qwen2VLFamily(VisionFamily):
 
     @classmethod
     def text_overrides(cls, text: dict, config: Mapping) -> dict:
-        return {"head_dim": int(text["hidden_size"]) // int(text["num_attention_heads"]),  # any head_dim key ignored
+        # any head_dim key is ignored
+        return {"head_dim": whole(text, "hidden_size", 0, low=0) // whole(text, "num_attention_heads", 1),
                 "attention_bias": True}
 
     def preprocess(self, image: Image.Image, max_image_tokens: int | None = None) -> ProcessedImage:

@@ -24,6 +24,7 @@ from PIL import Image
 from vlm.errors import VlmError
 from vlm.image import to_rgb
 from vlm.models.family import ProcessedImage
+from vlm.models.settings import number, numbers, resample_filter, section, whole
 
 # CLIP statistics: the defaults of the reference when the config leaves them out.
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,20 +55,18 @@ class ProcessorSettings:
     @classmethod
     def from_config(cls, cfg: dict) -> ProcessorSettings:
         """Read the hub layout (min_pixels/max_pixels) or the transformers 5 one (size dict)."""
-        size = cfg.get("size") or {}
+        size = section(cfg, "size")
         d = cls()
         return cls(
-            min_pixels=int(cfg.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels")
-                           or d.min_pixels),
-            max_pixels=int(cfg.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels")
-                           or d.max_pixels),
-            patch_size=int(cfg.get("patch_size", d.patch_size)),
-            temporal_patch_size=int(cfg.get("temporal_patch_size", d.temporal_patch_size)),
-            merge_size=int(cfg.get("merge_size", d.merge_size)),
-            image_mean=tuple(float(v) for v in cfg.get("image_mean", d.image_mean)),
-            image_std=tuple(float(v) for v in cfg.get("image_std", d.image_std)),
-            rescale_factor=float(cfg.get("rescale_factor", d.rescale_factor)),
-            resample=int(cfg.get("resample", d.resample)),
+            min_pixels=whole(cfg, "min_pixels", whole(size, "shortest_edge", whole(size, "min_pixels", d.min_pixels))),
+            max_pixels=whole(cfg, "max_pixels", whole(size, "longest_edge", whole(size, "max_pixels", d.max_pixels))),
+            patch_size=whole(cfg, "patch_size", d.patch_size),
+            temporal_patch_size=whole(cfg, "temporal_patch_size", d.temporal_patch_size),
+            merge_size=whole(cfg, "merge_size", d.merge_size),
+            image_mean=numbers(cfg, "image_mean", d.image_mean, 3),
+            image_std=numbers(cfg, "image_std", d.image_std, 3, positive=True),
+            rescale_factor=number(cfg, "rescale_factor", d.rescale_factor),
+            resample=resample_filter(cfg, d.resample),
         )
 
     @property

@@ -22,10 +22,12 @@ from vlm.models.layers import (
     RMSNorm,
     apply_rotary,
     attend,
+    expect_shape,
     gelu,
     lookup,
     rope_inv_freq,
 )
+from vlm.models.settings import number, section, text, whole
 from vlm.quant import HalfWeight, Weight
 
 LAYER_NORM_EPS = 1e-6  # fixed in the reference, not in the config
@@ -56,19 +58,18 @@ class VisionConfig:
     def from_dict(cls, d: Mapping) -> VisionConfig:
         """Accept the hub layout (`in_chans`) and the transformers 5 one (`in_channels`, `rope_parameters`)."""
         c = cls()
-        rope = d.get("rope_parameters") or {}
         return cls(
-            depth=int(d.get("depth", c.depth)),
-            embed_dim=int(d.get("embed_dim", c.embed_dim)),
-            num_heads=int(d.get("num_heads", d.get("num_attention_heads", c.num_heads))),
-            mlp_ratio=float(d.get("mlp_ratio", c.mlp_ratio)),
-            hidden_size=int(d.get("hidden_size", c.hidden_size)),
-            hidden_act=d.get("hidden_act", c.hidden_act),
-            in_channels=int(d.get("in_channels", d.get("in_chans", c.in_channels))),
-            patch_size=int(d.get("patch_size", d.get("spatial_patch_size", c.patch_size))),
-            temporal_patch_size=int(d.get("temporal_patch_size", c.temporal_patch_size)),
-            spatial_merge_size=int(d.get("spatial_merge_size", c.spatial_merge_size)),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", c.rope_theta))),
+            depth=whole(d, "depth", c.depth),
+            embed_dim=whole(d, "embed_dim", c.embed_dim),
+            num_heads=whole(d, "num_heads", whole(d, "num_attention_heads", c.num_heads)),
+            mlp_ratio=number(d, "mlp_ratio", c.mlp_ratio),
+            hidden_size=whole(d, "hidden_size", c.hidden_size),
+            hidden_act=text(d, "hidden_act", c.hidden_act),
+            in_channels=whole(d, "in_channels", whole(d, "in_chans", c.in_channels)),
+            patch_size=whole(d, "patch_size", whole(d, "spatial_patch_size", c.patch_size)),
+            temporal_patch_size=whole(d, "temporal_patch_size", c.temporal_patch_size),
+            spatial_merge_size=whole(d, "spatial_merge_size", c.spatial_merge_size),
+            rope_theta=number(section(d, "rope_parameters"), "rope_theta", number(d, "rope_theta", c.rope_theta)),
         )
 
     @property
@@ -147,8 +148,29 @@ class Qwen2VisionTransformer:
         ]
         self.merger = PatchMerger(self.norm(tensors, "merger.ln_q"), vision_linear(tensors, "merger.mlp.0"),
                                   vision_linear(tensors, "merger.mlp.2"), c.spatial_merge_size ** 2)
+        self.check_widths()
         # 2D rotary: a quarter of head_dim rotates with the row index, a quarter with the column.
         self.inv_freq = rope_inv_freq(c.head_dim // 2, c.rope_theta)
+
+    def check_widths(self) -> None:
+        """VlmError unless every matrix and norm takes the width the step before it gives."""
+        e = self.config.embed_dim
+        for i, b in enumerate(self.blocks):
+            p = f"blocks.{i}."
+            expect_shape(p + "attn.qkv.weight", b.qkv.shape, (3 * e, e))
+            expect_shape(p + "attn.proj.weight", b.proj.shape, (e, e))
+            names = ("fc1", "fc2") if isinstance(b.mlp, MLP) else ("up_proj", "down_proj")
+            up, down = (getattr(b.mlp, n) for n in names)
+            expect_shape(f"{p}mlp.{names[0]}.weight", up.shape, (up.out_features, e))
+            expect_shape(f"{p}mlp.{names[1]}.weight", down.shape, (e, up.out_features))
+            if isinstance(b.mlp, GatedMLP):
+                expect_shape(p + "mlp.gate_proj.weight", b.mlp.gate_proj.shape, up.shape)
+            for norm in ("norm1", "norm2"):
+                expect_shape(f"{p}{norm}.weight", getattr(b, norm).weight.shape, (e,))
+        m = self.merger
+        expect_shape("merger.ln_q.weight", m.ln_q.weight.shape, (e,))
+        expect_shape("merger.mlp.0.weight", m.fc1.shape, (m.fc1.out_features, m.group * e))
+        expect_shape("merger.mlp.2.weight", m.fc2.shape, (m.fc2.out_features, m.fc1.out_features))
 
     # The two parts a derived tower (Qwen2.5-VL) builds differently.
     def norm(self, tensors: Mapping[str, Weight], name: str) -> Norm:
@@ -211,6 +233,8 @@ def vision_linear(tensors: Mapping[str, Weight], name: str) -> Linear:
 
 def _as_matrix(weight: Weight, rows: int, cols: int) -> Weight:
     """The Conv3d kernel [out, C, T, P, P] viewed as [out, C * T * P * P] (stored form kept)."""
+    if int(np.prod(weight.shape)) != rows * cols:
+        raise VlmError(f"patch_embed.proj.weight has shape {tuple(weight.shape)}, expected ({rows}, {cols}) values")
     if isinstance(weight, np.ndarray):
         return weight.reshape(rows, cols)
     if isinstance(weight, HalfWeight):
