@@ -264,11 +264,13 @@ def test_bad_vision_settings(tiny_smolvlm, tiny_qwen2vl, tmp_path, family, name,
 
 
 @pytest.mark.parametrize("tensor", ["visual.merger.mlp.0.weight", "visual.blocks.0.mlp.fc2.bias",
-                                    "visual.merger.ln_q.bias"])
-def test_vision_tensor_of_a_wrong_width(tiny_qwen2vl, tmp_path, tensor):
+                                    "visual.merger.ln_q.bias", "model.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                    "model.vision_model.encoder.layers.1.self_attn.q_proj.weight",
+                                    "model.vision_model.embeddings.position_embedding.weight"])
+def test_vision_tensor_of_a_wrong_width(tiny_qwen2vl, tiny_smolvlm, tmp_path, tensor):
     """A tower matrix, bias or norm one column short fails at load, naming it, not inside a
     product on the first image (a fuzzed mmproj's merger did)."""
-    d = copy_model(tiny_qwen2vl, tmp_path / "m")
+    d = copy_model(tiny_qwen2vl if tensor.startswith("visual.") else tiny_smolvlm, tmp_path / "m")
     tensors = load_file(str(d / "model.safetensors"))
     tensors[tensor] = np.ascontiguousarray(tensors[tensor][..., :-1])
     (d / "model.safetensors").unlink()

@@ -24,7 +24,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from vlm.errors import VlmError
-from vlm.models.layers import MLP, Attention, LayerNorm, Linear, attend, lookup
+from vlm.models.layers import MLP, Attention, LayerNorm, Linear, attend, expect_shape, lookup
 from vlm.models.settings import number, text, whole
 from vlm.quant import Weight, dequantize
 
@@ -146,6 +146,23 @@ class Idefics3VisionModel:
         if width != c.hidden_size * self.scale_factor**2:
             raise VlmError(f"connector expects {width} features, the encoder gives "
                            f"{c.hidden_size} x {self.scale_factor}^2")
+        self.check_widths()
+
+    def check_widths(self) -> None:
+        """VlmError unless every matrix and norm takes the width the step before it gives."""
+        c, e = self.config, self.config.hidden_size
+        expect_shape("embeddings.position_embedding.weight", self.position_embedding.shape,
+                     (self.patches_per_side**2, e))
+        for i, layer in enumerate(self.layers):
+            p = f"encoder.layers.{i}."
+            a = layer.self_attn
+            for name, m in (("q_proj", a.q_proj), ("k_proj", a.k_proj), ("v_proj", a.v_proj), ("out_proj", a.o_proj)):
+                expect_shape(f"{p}self_attn.{name}.weight", m.shape, (e, e))
+            expect_shape(p + "mlp.fc1.weight", layer.mlp.fc1.shape, (c.intermediate_size, e))
+            expect_shape(p + "mlp.fc2.weight", layer.mlp.fc2.shape, (e, c.intermediate_size))
+            for name in ("layer_norm1", "layer_norm2"):
+                expect_shape(f"{p}{name}.weight", getattr(layer, name).weight.shape, (e,))
+        expect_shape("post_layernorm.weight", self.post_layernorm.weight.shape, (e,))
 
     @property
     def out_features(self) -> int:

@@ -31,7 +31,7 @@ from vlm.models.qwen2_vl.vision import (
     vision_linear,
 )
 from vlm.models.qwen2_vl.vision import VisionConfig as Qwen2VisionConfig
-from vlm.models.settings import whole, wholes
+from vlm.models.settings import text, whole, wholes
 from vlm.quant import Weight
 
 
@@ -58,7 +58,7 @@ class VisionConfig(Qwen2VisionConfig):
                                   "hidden_size": d.get("out_hidden_size", c.hidden_size)})
         config = dataclasses.replace(
             base,
-            hidden_act=d.get("hidden_act", c.hidden_act),
+            hidden_act=text(d, "hidden_act", c.hidden_act),
             intermediate_size=whole(d, "intermediate_size", c.intermediate_size),
             window_size=whole(d, "window_size", c.window_size),
             fullatt_block_indexes=wholes(d, "fullatt_block_indexes", c.fullatt_block_indexes),
