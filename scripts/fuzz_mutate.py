@@ -243,7 +243,7 @@ def make_mutants(seeds: dict[str, Path], out: Path, n: int, seed: int = 0) -> li
             dst = next(f for f in dst.glob("*.gguf") if f.name != mmproj.name)
         else:
             config = "vlm_config.json" if kind == "vlm" else "config.json"
-            present = [t.replace("config.json", config, 1) if t == "config.json" else t for t in DIR_TARGETS]
+            present = [config if t == "config.json" else t for t in DIR_TARGETS]
             target = str(rng.choice([t for t in present if (base / t).is_file()]))
             raw = (base / target).read_bytes()
             if target == "model.safetensors":
