@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -261,13 +262,14 @@ def make_mutants(seeds: dict[str, Path], out: Path, n: int, seed: int = 0) -> li
 
 # Runs in the child, with the tree under test first on sys.path; one JSON line per mutant.
 _CHILD = r"""
-import json, sys
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (int(sys.argv[1]),) * 2)  # here, not in preexec_fn: unsafe beside threads
 import numpy as np
 from PIL import Image
 from vlm import load
 from vlm.errors import VlmError
 image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8))
-for i, path in enumerate(sys.argv[1:]):
+for i, path in enumerate(sys.argv[2:]):
     print(json.dumps({"start": i}), flush=True)
     try:
         model = load(path, threads=1, context=256)
@@ -287,27 +289,32 @@ for i, path in enumerate(sys.argv[1:]):
 """
 
 
-def _limit_memory() -> None:
-    import resource
-
-    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
-
-
 def _lines(proc: subprocess.Popen, q: queue.Queue) -> None:
     for line in proc.stdout:
         q.put(line)
     q.put(None)
 
 
-def run_mutants(paths: list[Path], tree: Path, timeout_s: float = MUTANT_TIMEOUT_S) -> list[tuple[str, str]]:
-    """(outcome, detail) of each mutant, loaded by children importing vlm from `tree`. A child
-    runs mutants until one crashes or hangs it; the next child starts after that one."""
+def run_mutants(paths: list[Path], tree: Path, timeout_s: float = MUTANT_TIMEOUT_S,
+                workers: int = min(2, os.cpu_count() or 1)) -> list[tuple[str, str]]:
+    """(outcome, detail) of each mutant, in order, loaded by `workers` children at a time (each
+    on one thread) importing vlm from `tree`; every other mutant goes to the next worker."""
+    with ThreadPoolExecutor(workers) as pool:
+        shards = list(pool.map(lambda k: _run_shard(paths[k::workers], tree, timeout_s), range(workers)))
+    results: list[tuple[str, str]] = [("", "")] * len(paths)
+    for k, shard in enumerate(shards):
+        results[k::workers] = shard
+    return results
+
+
+def _run_shard(paths: list[Path], tree: Path, timeout_s: float) -> list[tuple[str, str]]:
+    """A child runs mutants until one crashes or hangs it; the next child starts after that one."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     results: list[tuple[str, str]] = []
     while len(results) < len(paths):
         todo = [str(p) for p in paths[len(results):]]
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, *todo], cwd=tree, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=_limit_memory)
+        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(MEMORY_LIMIT), *todo], cwd=tree, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         q: queue.Queue = queue.Queue()
         threading.Thread(target=_lines, args=(proc, q), daemon=True).start()
         threading.Thread(target=proc.stderr.read, daemon=True).start()  # drained, not shown

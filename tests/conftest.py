@@ -88,14 +88,14 @@ def smollm2_gguf() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_transformers(smollm2_gguf):
     """transformers' float32 model and tokenizer of the SmolLM2 GGUF (its weights dequantized
-    by the gguf package), loaded once: ~15 s."""
+    by the gguf package), loaded once (vlm.testing.transformers_gguf)."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("gguf")
+    from vlm.testing.transformers_gguf import gguf_causal_lm, gguf_tokenizer
+
     torch.set_num_threads(1)
-    where = {"pretrained_model_name_or_path": str(smollm2_gguf.parent), "gguf_file": smollm2_gguf.name}
-    model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(**where)
+    return gguf_causal_lm(smollm2_gguf), gguf_tokenizer(smollm2_gguf)
 
 
 @pytest.fixture(scope="session")

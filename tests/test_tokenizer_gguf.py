@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 
 from vlm.errors import VlmError
 from vlm.formats.tokenizer_gguf import tokenizer_from_gguf
+from vlm.testing.transformers_gguf import gguf_tokenizer
 
 TEXTS = [
     "Hello, world! This is a test.",
@@ -209,8 +210,8 @@ def test_real_matches_llama_cpp(real_tokenizer, smollm2_gguf):
 
 def test_real_matches_transformers(real_tokenizer, smollm2_gguf):
     pytest.importorskip("gguf")
-    transformers = pytest.importorskip("transformers")
-    hf = transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    pytest.importorskip("transformers")
+    hf = gguf_tokenizer(smollm2_gguf)
     for text in TEXTS:
         assert real_tokenizer.encode(text).ids == hf.encode(text, add_special_tokens=False), text
 

@@ -13,21 +13,20 @@ import shutil
 from pathlib import Path
 
 from vlm.registry import BUNDLED_MODELS, pull
+from vlm.testing.transformers_gguf import gguf_causal_lm
 
 BUNDLED = BUNDLED_MODELS["smolvlm-shapes"]
 
 
 def full_checkpoint(out: str | Path, bundled: Path = BUNDLED) -> Path:
     """Write the bundled model with its decoder weights to `out` (model.safetensors in f32)."""
-    import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = json.loads((bundled / "config.json").read_text())
     gguf = pull(config["vlm_text_gguf"])
-    llm = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    llm = gguf_causal_lm(gguf)
     tensors = {f"model.text_model.{k}": v.contiguous() for k, v in llm.model.state_dict().items()}
     own = load_file(str(bundled / "model.safetensors"))
     for name, v in own.items():

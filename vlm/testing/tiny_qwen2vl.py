@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from vlm.testing import SMOLLM2_GGUF as GGUF
+from vlm.testing.transformers_gguf import gguf_tokenizer
 
 # Qwen2-VL-2B-Instruct's chat template (tokenizer_config.json / chat_template.json), verbatim.
 CHAT_TEMPLATE = (
@@ -54,10 +55,7 @@ PREPROCESSOR_CONFIG = {
 
 def make_tokenizer(out_dir: str | os.PathLike, gguf_path: str | os.PathLike = GGUF):
     """SmolLM2's tokenizer + Qwen2-VL's special tokens, saved in the hub layout; returns it."""
-    from transformers import AutoTokenizer
-
-    gguf_path = Path(gguf_path)
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tok = gguf_tokenizer(gguf_path)
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     tok.add_special_tokens({"additional_special_tokens": missing})
     tok.eos_token = "<|im_end|>"

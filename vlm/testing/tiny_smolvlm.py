@@ -19,6 +19,7 @@ import argparse
 from pathlib import Path
 
 from vlm.testing import SMOLLM2_GGUF as GGUF
+from vlm.testing.transformers_gguf import gguf_tokenizer
 
 # SmolVLM-256M-Instruct's chat template, verbatim.
 CHAT_TEMPLATE = (
@@ -44,9 +45,7 @@ TILE, LONGEST_EDGE, PATCH, SCALE = 64, 192, 16, 2
 
 def make_tokenizer(gguf: Path = GGUF):
     """SmolLM2's tokenizer with SmolVLM's special tokens (vocab 49280, `<image>` = 49190)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = gguf_tokenizer(gguf)
     if len(tok) != 49152:
         raise SystemExit(f"unexpected base vocabulary size {len(tok)} in {gguf}")
     tok.add_tokens(ADDED_TOKENS, special_tokens=True)
