@@ -151,9 +151,13 @@ def test_generation_stops_when_the_context_is_full(tiny_llm):
 
 
 def test_bad_prompts(model):
-    for bad in ([], [10**9], 3.5):
+    for bad in ([], 3.5):
         with pytest.raises(vlm.VlmError):
             model.generate(bad)
+    vocab = model.decoder.config.vocab_size
+    for ids in ([-1], [1, vocab], [10**9], [2**63], [1, 2**64]):  # past int64 too: no OverflowError
+        with pytest.raises(vlm.VlmError, match=f"token id out of range 0..{vocab - 1}"):
+            model.generate(ids)
     with pytest.raises(vlm.VlmError, match="no vision encoder"):
         model.generate("what is this?", images=[np.zeros((4, 4, 3), np.uint8)])
 

@@ -199,6 +199,9 @@ def test_bad_requests_get_openai_errors(serve, tiny_llm):
         client.chat.completions.create(model="m", messages=chat("hi"), extra_body={"colour": "blue"})
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model="m", messages=[])
+    for ids in ([-1], [2**64]):  # a 400, not an internal error from the int64 conversion
+        with pytest.raises(openai.BadRequestError, match="token id out of range"):
+            client.completions.create(model="m", prompt=ids)
     key = {"Authorization": "Bearer sesame", "Content-Type": "application/json"}
     status, body = running.request("POST", "/v1/chat/completions", b"{not json", key)
     assert status == 400 and body["error"]["type"] == "invalid_request_error" and "JSON" in body["error"]["message"]
@@ -210,6 +213,23 @@ def test_bad_requests_get_openai_errors(serve, tiny_llm):
     # the connection still works after errors: a good request
     r = client.chat.completions.create(model="m", messages=chat("hi"), max_tokens=3, temperature=0)
     assert r.choices[0].message.content == fresh(model, chat("hi"), max_new_tokens=3).text
+
+
+def test_a_stalled_or_idle_client_is_dropped_after_the_timeout(serve, tiny_llm):
+    running = serve(lambda: vlm.load(tiny_llm("llama")), connection_timeout_s=0.5).wait_ready()
+    stalled = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"prompt"  # a body cut short
+    idle = b"GET /health HTTP/1.1\r\n\r\n"  # answered, then nothing more on the kept-alive connection
+    for request in (stalled, idle, b""):
+        with socket.create_connection(("127.0.0.1", running.port)) as s:
+            s.sendall(request)
+            s.settimeout(10)
+            t = time.monotonic()
+            received = b""
+            while chunk := s.recv(4096):
+                received += chunk
+            assert time.monotonic() - t < 5  # closed by the server, not by our 10 s timeout
+            assert received.startswith(b"HTTP/1.1 200") if request is idle else received == b""
+    assert running.get("/health")[0] == 200
 
 
 def test_health_is_503_while_loading(serve, tiny_llm):

@@ -144,7 +144,11 @@ class Model:
             text, add_bos = self.render(prompt, len(processed)), False
         else:
             raise VlmError("prompt must be a string, a list of chat messages or a list of token ids")
+        vocab = self.decoder.config.vocab_size
+        out_of_range = VlmError(f"token id out of range 0..{vocab - 1}")
         if text is None:
+            if not all(0 <= t < vocab for t in prompt):  # before int64: 2**64 would overflow it
+                raise out_of_range
             segments: list[Segment] = [TextSegment(np.asarray(prompt, dtype=np.int64))]
         elif processed:
             f = self.family
@@ -157,8 +161,8 @@ class Model:
             raise VlmError("the prompt is empty")
         if text_ids:
             every = np.concatenate(text_ids)
-            if every.min() < 0 or every.max() >= self.decoder.config.vocab_size:
-                raise VlmError(f"token id out of range 0..{self.decoder.config.vocab_size - 1}")
+            if every.min() < 0 or every.max() >= vocab:  # a tokenizer with more tokens than the decoder
+                raise out_of_range
         return segments, processed
 
     def _check_image_options(self, options: dict) -> None:

@@ -50,6 +50,9 @@ from vlm.session import Session, step_together
 MAX_BODY_BYTES = 32 << 20  # a request body (base64 images included)
 REMOTE_MEDIA_MAX_BYTES = 20 << 20  # an image fetched with --allow-remote-media
 REMOTE_MEDIA_TIMEOUT_S = 10.0
+# A client silent this long (mid-request, or between requests on a kept-alive connection) is
+# dropped, as llama-server does: otherwise each such connection holds a thread for good.
+CONNECTION_TIMEOUT_S = 600.0
 IDLE_WAIT_S = 0.05  # how often an idle scheduler and a waiting handler look up (stop, disconnects)
 
 # Request fields read as given; others that clients commonly send are accepted only with the value
@@ -359,10 +362,11 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], load, parallel: int = 1, api_key: str | None = None,
                  media_dir: str | Path | None = None, allow_remote_media: bool = False,
-                 max_body: int = MAX_BODY_BYTES, log=None):
+                 max_body: int = MAX_BODY_BYTES, connection_timeout_s: float = CONNECTION_TIMEOUT_S, log=None):
         super().__init__(address, Handler)
         self.log = log or (lambda message: None)
         self.api_key, self.allow_remote_media, self.max_body = api_key, allow_remote_media, max_body
+        self.connection_timeout_s = connection_timeout_s
         self.media_dir = Path(media_dir).resolve() if media_dir else None
         self.model: Model | None = None
         self.scheduler: Scheduler | None = None
@@ -403,6 +407,10 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "vlm"
 
+    def setup(self) -> None:
+        self.timeout = self.server.connection_timeout_s  # the base class puts it on the socket
+        super().setup()
+
     def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
         pass  # one line per request would drown the terminal; errors reach the client
 
@@ -425,8 +433,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._drain()
             self._json(e.status, e.body())
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client is gone or stalled
+            self.close_connection = True
         except Exception as e:  # a bug: still an answer in the API's shape, and the server goes on
             self.close_connection = True
             self._json(500, ApiError(500, f"internal error: {type(e).__name__}: {e}").body())
