@@ -124,3 +124,5 @@ def test_bench_reports_prefill_decode_vision_and_the_bandwidth_limit(tiny_smolvl
 def test_serve_flags_are_checked_before_anything_starts(tmp_path):
     assert_one_line_error(*run("serve", "--parallel", "0")[::2], "--parallel")
     assert_one_line_error(*run("serve", "--media-dir", tmp_path / "missing")[::2], "is not a folder")
+    for bad in ("0", "-1", "nan", "inf"):
+        assert_one_line_error(*run("serve", "--timeout", bad)[::2], "--timeout")

@@ -13,6 +13,7 @@ from vlm.convert import DECODER_BITS, VISION_BITS
 from vlm.errors import VlmError, shown
 from vlm.quant import GROUP_SIZES, QUANTIZE_MODES
 from vlm.registry import DEFAULT_MODEL, DEFAULT_VISION_MODEL, KNOWN_MODELS
+from vlm.server import CONNECTION_TIMEOUT_S
 from vlm.session import KV_CACHE_DTYPES
 
 HELP_CHAT = """commands:
@@ -306,8 +307,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise VlmError(f"--media-dir {args.media_dir} is not a folder")
     if args.parallel < 1 or not 0 <= args.port <= 65535:
         raise VlmError("--parallel must be at least 1 and --port from 0 to 65535")
+    if not 0 < args.timeout < 1e9:  # NaN and inf too: the socket takes neither
+        raise VlmError("--timeout must be a number of seconds above 0")
     serve(lambda: load_model(args), args.host, args.port, args.parallel, args.api_key or os.environ.get("VLM_API_KEY"),
-          args.media_dir, args.allow_remote_media, log=lambda message: print(message, file=sys.stderr, flush=True))
+          args.media_dir, args.allow_remote_media, args.timeout,
+          log=lambda message: print(message, file=sys.stderr, flush=True))
     return 0
 
 
@@ -379,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $VLM_API_KEY)")
     p.add_argument("--media-dir", default=None, help="folder whose images requests may name by path")
     p.add_argument("--allow-remote-media", action="store_true", help="let requests fetch http(s) image URLs")
+    p.add_argument("--timeout", type=float, default=CONNECTION_TIMEOUT_S, metavar="SECONDS",
+                   help=f"drop a client silent this long, mid-request or idle (default {CONNECTION_TIMEOUT_S:g})")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("info", help="describe a model")

@@ -634,7 +634,8 @@ def finish_reason(seq: Decoding) -> str:
 
 
 def serve(load, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1, api_key: str | None = None,
-          media_dir: str | None = None, allow_remote_media: bool = False, log=print) -> None:
+          media_dir: str | None = None, allow_remote_media: bool = False,
+          connection_timeout_s: float = CONNECTION_TIMEOUT_S, log=print) -> None:
     """Serve until SIGTERM or Ctrl-C, then shut down cleanly (`load`: returns the Model)."""
     import signal
 
@@ -642,7 +643,8 @@ def serve(load, host: str = "127.0.0.1", port: int = 8080, parallel: int = 1, ap
         raise KeyboardInterrupt
 
     try:
-        server = Server((host, port), load, parallel, api_key, media_dir, allow_remote_media, log=log)
+        server = Server((host, port), load, parallel, api_key, media_dir, allow_remote_media,
+                        connection_timeout_s=connection_timeout_s, log=log)
     except OSError as e:
         raise VlmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     previous = signal.signal(signal.SIGTERM, terminate)
